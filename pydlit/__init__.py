@@ -1,0 +1,1 @@
+"""pydlit: distribute a container image from one registry to many, without a Docker daemon."""

@@ -1,0 +1,78 @@
+"""The app factory shared by the server and the tests: routes, the error middleware, and the
+resources (DB, HTTP session, worker) in cleanup_ctx, torn down in reverse."""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from .api import ApiError, routes
+from .keys import SESSION, SETTINGS, STORE, WORKER
+from .settings import Settings
+from .store import Store
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1024 * 1024
+
+
+# Words for the errors aiohttp raises itself, before a handler runs.
+_FRAMEWORK_MESSAGES = {
+    404: "no such resource",
+    405: "method not allowed",
+    413: f"request body too large: at most {MAX_BODY} bytes",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every error, whoever raised it, leaves as {"status": "error", "msg": ...}."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return web.json_response({"status": "error", "msg": exc.msg}, status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        msg = _FRAMEWORK_MESSAGES.get(exc.status, exc.reason)
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response({"status": "error", "msg": msg}, status=exc.status, headers=allow)
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return web.json_response({"status": "error", "msg": "internal error"}, status=500)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    app[SETTINGS] = settings
+    app.add_routes(routes)
+    app.cleanup_ctx.extend([_store_ctx, _session_ctx, _worker_ctx])
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[STORE] = await Store.open(app[SETTINGS].db)
+    yield
+    await app[STORE].close()
+
+
+async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=settings.connections_per_host, ttl_dns_cache=300)
+    app[SESSION] = aiohttp.ClientSession(
+        connector=connector, json_serialize=json.dumps, headers={"User-Agent": "pydlit/2"}, auto_decompress=False
+    )
+    yield
+    await app[SESSION].close()
+
+
+async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
+    worker = Worker(app[STORE], app[SESSION], app[SETTINGS])
+    app[WORKER] = worker
+    await worker.start()
+    yield
+    await worker.stop()

@@ -1,0 +1,71 @@
+"""A bounded in-memory byte pipe: how one source read feeds several uploads at once."""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+
+class PipeClosed(Exception):
+    """The writer side gave up on this pipe; whatever it was reading stops."""
+
+
+class Pipe:
+    """Pieces flow from one reader task to one writer task.
+
+    The reader blocks while `limit` bytes are waiting, so a slow target holds back the source by
+    at most that much, and a closed pipe (a failed target) never blocks the reader at all. Pieces
+    are shared, not copied, between the pipes of one blob.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._items: deque[bytes] = deque()
+        self._held = 0
+        self._cond = asyncio.Condition()
+        self._eof = False
+        self._error: BaseException | None = None
+        self.closed = False
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    async def put(self, piece: bytes) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._held < self._limit or self.closed)
+            if self.closed:
+                return
+            self._items.append(piece)
+            self._held += len(piece)
+            self._cond.notify_all()
+
+    async def finish(self, error: BaseException | None = None) -> None:
+        """No more pieces will come: the end of the blob, or the reader's failure."""
+        async with self._cond:
+            self._eof = True
+            self._error = error
+            self._cond.notify_all()
+
+    async def close(self) -> None:
+        """The writer side leaves: drop what is buffered and let the reader run past it."""
+        async with self._cond:
+            self.closed = True
+            self._items.clear()
+            self._held = 0
+            self._cond.notify_all()
+
+    async def get(self, most: int) -> bytes:
+        """Up to `most` bytes; raises the reader's error, or EOFError at a premature end."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._items or self._eof or self.closed)
+            if self.closed:
+                raise PipeClosed()
+            if not self._items:
+                raise self._error or EOFError("the source stream ended early")
+            piece = self._items.popleft()
+            if len(piece) > most:
+                self._items.appendleft(piece[most:])
+                piece = piece[:most]
+            self._held -= len(piece)
+            self._cond.notify_all()
+            return piece

@@ -1,0 +1,215 @@
+"""Registry auth: WWW-Authenticate parsing, Basic, the Bearer token flow, and the original
+pydlit's pre-configured token `url`."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+# A token is refreshed this long before it expires, so that a request never carries a token
+# that dies on the wire (Docker Hub's live 300 s; a multi-GB upload outlives several).
+REFRESH_MARGIN_S = 30.0
+DEFAULT_TOKEN_TTL_S = 60.0
+
+_SCHEME = re.compile(r"\s*,?\s*([A-Za-z][A-Za-z0-9_-]*)\s*")
+_PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str  # lower-cased: "basic" or "bearer"
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def parse_challenges(values: list[str]) -> list[Challenge]:
+    """Every challenge in the given WWW-Authenticate header values (one value may hold several)."""
+    found: list[Challenge] = []
+    for value in values:
+        pos = 0
+        while pos < len(value):
+            m = _SCHEME.match(value, pos)
+            if not m:
+                break
+            scheme, pos = m.group(1).lower(), m.end()
+            params: dict[str, str] = {}
+            while pos < len(value):
+                pm = _PARAM.match(value, pos)
+                if not pm:
+                    break
+                raw = pm.group(2)
+                if raw.startswith('"'):
+                    raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+                params[pm.group(1).lower()] = raw
+                pos = pm.end()
+            found.append(Challenge(scheme, params))
+    return found
+
+
+def scope_for(repo: str, actions: str) -> str:
+    return f"repository:{repo}:{actions}"
+
+
+def merge_scopes(scopes: list[str]) -> str:
+    """One space-separated scope value with each repository once and its actions united."""
+    merged: dict[str, set[str]] = {}
+    order: list[str] = []
+    for scope in " ".join(scopes).split():
+        # NAME may itself hold ':' (host:port), so split from the right.
+        head, _, actions = scope.rpartition(":")
+        if head not in merged:
+            merged[head] = set()
+            order.append(head)
+        merged[head].update(a for a in actions.split(",") if a)
+    return " ".join(f"{head}:{','.join(sorted(merged[head]))}" for head in order)
+
+
+@dataclass
+class Token:
+    value: str
+    expires_at: float
+    ttl: float
+
+    def fresh(self, now: float) -> bool:
+        # A short-lived token is renewed at half its life rather than never being fresh.
+        return now < self.expires_at - min(REFRESH_MARGIN_S, self.ttl / 2)
+
+
+class AuthError(Exception):
+    """Credentials were refused or a token could not be had; never carries a secret."""
+
+
+class Authenticator:
+    """Holds one registry's credentials and the tokens it has been granted, per scope."""
+
+    def __init__(self, auth: dict[str, Any] | None) -> None:
+        auth = auth or {}
+        basic = auth.get("basicauth") or {}
+        self.user: str | None = basic.get("user")
+        self.password: str | None = basic.get("password")
+        self.static_url: str | None = auth.get("url")
+        self.static_scheme = "JWT" if str(auth.get("token_type", "")).upper() == "JWT" else "Bearer"
+        self.static_headers: dict[str, str] = dict(auth.get("header") or {})
+        self.static_json: Any = auth.get("json")
+        self.challenge: Challenge | None = None
+        self._static: Token | None = None
+        self._static_failed = False
+        self._tokens: dict[str, Token] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.user is not None
+
+    def basic_header(self) -> str:
+        raw = f"{self.user}:{self.password or ''}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    @property
+    def uses_static_token(self) -> bool:
+        return self.static_url is not None and not self._static_failed
+
+    def drop_static(self) -> None:
+        """The pre-configured token lacked a scope: use the registry's challenge flow from now on."""
+        self._static_failed = True
+
+    def forget(self, scope: str) -> None:
+        self._tokens.pop(scope, None)
+        self._static = None
+
+    async def header_for(self, session: aiohttp.ClientSession, scope: str, ssl: Any) -> str | None:
+        """The Authorization value for a request needing `scope`, fetching a token if need be."""
+        now = time.monotonic()
+        if self.uses_static_token:
+            async with self._lock:
+                if self._static is None or not self._static.fresh(now):
+                    self._static = await self._fetch_static(session, ssl)
+            return f"{self.static_scheme} {self._static.value}"
+        if self.challenge is None:
+            return None
+        if self.challenge.scheme == "basic":
+            if not self.has_credentials:
+                raise AuthError("the registry asks for Basic credentials and the request has none")
+            return self.basic_header()
+        async with self._lock:
+            token = self._tokens.get(scope)
+            if token is None or not token.fresh(now):
+                token = await self._fetch_bearer(session, scope, ssl)
+                self._tokens[scope] = token
+        return f"Bearer {token.value}"
+
+    async def _fetch_bearer(self, session: aiohttp.ClientSession, scope: str, ssl: Any) -> Token:
+        assert self.challenge is not None
+        realm = self.challenge.params.get("realm")
+        if not realm:
+            raise AuthError("the registry's Bearer challenge names no realm")
+        query: list[tuple[str, str]] = []
+        if "service" in self.challenge.params:
+            query.append(("service", self.challenge.params["service"]))
+        query.extend(("scope", s) for s in scope.split())
+        headers = {"Authorization": self.basic_header()} if self.has_credentials else {}
+        try:
+            async with session.get(realm, params=query, headers=headers, ssl=ssl) as resp:
+                if resp.status in (401, 403):
+                    raise AuthError(
+                        f"the token server {_host(realm)} refused the credentials (HTTP {resp.status})"
+                        if self.has_credentials
+                        else f"the token server {_host(realm)} refused anonymous access (HTTP {resp.status})"
+                    )
+                if resp.status != 200:
+                    raise AuthError(f"the token server {_host(realm)} answered HTTP {resp.status}")
+                body = await resp.json(content_type=None)
+        except aiohttp.ClientError as exc:
+            raise AuthError(f"the token server {_host(realm)} could not be reached: {type(exc).__name__}") from None
+        return _token_from(body, realm)
+
+    async def _fetch_static(self, session: aiohttp.ClientSession, ssl: Any) -> Token:
+        assert self.static_url is not None
+        url = self.static_url
+        headers = dict(self.static_headers)
+        if self.has_credentials:
+            headers.setdefault("Authorization", self.basic_header())
+        try:
+            if self.static_json is not None:
+                ctx = session.post(url, json=self.static_json, headers=headers, ssl=ssl)
+            else:
+                ctx = session.get(url, headers=headers, ssl=ssl)
+            async with ctx as resp:
+                if resp.status != 200:
+                    raise AuthError(f"the token url {_host(url)} answered HTTP {resp.status}")
+                text = await resp.text()
+        except aiohttp.ClientError as exc:
+            raise AuthError(f"the token url {_host(url)} could not be reached: {type(exc).__name__}") from None
+        try:
+            body = json.loads(text)
+        except ValueError:
+            # Some token endpoints answer the bare token.
+            body = {"token": text.strip()}
+        return _token_from(body, url)
+
+
+def _token_from(body: Any, url: str) -> Token:
+    if not isinstance(body, dict):
+        raise AuthError(f"the token server {_host(url)} answered something that is not a token")
+    value = body.get("access_token") or body.get("token")
+    if not value or not isinstance(value, str):
+        raise AuthError(f"the token server {_host(url)} answered no token")
+    try:
+        ttl = float(body.get("expires_in") or DEFAULT_TOKEN_TTL_S)
+    except (TypeError, ValueError):
+        ttl = DEFAULT_TOKEN_TTL_S
+    return Token(value, time.monotonic() + ttl, ttl)
+
+
+def _host(url: str) -> str:
+    try:
+        u = URL(url)
+        return f"{u.host}:{u.port}" if u.port else str(u.host)
+    except ValueError:
+        return "?"

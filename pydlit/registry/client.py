@@ -1,0 +1,467 @@
+"""One registry as seen through one set of credentials: authenticated requests, redirects without
+leaking credentials, error wording, retries, and the V2 operations a copier needs."""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import ssl
+import time
+from collections.abc import AsyncIterable, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, Union
+from urllib.parse import urlencode
+
+import aiohttp
+from yarl import URL
+
+from .auth import AuthError, Authenticator, merge_scopes, parse_challenges, scope_for
+from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
+from .manifests import ACCEPT, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest, sha256_digest
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Body = Union[bytes, AsyncIterable[bytes], None]
+DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
+MAX_REDIRECTS = 5
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, bounded in attempts and in total time per step."""
+
+    attempts: int = 6
+    base_delay: float = 0.5
+    max_delay: float = 20.0
+    max_total: float = 300.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_delay)
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+
+
+async def retrying(policy: RetryPolicy, op: Callable[[], Awaitable[T]], on_retry: Callable[[RegistryError], None] | None = None) -> T:
+    """Run `op` until it succeeds, fails for good, or the policy's attempts or time run out."""
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return await op()
+        except RegistryError as exc:
+            attempt += 1
+            delay = policy.delay(attempt, exc.retry_after)
+            if not exc.transient or attempt >= policy.attempts or time.monotonic() - started + delay > policy.max_total:
+                raise
+            if on_retry:
+                on_retry(exc)
+            log.info("retrying in %.1fs after: %s", delay, exc)
+            await asyncio.sleep(delay)
+
+
+def split_endpoint(endpoint: str) -> tuple[str, str]:
+    """('scheme://host[:port][/prefix]', 'host[:port]') from an endpoint given with or without /v2."""
+    url = URL(endpoint.strip())
+    path = url.path.rstrip("/")
+    if path.endswith("/v2"):
+        path = path[: -len("/v2")]
+    base = str(url.with_path(path or "/").with_query(None).with_fragment(None)).rstrip("/")
+    return base, url.host if url.explicit_port is None else f"{url.host}:{url.port}"
+
+
+def ssl_for(verify_tls: bool, ca_cert: str | None) -> ssl.SSLContext | bool:
+    if not verify_tls:
+        return False
+    ctx = ssl.create_default_context()
+    if ca_cert:
+        ctx.load_verify_locations(cadata=ca_cert)
+    return ctx
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def with_query(location: str, **params: str) -> URL:
+    """Add query parameters to an upload Location without re-encoding its signed `_state`."""
+    sep = "&" if "?" in location else "?"
+    return URL(location + sep + urlencode(params, safe=":"), encoded=True)
+
+
+class RegistryClient:
+    """Talks to one registry (scheme, host, port) with one set of credentials."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        endpoint: str,
+        *,
+        auth: dict[str, Any] | None = None,
+        verify_tls: bool = False,
+        ca_cert: str | None = None,
+        policy: RetryPolicy = RetryPolicy(),
+        stall_timeout: float = 60.0,
+    ) -> None:
+        self.session = session
+        self.base, self.name = split_endpoint(endpoint)
+        self.policy = policy
+        self._auth = Authenticator(auth)
+        self._ssl = ssl_for(verify_tls, ca_cert)
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=stall_timeout)
+        self._pinged = False
+        self._ping_lock = asyncio.Lock()
+
+    @property
+    def key(self) -> str:
+        """Identifies the registry itself (not the credentials): where a blob can be mounted from."""
+        return self.base
+
+    def repository(self, image: str) -> str:
+        """On Docker Hub a one-part name means an official image under library/."""
+        host = URL(self.base).host or ""
+        if host in DOCKER_HUB_HOSTS and "/" not in image:
+            return f"library/{image}"
+        return image
+
+    def url(self, path: str) -> URL:
+        return URL(f"{self.base}/v2/{path}", encoded=False)
+
+    # -- the request core ---------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        url: URL | str,
+        *,
+        step: str,
+        scope: str,
+        expect: tuple[int, ...],
+        headers: dict[str, str] | None = None,
+        body: Callable[[], Body] | Body = None,
+    ) -> aiohttp.ClientResponse:
+        """One authenticated request; the caller owns (and must release) the response.
+
+        `body` may be a factory, so that the request can be sent again after an auth challenge;
+        a one-shot stream that meets a challenge fails as transient, for the caller to resume.
+        """
+        await self._ensure_ping(step)
+        tries = 0
+        while True:
+            tries += 1
+            hdrs = dict(headers or {})
+            try:
+                authz = await self._auth.header_for(self.session, scope, self._ssl)
+            except AuthError as exc:
+                raise RegistryError(self.name, step, str(exc), status=401, code="UNAUTHORIZED") from None
+            if authz:
+                hdrs["Authorization"] = authz
+            data = body() if callable(body) else body
+            resp = await self._send(method, url, step=step, headers=hdrs, data=data)
+            if resp.status == 401 and tries < 3:
+                challenges = parse_challenges(resp.headers.getall("WWW-Authenticate", []))
+                resp.release()
+                scope = self._on_challenge(challenges, scope, step)
+                if data is not None and not isinstance(data, bytes) and not callable(body):
+                    raise RegistryError(self.name, step, "authentication had to be renewed mid-stream", status=401, transient=True)
+                continue
+            if resp.status in expect:
+                return resp
+            raise await self._error(resp, step)
+
+    async def _send(self, method: str, url: URL | str, *, step: str, headers: dict[str, str], data: Any) -> aiohttp.ClientResponse:
+        origin = URL(str(url)).origin()
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                resp = await self.session.request(
+                    method, url, headers=headers, data=data, ssl=self._ssl, allow_redirects=False, timeout=self._timeout
+                )
+            except aiohttp.ClientConnectorCertificateError as exc:
+                raise RegistryError(self.name, step, f"TLS certificate verification failed: {exc.certificate_error}") from None
+            except aiohttp.ClientSSLError as exc:
+                raise RegistryError(self.name, step, f"TLS handshake failed: {exc}") from None
+            except aiohttp.ClientConnectorError as exc:
+                raise RegistryError(self.name, step, f"cannot connect: {exc.os_error or exc}", transient=True) from None
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise RegistryError(self.name, step, f"connection failed: {type(exc).__name__} {exc}".strip(), transient=True) from None
+            if resp.status in (301, 302, 303, 307, 308) and method in ("GET", "HEAD") and "Location" in resp.headers:
+                url = URL(str(resp.url)).join(URL(resp.headers["Location"]))
+                resp.release()
+                if url.origin() != origin:
+                    # Blob storage on another host must never see the registry's credentials.
+                    headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                continue
+            return resp
+        raise RegistryError(self.name, step, "too many redirects")
+
+    def _on_challenge(self, challenges: list, scope: str, step: str) -> str:
+        """Adapt to a 401 and say which scope to ask for next; raise when retrying cannot help."""
+        auth = self._auth
+        chosen = next((c for c in challenges if c.scheme == "bearer"), None) or next(
+            (c for c in challenges if c.scheme == "basic"), None
+        )
+        if chosen is None:
+            raise RegistryError(self.name, step, "the registry refused the request and offered no way to authenticate", status=401)
+        if auth.uses_static_token:
+            if chosen.params.get("error") == "invalid_token":
+                auth.forget(scope)
+            else:
+                # The pre-configured token lacks this scope (push, mount): use the registry's own flow.
+                auth.drop_static()
+            auth.challenge = chosen
+            return merge_scopes([scope, chosen.params.get("scope", "")])
+        if chosen.scheme == "basic":
+            if not auth.has_credentials:
+                raise RegistryError(self.name, step, "authentication required and the request has no credentials", status=401, code="UNAUTHORIZED")
+            if auth.challenge is not None and auth.challenge.scheme == "basic":
+                raise RegistryError(self.name, step, "the registry refused the user name or password", status=401, code="UNAUTHORIZED")
+            auth.challenge = chosen
+            return scope
+        error = chosen.params.get("error")
+        if auth.challenge is not None and auth.challenge.scheme == "bearer" and error not in ("invalid_token", None):
+            who = "the given credentials" if auth.has_credentials else "anonymous access"
+            raise RegistryError(self.name, step, f"access denied for {who} ({error})", status=401, code="UNAUTHORIZED")
+        auth.challenge = chosen
+        auth.forget(scope)
+        return merge_scopes([scope, chosen.params.get("scope", "")])
+
+    async def _ensure_ping(self, step: str) -> None:
+        """Learn the auth scheme once, so that no request carrying a body meets a challenge."""
+        if self._pinged or self._auth.uses_static_token:
+            return
+        async with self._ping_lock:
+            if self._pinged:
+                return
+
+            async def ping() -> None:
+                resp = await self._send("GET", self.url(""), step=step, headers={}, data=None)
+                async with resp:
+                    if resp.status == 401:
+                        found = parse_challenges(resp.headers.getall("WWW-Authenticate", []))
+                        self._auth.challenge = next((c for c in found if c.scheme == "bearer"), None) or next(
+                            (c for c in found if c.scheme == "basic"), None
+                        )
+                    elif resp.status in TRANSIENT_STATUSES:
+                        raise await self._error(resp, step)
+
+            await retrying(self.policy, ping)
+            self._pinged = True
+
+    async def _error(self, resp: aiohttp.ClientResponse, step: str) -> RegistryError:
+        try:
+            body = await resp.content.read(64 * 1024) if resp.method != "HEAD" else b""
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            body = b""
+        finally:
+            resp.release()
+        code, message = parse_error_body(body)
+        if not message:
+            message = {401: "authentication failed", 403: "access denied", 404: "not found"}.get(resp.status, resp.reason or "")
+        return RegistryError(
+            self.name,
+            step,
+            message,
+            status=resp.status,
+            code=code,
+            transient=resp.status in TRANSIENT_STATUSES,
+            retry_after=parse_retry_after(resp.headers.get("Retry-After")),
+        )
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        return await retrying(self.policy, op)
+
+    # -- manifests ------------------------------------------------------------------------------
+
+    async def get_manifest(self, repo: str, ref: str) -> Manifest:
+        step = f"read manifest {repo}@{ref}" if ref.startswith("sha") else f"read manifest {repo}:{ref}"
+
+        async def op() -> Manifest:
+            resp = await self.request(
+                "GET", self.url(f"{repo}/manifests/{ref}"), step=step, scope=scope_for(repo, "pull"),
+                expect=(200,), headers={"Accept": ACCEPT},
+            )
+            async with resp:
+                data = await resp.content.read(MAX_MANIFEST_BYTES + 1)
+                content_type = resp.headers.get("Content-Type", "")
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise RegistryError(self.name, step, "the manifest is larger than 4 MiB")
+            try:
+                manifest = parse_manifest(data, content_type)
+            except ManifestError as exc:
+                raise RegistryError(self.name, step, str(exc)) from None
+            if ref.startswith("sha256:") and manifest.digest != ref:
+                raise RegistryError(self.name, step, f"the manifest's bytes hash to {manifest.digest}, not {ref}")
+            return manifest
+
+        return await self._call(op)
+
+    async def head_manifest(self, repo: str, ref: str) -> str | None:
+        """The digest a tag or digest resolves to, or None when the registry has no such manifest."""
+        step = f"check manifest {repo}:{ref}"
+
+        async def op() -> str | None:
+            resp = await self.request(
+                "HEAD", self.url(f"{repo}/manifests/{ref}"), step=step, scope=scope_for(repo, "pull"),
+                expect=(200, 404), headers={"Accept": ACCEPT},
+            )
+            async with resp:
+                if resp.status == 404:
+                    return None
+                digest = resp.headers.get("Docker-Content-Digest")
+            return digest or (await self.get_manifest(repo, ref)).digest
+
+        return await self._call(op)
+
+    async def put_manifest(self, repo: str, ref: str, manifest: Manifest) -> None:
+        async def op() -> None:
+            resp = await self.request(
+                "PUT", self.url(f"{repo}/manifests/{ref}"), step=f"push manifest {repo}:{ref}",
+                scope=scope_for(repo, "pull,push"), expect=(200, 201),
+                headers={"Content-Type": manifest.media_type}, body=manifest.data,
+            )
+            resp.release()
+
+        await self._call(op)
+
+    # -- blobs ----------------------------------------------------------------------------------
+
+    async def head_blob(self, repo: str, digest: str) -> bool:
+        async def op() -> bool:
+            resp = await self.request(
+                "HEAD", self.url(f"{repo}/blobs/{digest}"), step=f"check blob {digest[:19]} in {repo}",
+                scope=scope_for(repo, "pull"), expect=(200, 404),
+            )
+            resp.release()
+            return resp.status == 200
+
+        return await self._call(op)
+
+    async def open_blob(self, repo: str, digest: str, offset: int = 0) -> tuple[aiohttp.ClientResponse, int]:
+        """A streaming response for the blob from `offset`, and the offset it really starts at
+        (0 when the registry ignores Range)."""
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+
+        async def op() -> tuple[aiohttp.ClientResponse, int]:
+            resp = await self.request(
+                "GET", self.url(f"{repo}/blobs/{digest}"), step=f"read blob {digest[:19]} from {repo}",
+                scope=scope_for(repo, "pull"), expect=(200, 206), headers=headers,
+            )
+            return resp, offset if resp.status == 206 else 0
+
+        return await self._call(op)
+
+    async def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
+        """Ask the registry to link a blob it holds in another repository; False when it won't."""
+        step = f"mount blob {digest[:19]} from {from_repo} into {repo}"
+        scope = merge_scopes([scope_for(repo, "pull,push"), scope_for(from_repo, "pull")])
+
+        async def op() -> bool:
+            try:
+                resp = await self.request(
+                    "POST", self.url(f"{repo}/blobs/uploads/").with_query(mount=digest, **{"from": from_repo}),
+                    step=step, scope=scope, expect=(201, 202), headers={"Content-Length": "0"},
+                )
+            except RegistryError as exc:
+                # Some registries (Harbor) answer 401/403/404 to a mount they will not do.
+                if exc.status in (401, 403, 404, 405):
+                    return False
+                raise
+            async with resp:
+                if resp.status == 201:
+                    return True
+                location = self._location(resp)
+            await self.cancel_upload(location, repo)
+            return False
+
+        return await self._call(op)
+
+    async def start_upload(self, repo: str) -> str:
+        async def op() -> str:
+            resp = await self.request(
+                "POST", self.url(f"{repo}/blobs/uploads/"), step=f"start upload to {repo}",
+                scope=scope_for(repo, "pull,push"), expect=(202,), headers={"Content-Length": "0"},
+            )
+            async with resp:
+                return self._location(resp)
+
+        return await self._call(op)
+
+    async def upload_offset(self, location: str, repo: str) -> int | None:
+        """How many bytes an upload session holds, or None when the session is gone."""
+        async def op() -> int | None:
+            resp = await self.request(
+                "GET", URL(location, encoded=True), step=f"resume upload to {repo}",
+                scope=scope_for(repo, "pull,push"), expect=(204, 404, 400),
+            )
+            async with resp:
+                if resp.status != 204:
+                    return None
+                return _range_end(resp.headers.get("Range"))
+
+        return await self._call(op)
+
+    async def patch_chunk(self, location: str, repo: str, body: Body, start: int, length: int) -> str:
+        """Append one chunk; the answer's Location supersedes the old one (it signs the offset)."""
+        resp = await self.request(
+            "PATCH", URL(location, encoded=True), step=f"upload chunk to {repo}", scope=scope_for(repo, "pull,push"),
+            expect=(202,), body=body,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Range": f"{start}-{start + length - 1}",
+                "Content-Length": str(length),
+            },
+        )
+        async with resp:
+            return self._location(resp)
+
+    async def finish_upload(self, location: str, repo: str, digest: str, body: Body = b"", length: int = 0) -> None:
+        """Commit an upload, optionally with its (last) bytes: `length` of them from `body`."""
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
+        resp = await self.request(
+            "PUT", with_query(location, digest=digest), step=f"commit blob {digest[:19]} to {repo}",
+            scope=scope_for(repo, "pull,push"), expect=(201, 204), headers=headers, body=body,
+        )
+        resp.release()
+
+    async def cancel_upload(self, location: str, repo: str) -> None:
+        try:
+            resp = await self.request(
+                "DELETE", URL(location, encoded=True), step=f"cancel upload to {repo}",
+                scope=scope_for(repo, "pull,push"), expect=(204, 404, 400, 405),
+            )
+            resp.release()
+        except RegistryError as exc:
+            log.debug("cancelling an upload failed: %s", exc)
+
+    def _location(self, resp: aiohttp.ClientResponse) -> str:
+        loc = resp.headers.get("Location")
+        if not loc:
+            raise RegistryError(self.name, "upload", "the registry answered without a Location", status=resp.status)
+        # Relative Locations are resolved against the request URL, keeping the signed query as is.
+        return str(URL(str(resp.url)).join(URL(loc, encoded=True)))
+
+
+def _range_end(value: str | None) -> int:
+    """Bytes held, from an upload's `Range: 0-END` (inclusive end; absent or 0-0 on an empty one)."""
+    if not value or "-" not in value:
+        return 0
+    end = value.rsplit("-", 1)[1]
+    try:
+        held = int(end) + 1
+    except ValueError:
+        return 0
+    # 2.8 answers "0-0" both for empty and for 1 byte; an empty session is the common case.
+    return 0 if value.strip().endswith("0-0") else held
+
+
+__all__ = ["RegistryClient", "RetryPolicy", "RegistryError", "retrying", "split_endpoint", "sha256_digest"]

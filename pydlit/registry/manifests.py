@@ -1,0 +1,114 @@
+"""Manifest media types and what a manifest refers to (child manifests, config, layers)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+
+INDEX_TYPES = frozenset({DOCKER_LIST, OCI_INDEX})
+IMAGE_TYPES = frozenset({DOCKER_MANIFEST, OCI_MANIFEST})
+SCHEMA1_TYPES = frozenset({DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED})
+# Without the OCI types an OCI manifest answers 404, and without schema2 a tag is rewritten to
+# schema1: ask for every type we copy.
+ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+
+class ManifestError(ValueError):
+    """A manifest pydlit cannot copy, with the reason in words."""
+
+
+@dataclass(frozen=True)
+class Blob:
+    digest: str
+    size: int
+    media_type: str = ""
+    urls: tuple[str, ...] = ()
+
+    @property
+    def foreign(self) -> bool:
+        # Non-distributable layers live at their URLs; registries need not (and may refuse to) hold them.
+        return bool(self.urls)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    media_type: str
+    data: bytes
+    digest: str
+    children: tuple[str, ...] = ()
+    blobs: tuple[Blob, ...] = ()
+
+
+@dataclass
+class Tree:
+    """A whole image: the top manifest, its children by digest, and every blob once."""
+
+    top: Manifest
+    children: list[Manifest] = field(default_factory=list)
+
+    @property
+    def blobs(self) -> list[Blob]:
+        seen: dict[str, Blob] = {}
+        for m in [self.top, *self.children]:
+            for b in m.blobs:
+                if not b.foreign:
+                    seen.setdefault(b.digest, b)
+        return list(seen.values())
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def parse_manifest(data: bytes, content_type: str) -> Manifest:
+    """Read a manifest's references; `data` is kept as pulled so its digest never changes."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise ManifestError("the manifest is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise ManifestError("the manifest is not a JSON object")
+    media_type = _media_type(doc, content_type)
+    if media_type in SCHEMA1_TYPES or doc.get("schemaVersion") == 1:
+        raise ManifestError(
+            "the source image is a Docker schema1 manifest, which is deprecated and refused by "
+            "current registries; rebuild or re-push it as Docker schema2 or OCI"
+        )
+    digest = sha256_digest(data)
+    if media_type in INDEX_TYPES:
+        children = tuple(_descriptor(d, "manifests").digest for d in doc.get("manifests") or [])
+        return Manifest(media_type, data, digest, children=children)
+    if media_type in IMAGE_TYPES:
+        blobs = [_descriptor(doc.get("config"), "config")]
+        blobs += [_descriptor(d, "layers") for d in doc.get("layers") or []]
+        return Manifest(media_type, data, digest, blobs=tuple(blobs))
+    raise ManifestError(f"unsupported manifest media type {media_type!r}")
+
+
+def _media_type(doc: dict, content_type: str) -> str:
+    declared = doc.get("mediaType")
+    if isinstance(declared, str) and declared:
+        return declared
+    ct = content_type.split(";")[0].strip()
+    if ct in INDEX_TYPES | IMAGE_TYPES | SCHEMA1_TYPES:
+        return ct
+    # OCI allows omitting mediaType: infer it from the shape.
+    if "manifests" in doc:
+        return OCI_INDEX
+    if "config" in doc:
+        return OCI_MANIFEST
+    return ct
+
+
+def _descriptor(d: object, where: str) -> Blob:
+    if not isinstance(d, dict) or not isinstance(d.get("digest"), str) or not isinstance(d.get("size"), int):
+        raise ManifestError(f"the manifest has a malformed descriptor in {where}")
+    return Blob(d["digest"], d["size"], str(d.get("mediaType") or ""), tuple(d.get("urls") or ()))

@@ -1,0 +1,291 @@
+"""The durable job queue in SQLite: migrations, enqueue, atomic claims with leases, fenced
+progress writes, upload checkpoints, and the read-only views the API serves."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sqlite3
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+ENDED = ("FINISHED", "FAILED")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(t: datetime) -> str:
+    # One fixed width, so that ISO strings compare in SQL as the times they name.
+    return t.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+class LeaseLost(Exception):
+    """Another worker owns the job now (or it ended); this one must stop touching it."""
+
+
+class StoreError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: str
+    request: dict[str, Any]
+    secrets: dict[str, Any]
+    attempt: int
+
+
+class Store:
+    def __init__(self, db: aiosqlite.Connection, clock: Callable[[], datetime] = utcnow) -> None:
+        self._db = db
+        self._clock = clock
+        # aiosqlite runs one connection on one thread; a transaction of several statements must
+        # still keep other coroutines out until it commits.
+        self._tx = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str | Path, clock: Callable[[], datetime] = utcnow) -> Store:
+        db = await aiosqlite.connect(str(path), isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.execute("PRAGMA foreign_keys=ON")
+            # An accepted job must survive a power cut; the queue writes little, so FULL is cheap.
+            await db.execute("PRAGMA synchronous=FULL")
+            await migrate(db)
+        except BaseException:
+            await db.close()
+            raise
+        return cls(db, clock)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    def _now(self) -> str:
+        return iso(self._clock())
+
+    # -- queue ----------------------------------------------------------------------------------
+
+    async def enqueue(self, request: dict[str, Any], secrets: dict[str, Any], targets: list[dict[str, str]], source: str) -> str:
+        """Commit a job and its targets in one transaction; returns its id."""
+        job_id = str(uuid.uuid4())
+        now = self._now()
+        async with self._tx:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._db.execute(
+                    "INSERT INTO jobs (id, source, request, created_at) VALUES (?, ?, ?, ?)",
+                    (job_id, source, json.dumps(request), now),
+                )
+                await self._db.execute("INSERT INTO job_secrets (job_id, secrets) VALUES (?, ?)", (job_id, json.dumps(secrets)))
+                await self._db.executemany(
+                    "INSERT INTO job_targets (job_id, idx, endpoint, image, ref, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(job_id, i, t["endpoint"], t["image"], t["ref"], now) for i, t in enumerate(targets)],
+                )
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+        return job_id
+
+    async def claim(self, owner: str, lease_s: float) -> ClaimedJob | None:
+        """Atomically move the oldest QUEUED job to RUNNING under `owner`'s lease."""
+        now = self._clock()
+        async with self._tx:
+            cur = await self._db.execute(
+                """UPDATE jobs SET state = 'RUNNING', attempt = attempt + 1, lease_owner = ?,
+                          lease_expires = ?, started_at = coalesce(started_at, ?)
+                   WHERE id = (SELECT id FROM jobs WHERE state = 'QUEUED' ORDER BY created_at LIMIT 1)
+                   RETURNING id, request, attempt""",
+                (owner, iso(now + timedelta(seconds=lease_s)), iso(now)),
+            )
+            row = await cur.fetchone()
+            await cur.close()
+            if row is None:
+                return None
+            async with self._db.execute("SELECT secrets FROM job_secrets WHERE job_id = ?", (row["id"],)) as c:
+                srow = await c.fetchone()
+        secrets = json.loads(srow["secrets"]) if srow else {}
+        return ClaimedJob(row["id"], json.loads(row["request"]), secrets, row["attempt"])
+
+    async def renew(self, job_id: str, owner: str, lease_s: float) -> None:
+        await self._fenced(
+            "UPDATE jobs SET lease_expires = ? WHERE id = ? AND state = 'RUNNING' AND lease_owner = ?",
+            (iso(self._clock() + timedelta(seconds=lease_s)), job_id, owner),
+        )
+
+    async def release(self, job_id: str, owner: str) -> None:
+        """Hand a running job back to the queue (a graceful stop); its checkpoints stay."""
+        await self._fenced(
+            "UPDATE jobs SET state = 'QUEUED', lease_owner = NULL, lease_expires = NULL "
+            "WHERE id = ? AND state = 'RUNNING' AND lease_owner = ?",
+            (job_id, owner),
+        )
+
+    async def recover(self, owner_prefix: str) -> int:
+        """Requeue RUNNING jobs of a dead process: this node's earlier lives, or expired leases."""
+        cur = await self._db.execute(
+            "UPDATE jobs SET state = 'QUEUED', lease_owner = NULL, lease_expires = NULL "
+            "WHERE state = 'RUNNING' AND (lease_owner LIKE ? ESCAPE '\\' OR lease_expires < ?)",
+            (_like_prefix(owner_prefix), self._now()),
+        )
+        return cur.rowcount
+
+    async def finish(self, job_id: str, owner: str, state: str, error: str | None) -> None:
+        """End a job; its credentials and checkpoints go with it."""
+        async with self._tx:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await self._db.execute(
+                    "UPDATE jobs SET state = ?, error = ?, finished_at = ?, lease_owner = NULL, lease_expires = NULL "
+                    "WHERE id = ? AND state = 'RUNNING' AND lease_owner = ?",
+                    (state, error, self._now(), job_id, owner),
+                )
+                if cur.rowcount == 0:
+                    raise LeaseLost(job_id)
+                await self._db.execute("DELETE FROM job_secrets WHERE job_id = ?", (job_id,))
+                await self._db.execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+
+    async def _fenced(self, sql: str, params: tuple[Any, ...]) -> None:
+        cur = await self._db.execute(sql, params)
+        if cur.rowcount == 0:
+            raise LeaseLost(str(params))
+
+    # -- per-target progress, fenced by the lease ------------------------------------------------
+
+    _LEASED = "EXISTS (SELECT 1 FROM jobs WHERE id = ? AND state = 'RUNNING' AND lease_owner = ?)"
+
+    async def target_state(self, job_id: str, owner: str, idx: int, state: str, error: str | None) -> None:
+        await self._fenced(
+            f"UPDATE job_targets SET state = ?, error = ?, updated_at = ? WHERE job_id = ? AND idx = ? AND {self._LEASED}",
+            (state, error, self._now(), job_id, idx, job_id, owner),
+        )
+
+    async def progress(self, job_id: str, owner: str, counts: dict[int, tuple[int, int | None]]) -> None:
+        now = self._now()
+        await self._db.executemany(
+            f"UPDATE job_targets SET bytes_done = ?, bytes_total = ?, updated_at = ? WHERE job_id = ? AND idx = ? AND {self._LEASED}",
+            [(done, total, now, job_id, idx, job_id, owner) for idx, (done, total) in counts.items()],
+        )
+
+    async def save_upload(self, job_id: str, owner: str, idx: int, digest: str, location: str, offset: int) -> None:
+        await self._fenced(
+            f"""INSERT INTO uploads (job_id, target_idx, digest, location, offset, updated_at)
+                SELECT ?, ?, ?, ?, ?, ? WHERE {self._LEASED}
+                ON CONFLICT (job_id, target_idx, digest)
+                DO UPDATE SET location = excluded.location, offset = excluded.offset, updated_at = excluded.updated_at""",
+            (job_id, idx, digest, location, offset, self._now(), job_id, owner),
+        )
+
+    async def drop_upload(self, job_id: str, idx: int, digest: str) -> None:
+        await self._db.execute("DELETE FROM uploads WHERE job_id = ? AND target_idx = ? AND digest = ?", (job_id, idx, digest))
+
+    async def uploads(self, job_id: str) -> dict[tuple[int, str], tuple[str, int]]:
+        async with self._db.execute("SELECT target_idx, digest, location, offset FROM uploads WHERE job_id = ?", (job_id,)) as cur:
+            return {(r["target_idx"], r["digest"]): (r["location"], r["offset"]) for r in await cur.fetchall()}
+
+    async def target_rows(self, job_id: str) -> list[sqlite3.Row]:
+        async with self._db.execute("SELECT * FROM job_targets WHERE job_id = ? ORDER BY idx", (job_id,)) as cur:
+            return list(await cur.fetchall())
+
+    # -- where blobs are, for cross-repository mounts ---------------------------------------------
+
+    async def mount_sources(self, registry: str, digest: str, limit: int = 5) -> list[str]:
+        async with self._db.execute(
+            "SELECT repository FROM known_blobs WHERE registry = ? AND digest = ? ORDER BY seen_at DESC LIMIT ?",
+            (registry, digest, limit),
+        ) as cur:
+            return [r["repository"] for r in await cur.fetchall()]
+
+    async def remember_blob(self, registry: str, repository: str, digest: str) -> None:
+        await self._db.execute(
+            "INSERT INTO known_blobs (registry, repository, digest, seen_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO UPDATE SET seen_at = excluded.seen_at",
+            (registry, repository, digest, self._now()),
+        )
+
+    # -- views ------------------------------------------------------------------------------------
+
+    async def job_view(self, job_id: str) -> dict[str, Any] | None:
+        """The API's status document for one job (never any credential)."""
+        async with self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cur:
+            job = await cur.fetchone()
+        if job is None:
+            return None
+        targets = await self.target_rows(job_id)
+        done = sum(t["bytes_done"] for t in targets)
+        total = sum(t["bytes_total"] or 0 for t in targets)
+        return {
+            "id": job["id"],
+            "value": job["state"],
+            "created_at": job["created_at"],
+            "started_at": job["started_at"],
+            "finished_at": job["finished_at"],
+            "finished_endpoints": [t["endpoint"] for t in targets if t["state"] == "FINISHED"],
+            "skipped_clusters": [t["endpoint"] for t in targets if t["state"] == "SKIPPED"],
+            "error": job["error"],
+            "attempt": job["attempt"],
+            "source": job["source"],
+            "bytes_done": done,
+            "bytes_total": total,
+            "targets": [
+                {
+                    "endpoint": t["endpoint"],
+                    "image": t["image"],
+                    "ref": t["ref"],
+                    "state": t["state"],
+                    "error": t["error"],
+                    "bytes_done": t["bytes_done"],
+                    "bytes_total": t["bytes_total"],
+                }
+                for t in targets
+            ],
+        }
+
+    async def check_writable(self) -> None:
+        """Raise unless the DB takes a write (a transaction that changes nothing durable)."""
+        async with self._tx:
+            await self._db.execute("BEGIN IMMEDIATE")
+            await self._db.execute("ROLLBACK")
+
+
+async def migrate(db: aiosqlite.Connection, folder: Path = MIGRATIONS) -> int:
+    """Apply migrations/NNNN_*.sql above the DB's user_version, each in its own transaction."""
+    files = sorted((int(m.group(1)), p) for p in folder.glob("*.sql") if (m := re.match(r"(\d+)_", p.name)))
+    if not files:
+        raise StoreError(f"no migrations found in {folder}")
+    async with db.execute("PRAGMA user_version") as cur:
+        version = (await cur.fetchone())[0]
+    newest = files[-1][0]
+    if version > newest:
+        raise StoreError(f"the database is at schema version {version}, newer than this pydlit knows ({newest}); refusing to start")
+    for number, path in files:
+        if number <= version:
+            continue
+        # executescript commits any open transaction first, so the transaction lives in the script.
+        script = f"BEGIN IMMEDIATE;\n{path.read_text()}\nPRAGMA user_version = {number};\nCOMMIT;"
+        try:
+            await db.executescript(script)
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            raise StoreError(f"migration {path.name} failed: {exc}") from exc
+    return newest
+
+
+def _like_prefix(prefix: str) -> str:
+    return re.sub(r"([%_\\])", r"\\\1", prefix) + "%"

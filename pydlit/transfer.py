@@ -1,0 +1,448 @@
+"""Copy one image from a source to many targets: plan the tree, decide per target, fan each blob
+out from a single source read, checkpoint every acknowledged chunk, push manifests last.
+
+Knows nothing of HTTP handlers or the job store: progress and checkpoints go through `Events`.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+
+from .pipe import Pipe, PipeClosed
+from .registry.client import RegistryClient, RegistryError, retrying
+from .registry.manifests import Blob, Manifest, Tree
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Tuning:
+    chunk_size: int = 16 * MiB  # one PATCH, one checkpoint; what a crash inside a chunk can cost
+    piece_size: int = 1 * MiB  # one read from the source
+    buffer_size: int = 16 * MiB  # how far a slow target may lag behind the fastest, per blob
+    parallel_blobs: int = 3
+    parallel_manifests: int = 8
+    mount_candidates: int = 3
+    preflight_wait_s: float = 3.0  # how long targets wait for each other before the shared read
+
+
+class Stopped(Exception):
+    """The service is stopping; every upload in flight was checkpointed at a chunk boundary."""
+
+
+class SourceError(Exception):
+    """The source image cannot be read: the whole job fails with this reason."""
+
+
+class DigestMismatch(Exception):
+    pass
+
+
+class Events(Protocol):
+    """How a copy reports progress and persists what a restart needs to resume."""
+
+    async def target_state(self, idx: int, state: str, error: str | None = None) -> None: ...
+
+    def set_total(self, idx: int, total: int) -> None: ...
+
+    def blob_progress(self, idx: int, digest: str, done: int) -> None: ...
+
+    def saved_upload(self, idx: int, digest: str) -> tuple[str, int] | None: ...
+
+    async def save_upload(self, idx: int, digest: str, location: str, offset: int) -> None: ...
+
+    async def drop_upload(self, idx: int, digest: str) -> None: ...
+
+    async def mount_sources(self, registry: str, digest: str) -> list[str]: ...
+
+    async def remember_blob(self, registry: str, repo: str, digest: str) -> None: ...
+
+
+@dataclass
+class Source:
+    client: RegistryClient
+    repo: str
+    ref: str
+
+
+@dataclass
+class Target:
+    idx: int
+    client: RegistryClient
+    repo: str
+    ref: str
+    overwrite: bool = False
+    failed: bool = False
+
+
+@dataclass
+class _Sink:
+    """One target's upload session for one blob."""
+
+    target: Target
+    location: str | None = None
+    offset: int = 0
+    start: int = 0  # the offset this sink's pipe begins at
+    error: BaseException | None = None
+    pipe: Pipe | None = None
+    done: bool = False
+    monolithic: bool = False  # the registry refused PATCH: one PUT with the whole blob
+
+
+async def read_tree(client: RegistryClient, repo: str, ref: str, parallel: int = 8) -> Tree:
+    """The top manifest and every manifest below it, as pulled."""
+    top = await client.get_manifest(repo, ref)
+    tree = Tree(top)
+    sem = asyncio.Semaphore(parallel)
+
+    async def fetch(digest: str) -> Manifest:
+        async with sem:
+            return await client.get_manifest(repo, digest)
+
+    level = list(top.children)
+    seen: set[str] = set()
+    while level:
+        level = [d for d in dict.fromkeys(level) if d not in seen]
+        seen.update(level)
+        found = await asyncio.gather(*(fetch(d) for d in level))
+        tree.children.extend(found)
+        level = [c for m in found for c in m.children]
+    return tree
+
+
+class ImageCopy:
+    """One job's copy of one image to its targets."""
+
+    def __init__(self, source: Source, targets: list[Target], events: Events, stop: asyncio.Event, tuning: Tuning = Tuning()) -> None:
+        self.source = source
+        self.targets = targets
+        self.events = events
+        self.stop = stop
+        self.tuning = tuning
+        self.tree: Tree | None = None
+
+    async def run(self) -> None:
+        try:
+            self.tree = await read_tree(self.source.client, self.source.repo, self.source.ref)
+        except RegistryError as exc:
+            raise SourceError(str(exc)) from None
+        total = sum(b.size for b in self.tree.blobs)
+        for t in self.targets:
+            self.events.set_total(t.idx, total)
+        checks = {asyncio.create_task(self._preflight(t)): t for t in self.targets}
+        # Targets that answer promptly share one read of the source; one that is slow to answer
+        # (retrying, unreachable) must not hold them back, so it gets a read of its own later.
+        done, pending = await asyncio.wait(checks, timeout=self.tuning.preflight_wait_s)
+        ready = [checks[task] for task in done if task.result()]
+        groups = [self._copy_to(ready)] if ready else []
+        groups += [self._copy_late(task, checks[task]) for task in pending]
+        await _gather_all(groups)
+
+    async def _copy_late(self, check: asyncio.Task[bool], target: Target) -> None:
+        if await check:
+            await self._copy_to([target])
+
+    async def _copy_to(self, targets: list[Target]) -> None:
+        assert self.tree is not None
+        blobs = sorted(self.tree.blobs, key=lambda b: -b.size)
+        sem = asyncio.Semaphore(self.tuning.parallel_blobs)
+
+        async def one(blob: Blob) -> None:
+            async with sem:
+                self._check_stop()
+                await self._copy_blob(blob, [t for t in targets if not t.failed])
+
+        await _gather_all(one(b) for b in blobs)
+        await asyncio.gather(*(self._push_manifests(t) for t in targets if not t.failed))
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Stopped()
+
+    async def _fail(self, target: Target, error: BaseException) -> None:
+        if not target.failed:
+            target.failed = True
+            log.warning("target %s/%s failed: %s", target.client.name, target.repo, error)
+            await self.events.target_state(target.idx, "FAILED", str(error))
+
+    async def _preflight(self, t: Target) -> bool:
+        """Finished, skipped, or to copy: decided by what the target's tag holds now."""
+        assert self.tree is not None
+        try:
+            current = await t.client.head_manifest(t.repo, t.ref)
+        except RegistryError as exc:
+            await self._fail(t, exc)
+            return False
+        if current == self.tree.top.digest:
+            for b in self.tree.blobs:
+                self.events.blob_progress(t.idx, b.digest, b.size)
+            await self.events.target_state(t.idx, "FINISHED")
+            return False
+        if current is not None and not t.overwrite:
+            await self.events.target_state(
+                t.idx, "SKIPPED", f"{t.repo}:{t.ref} already exists with digest {current} and overwrite is false"
+            )
+            return False
+        await self.events.target_state(t.idx, "RUNNING")
+        return True
+
+    async def _push_manifests(self, t: Target) -> None:
+        assert self.tree is not None
+        sem = asyncio.Semaphore(self.tuning.parallel_manifests)
+
+        async def child(m: Manifest) -> None:
+            async with sem:
+                if await t.client.head_manifest(t.repo, m.digest) != m.digest:
+                    await t.client.put_manifest(t.repo, m.digest, m)
+
+        try:
+            # Children by digest first: an index naming an unknown manifest is refused.
+            await _gather_all(child(m) for m in reversed(self.tree.children))
+            await t.client.put_manifest(t.repo, t.ref, self.tree.top)
+        except RegistryError as exc:
+            await self._fail(t, exc)
+            return
+        await self.events.target_state(t.idx, "FINISHED")
+
+    # -- blobs ----------------------------------------------------------------------------------
+
+    async def _copy_blob(self, blob: Blob, targets: list[Target]) -> None:
+        present = await asyncio.gather(*(self._already_there(t, blob) for t in targets))
+        need = [t for t, there in zip(targets, present) if not there and not t.failed]
+        if not need:
+            return
+        sinks = [_Sink(t) for t in need]
+        policy = self.source.client.policy
+        mismatches = 0
+        for attempt in range(1, policy.attempts + 1):
+            await asyncio.gather(*(self._open_session(s, blob) for s in sinks))
+            live = [s for s in sinks if s.error is None]
+            try:
+                if live:
+                    await self._fan_out(blob, live)
+            except DigestMismatch:
+                mismatches += 1
+                if mismatches >= 2:
+                    err = SourceError(
+                        f"{self.source.client.name}: source blob {blob.digest} does not match its digest "
+                        "(read twice); nothing was committed"
+                    )
+                    for s in live:
+                        await self._fail(s.target, err)
+                    return
+            retry = []
+            for s in sinks:
+                if s.done:
+                    continue
+                if s.error is None or _retryable(s.error):
+                    retry.append(s)
+                else:
+                    await self._fail(s.target, s.error)
+            if not retry:
+                return
+            self._check_stop()
+            if attempt == policy.attempts:
+                break
+            for s in retry:
+                log.info("blob %s to %s: attempt %d failed (%s), retrying", blob.digest[:19], s.target.client.name, attempt, s.error)
+                s.error = None
+            sinks = retry
+            await asyncio.sleep(policy.delay(attempt, None))
+        for s in sinks:
+            await self._fail(s.target, s.error or RegistryError(s.target.client.name, "upload", "gave up"))
+
+    async def _already_there(self, t: Target, blob: Blob) -> bool:
+        """Present at the target, or mounted there from a repository known to hold it."""
+        try:
+            if await t.client.head_blob(t.repo, blob.digest):
+                await self._blob_done(t, blob)
+                return True
+            if self.events.saved_upload(t.idx, blob.digest):
+                return False  # a session to resume beats a mount attempt
+            candidates = await self.events.mount_sources(t.client.key, blob.digest)
+            if self.source.client.key == t.client.key:
+                candidates.insert(0, self.source.repo)
+            for repo in [r for r in dict.fromkeys(candidates) if r != t.repo][: self.tuning.mount_candidates]:
+                if await t.client.mount_blob(t.repo, blob.digest, repo):
+                    await self._blob_done(t, blob)
+                    return True
+        except RegistryError as exc:
+            await self._fail(t, exc)
+        return False
+
+    async def _blob_done(self, t: Target, blob: Blob) -> None:
+        self.events.blob_progress(t.idx, blob.digest, blob.size)
+        if self.events.saved_upload(t.idx, blob.digest):
+            await self.events.drop_upload(t.idx, blob.digest)
+        await self.events.remember_blob(t.client.key, t.repo, blob.digest)
+
+    async def _open_session(self, s: _Sink, blob: Blob) -> None:
+        """Resume the checkpointed session where the registry says it stands, else start anew."""
+        t = s.target
+        chunked = blob.size > self.tuning.chunk_size and not s.monolithic
+        try:
+            saved = (s.location, s.offset) if s.location else self.events.saved_upload(t.idx, blob.digest)
+            if saved and chunked:
+                held = await t.client.upload_offset(saved[0], t.repo)
+                if held is not None and held <= blob.size:
+                    s.location, s.offset = saved[0], held
+                    self.events.blob_progress(t.idx, blob.digest, held)
+                    return
+                log.info("upload session for %s at %s is gone; starting that blob over", blob.digest[:19], t.client.name)
+            s.location = await retrying(t.client.policy, lambda: t.client.start_upload(t.repo))
+            s.offset = 0
+            self.events.blob_progress(t.idx, blob.digest, 0)
+            if chunked:
+                await self.events.save_upload(t.idx, blob.digest, s.location, 0)
+        except RegistryError as exc:
+            s.error = exc
+
+    async def _fan_out(self, blob: Blob, sinks: list[_Sink]) -> None:
+        """Read the blob once from the lowest offset any sink needs; every sink takes its part."""
+        start = min(s.offset for s in sinks)
+        verified: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        for s in sinks:
+            s.pipe = Pipe(self.tuning.buffer_size)
+            s.start = s.offset
+        reader = asyncio.create_task(self._read_source(blob, start, sinks, verified))
+        try:
+            await _gather_all(self._write_target(blob, s, verified) for s in sinks)
+        finally:
+            if not reader.done():
+                reader.cancel()
+            try:
+                await reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        if verified.done() and not verified.cancelled() and verified.exception() is None and verified.result() is False:
+            raise DigestMismatch()
+
+    async def _read_source(self, blob: Blob, start: int, sinks: list[_Sink], verified: asyncio.Future[bool]) -> None:
+        # Only a read from byte 0 can be hashed here; a resumed one is checked by the registry,
+        # which refuses to commit bytes that do not hash to the digest.
+        hasher = hashlib.sha256() if start == 0 and blob.digest.startswith("sha256:") else None
+        pos = start
+        src = self.source
+
+        async def stream() -> None:
+            nonlocal pos
+            resp, at = await src.client.open_blob(src.repo, blob.digest, pos)
+            async with resp:
+                skip = pos - at  # the registry ignored Range: drop what we already have
+                try:
+                    async for piece in resp.content.iter_chunked(self.tuning.piece_size):
+                        if skip:
+                            cut = min(skip, len(piece))
+                            piece, skip = piece[cut:], skip - cut
+                            if not piece:
+                                continue
+                        if pos + len(piece) > blob.size:
+                            raise RegistryError(src.client.name, f"read blob {blob.digest[:19]}", "the blob is larger than its descriptor says")
+                        if hasher:
+                            hasher.update(piece)
+                        await self._deliver(piece, pos, sinks)
+                        pos += len(piece)
+                        if all(s.pipe is None or s.pipe.closed for s in sinks):
+                            return
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    raise RegistryError(src.client.name, f"read blob {blob.digest[:19]}", f"connection broke at byte {pos}: {type(exc).__name__}", transient=True) from None
+            if pos < blob.size:
+                raise RegistryError(src.client.name, f"read blob {blob.digest[:19]}", f"the stream ended at byte {pos} of {blob.size}", transient=True)
+
+        try:
+            await retrying(src.client.policy, stream)
+        except Exception as exc:
+            err = SourceError(str(exc)) if isinstance(exc, RegistryError) else exc
+            verified.set_exception(err)
+            for s in sinks:
+                await s.pipe.finish(err)  # type: ignore[union-attr]
+            raise
+        if pos < blob.size:
+            return  # every target left; nobody waits for the verdict
+        ok = hasher is None or "sha256:" + hasher.hexdigest() == blob.digest
+        verified.set_result(ok)
+        for s in sinks:
+            await s.pipe.finish(None if ok else DigestMismatch())  # type: ignore[union-attr]
+
+    async def _deliver(self, piece: bytes, pos: int, sinks: list[_Sink]) -> None:
+        for s in sinks:
+            if s.pipe is None or s.pipe.closed:
+                continue
+            if pos + len(piece) <= s.start:
+                continue
+            cut = max(0, s.start - pos)
+            await s.pipe.put(piece[cut:] if cut else piece)
+
+    async def _write_target(self, blob: Blob, s: _Sink, verified: asyncio.Future[bool]) -> None:
+        t = s.target
+        assert s.pipe is not None and s.location is not None
+        try:
+            if s.offset == 0 and (s.monolithic or blob.size <= self.tuning.chunk_size):
+                # One request, nothing worth a checkpoint; the registry refuses bytes that do
+                # not hash to the digest, so a bad read is never committed.
+                body = _read_exact(s.pipe, blob.size)
+                await t.client.finish_upload(s.location, t.repo, blob.digest, body, blob.size)
+                s.done = True
+                await self._blob_done(t, blob)
+                return
+            while s.offset < blob.size:
+                self._check_stop()
+                length = min(self.tuning.chunk_size, blob.size - s.offset)
+                s.location = await t.client.patch_chunk(s.location, t.repo, _read_exact(s.pipe, length), s.offset, length)
+                s.offset += length
+                await self.events.save_upload(t.idx, blob.digest, s.location, s.offset)
+                self.events.blob_progress(t.idx, blob.digest, s.offset)
+            if not await asyncio.shield(verified):
+                await t.client.cancel_upload(s.location, t.repo)
+                await self.events.drop_upload(t.idx, blob.digest)
+                s.location = None
+                return
+            await t.client.finish_upload(s.location, t.repo, blob.digest)
+            s.done = True
+            await self._blob_done(t, blob)
+        except (RegistryError, SourceError, Stopped, PipeClosed, EOFError, DigestMismatch) as exc:
+            # A request whose body failed reports a connection error: the reader's own is the reason.
+            s.error = s.pipe.error or exc
+            if isinstance(exc, RegistryError) and exc.status in (405, 501) and not s.monolithic:
+                s.monolithic, s.location = True, None
+        finally:
+            await s.pipe.close()
+        if isinstance(s.error, Stopped):
+            raise s.error
+
+
+async def _read_exact(pipe: Pipe, length: int) -> AsyncIterator[bytes]:
+    remaining = length
+    while remaining:
+        piece = await pipe.get(remaining)
+        remaining -= len(piece)
+        yield piece
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, RegistryError):
+        # A lost or refused upload session (404 BLOB_UPLOAD_UNKNOWN, 400 BLOB_UPLOAD_INVALID,
+        # 416 for a gap) is started over; other 4xx are final.
+        return (
+            exc.transient
+            or exc.code in ("BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_INVALID", "DIGEST_INVALID")
+            or exc.status in (405, 416, 501)
+        )
+    return isinstance(exc, (PipeClosed, EOFError, DigestMismatch))
+
+
+async def _gather_all(aws) -> None:  # type: ignore[no-untyped-def]
+    """Like gather, but lets every sibling finish before raising the first error (e.g. Stopped),
+    so that no upload is abandoned between its chunk and its checkpoint."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r

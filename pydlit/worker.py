@@ -1,0 +1,202 @@
+"""The background worker: claims queued jobs, runs their copies under a lease, records what
+happened, and hands unfinished work back to the queue on a graceful stop."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Any
+
+import aiohttp
+
+from .registry.client import RegistryClient
+from .settings import Settings
+from .store import ClaimedJob, LeaseLost, Store
+from .transfer import ImageCopy, Source, SourceError, Stopped, Target
+
+log = logging.getLogger(__name__)
+
+
+class JobEvents:
+    """A running job's progress, kept in memory and flushed every heartbeat; checkpoints and
+    target states are written at once, fenced by the job's lease."""
+
+    def __init__(self, store: Store, job_id: str, owner: str, uploads: dict[tuple[int, str], tuple[str, int]]) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.owner = owner
+        self.states: dict[int, str] = {}
+        self._uploads = uploads
+        self._totals: dict[int, int] = {}
+        self._blobs: dict[int, dict[str, int]] = {}
+        self._dirty = False
+
+    async def target_state(self, idx: int, state: str, error: str | None = None) -> None:
+        self.states[idx] = state
+        log.info("job %s target %d: %s%s", self.job_id, idx, state, f" ({error})" if error else "")
+        await self.flush()
+        await self.store.target_state(self.job_id, self.owner, idx, state, error)
+
+    def set_total(self, idx: int, total: int) -> None:
+        self._totals[idx] = total
+        self._dirty = True
+
+    def blob_progress(self, idx: int, digest: str, done: int) -> None:
+        self._blobs.setdefault(idx, {})[digest] = done
+        self._dirty = True
+
+    def saved_upload(self, idx: int, digest: str) -> tuple[str, int] | None:
+        return self._uploads.get((idx, digest))
+
+    async def save_upload(self, idx: int, digest: str, location: str, offset: int) -> None:
+        await self.store.save_upload(self.job_id, self.owner, idx, digest, location, offset)
+        self._uploads[(idx, digest)] = (location, offset)
+
+    async def drop_upload(self, idx: int, digest: str) -> None:
+        await self.store.drop_upload(self.job_id, idx, digest)
+        self._uploads.pop((idx, digest), None)
+
+    async def mount_sources(self, registry: str, digest: str) -> list[str]:
+        return await self.store.mount_sources(registry, digest)
+
+    async def remember_blob(self, registry: str, repo: str, digest: str) -> None:
+        await self.store.remember_blob(registry, repo, digest)
+
+    async def flush(self) -> None:
+        if not self._dirty:
+            return
+        self._dirty = False
+        counts = {idx: (sum(self._blobs.get(idx, {}).values()), total) for idx, total in self._totals.items()}
+        await self.store.progress(self.job_id, self.owner, counts)
+
+
+class Worker:
+    def __init__(self, store: Store, session: aiohttp.ClientSession, settings: Settings) -> None:
+        self.store = store
+        self.session = session
+        self.settings = settings
+        self.owner = f"{settings.node}/{uuid.uuid4().hex[:12]}"
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        recovered = await self.store.recover(f"{self.settings.node}/")
+        if recovered:
+            log.info("requeued %d job(s) left running by an earlier process", recovered)
+        self._loop_task = asyncio.create_task(self._claim_loop(), name="pydlit-claim-loop")
+
+    def notify(self) -> None:
+        """A job was queued: claim it now rather than at the next poll."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop claiming; let every copy reach a chunk boundary and checkpoint, then requeue it."""
+        self._stop.set()
+        self._wake.set()
+        if self._loop_task:
+            await self._loop_task
+        tasks = list(self._running.values())
+        if tasks:
+            log.info("stopping: waiting for %d job(s) to reach a safe point", len(tasks))
+            _, pending = await asyncio.wait(tasks, timeout=self.settings.stop_grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+    async def _claim_loop(self) -> None:
+        while not self._stop.is_set():
+            job = None
+            if len(self._running) < self.settings.concurrency:
+                try:
+                    job = await self.store.claim(self.owner, self.settings.lease_s)
+                except Exception:
+                    log.exception("claiming a job failed")
+            if job is not None:
+                task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+                self._running[job.id] = task
+                task.add_done_callback(lambda _t, jid=job.id: self._job_done(jid))
+                continue
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.poll_s)
+
+    def _job_done(self, job_id: str) -> None:
+        self._running.pop(job_id, None)
+        self._wake.set()
+
+    async def _run(self, job: ClaimedJob) -> None:
+        log.info("job %s: started (attempt %d)", job.id, job.attempt)
+        events = JobEvents(self.store, job.id, self.owner, await self.store.uploads(job.id))
+        copy = self._build(job, events)
+        beat = asyncio.create_task(self._heartbeat(job.id, events, asyncio.current_task()))
+        try:
+            await copy.run()
+            await events.flush()
+            failed = [i for i, s in events.states.items() if s == "FAILED"]
+            state = "FAILED" if failed else "FINISHED"
+            error = f"{len(failed)} of {len(copy.targets)} target(s) failed" if failed else None
+            await self.store.finish(job.id, self.owner, state, error)
+            log.info("job %s: %s%s", job.id, state, f" ({error})" if error else "")
+        except SourceError as exc:
+            await self._fail_job(job.id, events, copy, str(exc))
+        except Stopped:
+            await events.flush()
+            await self.store.release(job.id, self.owner)
+            log.info("job %s: checkpointed and requeued for the next start", job.id)
+        except LeaseLost:
+            log.warning("job %s: lease lost; another worker owns it now", job.id)
+        except asyncio.CancelledError:
+            log.warning("job %s: cancelled at shutdown; it resumes from its last checkpoint", job.id)
+            with contextlib.suppress(Exception):
+                await self.store.release(job.id, self.owner)
+        except Exception as exc:  # a bug must fail one job, never the worker
+            log.exception("job %s: internal error", job.id)
+            with contextlib.suppress(Exception):
+                await self._fail_job(job.id, events, copy, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            beat.cancel()
+
+    async def _fail_job(self, job_id: str, events: JobEvents, copy: ImageCopy, reason: str) -> None:
+        for t in copy.targets:
+            if events.states.get(t.idx) not in ("FINISHED", "SKIPPED", "FAILED"):
+                await events.target_state(t.idx, "FAILED", "not copied: the job failed before this target finished")
+        await self.store.finish(job_id, self.owner, "FAILED", reason)
+        log.warning("job %s: FAILED (%s)", job_id, reason)
+
+    async def _heartbeat(self, job_id: str, events: JobEvents, job_task: asyncio.Task[Any] | None) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                await events.flush()
+                await self.store.renew(job_id, self.owner, self.settings.lease_s)
+            except LeaseLost:
+                log.warning("job %s: lease lost; stopping it", job_id)
+                if job_task:
+                    job_task.cancel()
+                return
+            except Exception:
+                log.exception("job %s: heartbeat failed", job_id)
+
+    def _build(self, job: ClaimedJob, events: JobEvents) -> ImageCopy:
+        req = job.request
+        src = req["source"]
+        secrets = job.secrets or {}
+
+        def client(side: dict[str, Any], auth: dict[str, Any] | None) -> RegistryClient:
+            return RegistryClient(
+                self.session, side["endpoint"], auth=auth, verify_tls=side.get("verify_tls", False),
+                ca_cert=side.get("ca_cert"), policy=self.settings.retry, stall_timeout=self.settings.stall_timeout_s,
+            )
+
+        source_client = client(src, secrets.get("source"))
+        source = Source(source_client, source_client.repository(src["image"]), src["ref"])
+        target_auth = secrets.get("targets") or []
+        targets = []
+        for idx, t in enumerate(req["targets"]):
+            c = client(t, target_auth[idx] if idx < len(target_auth) else None)
+            targets.append(Target(idx, c, c.repository(t.get("image") or src["image"]), t.get("ref") or src["ref"], t.get("overwrite", False)))
+        return ImageCopy(source, targets, events, self._stop, self.settings.tuning)
