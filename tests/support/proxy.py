@@ -1,0 +1,465 @@
+"""A fault-injecting, byte-counting reverse proxy in front of one (http) registry.
+
+Bodies stream both ways in small chunks (layers can be hundreds of MiB). Faults and rates are set
+from the test thread and take effect on the next matching request. Absolute `Location` headers
+pointing at the upstream are rewritten to the proxy, so clients stay behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from .bgserver import BackgroundServer
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+CHUNK = 64 * 1024
+KINDS = (
+    "blob_get", "blob_head", "upload_post", "upload_patch", "upload_put", "upload_get",
+    "manifest_get", "manifest_head", "manifest_put", "other",
+)
+_HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "host", "expect",
+})
+_UPLOAD = re.compile(r"^/v2/.+/blobs/uploads/[^/]*$")
+_BLOB = re.compile(r"^/v2/.+/blobs/[a-z0-9+._-]+:[a-zA-Z0-9=_-]+$")
+_MANIFEST = re.compile(r"^/v2/.+/manifests/[^/]+$")
+_ERROR_CODES = {
+    400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "DENIED", 404: "NOT_FOUND",
+    408: "TIMEOUT", 429: "TOOMANYREQUESTS", 500: "UNKNOWN", 502: "UNAVAILABLE",
+    503: "UNAVAILABLE", 504: "UNAVAILABLE",
+}
+
+
+def classify(method: str, path: str) -> str:
+    if _UPLOAD.match(path):
+        kinds = {"POST": "upload_post", "PATCH": "upload_patch", "PUT": "upload_put",
+                 "GET": "upload_get"}
+        return kinds.get(method, "other")
+    if _BLOB.match(path):
+        return {"GET": "blob_get", "HEAD": "blob_head"}.get(method, "other")
+    if _MANIFEST.match(path):
+        return {"GET": "manifest_get", "HEAD": "manifest_head", "PUT": "manifest_put"}.get(
+            method, "other"
+        )
+    return "other"
+
+
+@dataclass
+class _Rule:
+    remaining: int
+    methods: frozenset[str] | None = None
+    kinds: frozenset[str] | None = None
+    status: int = 503
+    retry_after: str | None = None
+    nbytes: int = 0
+    seconds: float = 0.0
+
+    def matches(self, method: str, kind: str) -> bool:
+        return (self.methods is None or method in self.methods) and (
+            self.kinds is None or kind in self.kinds
+        )
+
+
+@dataclass(frozen=True)
+class ProxyRequest:
+    method: str
+    kind: str
+    path: str
+    status: int  # 0: the connection was cut before a status was sent
+    fault: str | None = None
+
+
+@dataclass
+class ProxyCounters:
+    # Request body bytes received from clients, by (method, kind): manifest PUTs count too.
+    upload_bytes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    downloaded: int = 0  # body bytes of blob GET responses sent to clients
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # (method, kind)
+
+    @property
+    def uploaded(self) -> dict[str, int]:
+        """Request body bytes by method (PATCH/PUT/POST)."""
+        out: Counter[str] = Counter()
+        for (method, _), n in self.upload_bytes.items():
+            out[method] += n
+        return dict(out)
+
+
+class _UploadCut(Exception):
+    pass
+
+
+def _frozen(values: Iterable[str] | str | None, upper: bool = False) -> frozenset[str] | None:
+    if values is None:
+        return None
+    items = [values] if isinstance(values, str) else list(values)
+    return frozenset(v.upper() if upper else v for v in items)
+
+
+class FaultProxy:
+    def __init__(self, upstream: "str | Registry") -> None:
+        if isinstance(upstream, str):
+            self.upstream_url = upstream.rstrip("/")
+            self.user: str | None = None
+            self.password: str | None = None
+            self.request_auth: dict[str, Any] | None = None
+        else:
+            self.upstream_url = upstream.url
+            self.user, self.password = upstream.user, upstream.password
+            self.request_auth = upstream.request_auth
+        if not self.upstream_url.startswith("http://"):
+            raise ValueError("FaultProxy only fronts plain http registries")
+        self.ca_pem: str | None = None
+        self.download_rate: float | None = None  # bytes/s over all responses, None = unlimited
+        self.upload_rate: float | None = None  # bytes/s over all request bodies
+        self._lock = threading.Lock()
+        self._counters = ProxyCounters()
+        self._log: deque[ProxyRequest] = deque(maxlen=10_000)
+        self._fails: list[_Rule] = []
+        self._upload_cuts: list[_Rule] = []
+        self._download_cuts: list[_Rule] = []
+        self._stalls: list[_Rule] = []
+        self._next_free = {"up": 0.0, "down": 0.0}
+        self._session: aiohttp.ClientSession | None = None
+        self._server = BackgroundServer(self._make_app, "fault-proxy")
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> "FaultProxy":
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def __enter__(self) -> "FaultProxy":
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def host(self) -> str:
+        if not self._server.port:
+            raise RuntimeError("FaultProxy is not started")
+        return f"127.0.0.1:{self._server.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    @property
+    def endpoint(self) -> str:
+        return self.url + "/v2"
+
+    def __repr__(self) -> str:
+        port = self._server.port or "stopped"
+        return f"FaultProxy(127.0.0.1:{port} -> {self.upstream_url})"
+
+    # -- faults (call from the test thread) ------------------------------------------------
+
+    def fail_next(
+        self,
+        n: int,
+        status: int,
+        methods: Iterable[str] | str | None = None,
+        kinds: Iterable[str] | str | None = None,
+        retry_after: int | float | str | None = None,
+    ) -> None:
+        """The next n matching requests get `status` and a registry-style error, unforwarded."""
+        rule = _Rule(n, _frozen(methods, upper=True), _frozen(kinds), status=status,
+                     retry_after=None if retry_after is None else str(retry_after))
+        with self._lock:
+            self._fails.append(rule)
+
+    def cut_upload_after(
+        self,
+        nbytes: int,
+        times: int = 1,
+        methods: Iterable[str] | str = ("PATCH", "PUT"),
+        kinds: Iterable[str] | str | None = ("upload_patch", "upload_put"),
+    ) -> None:
+        """The next matching request with a body longer than `nbytes` is forwarded for `nbytes`
+        of body, then both connections (to the registry and to the client) are dropped."""
+        with self._lock:
+            self._upload_cuts.append(
+                _Rule(times, _frozen(methods, upper=True), _frozen(kinds), nbytes=nbytes)
+            )
+
+    def cut_download_after(self, nbytes: int, times: int = 1) -> None:
+        """The next blob GET response longer than `nbytes` is closed after `nbytes` of body."""
+        with self._lock:
+            self._download_cuts.append(_Rule(times, kinds=frozenset({"blob_get"}), nbytes=nbytes))
+
+    def stall_next_download(self, seconds: float, after_bytes: int = CHUNK) -> None:
+        """The next blob GET longer than `after_bytes` sends headers and `after_bytes`, then
+        nothing for `seconds`, then the rest (if the client is still there)."""
+        with self._lock:
+            self._stalls.append(
+                _Rule(1, kinds=frozenset({"blob_get"}), nbytes=after_bytes, seconds=seconds)
+            )
+
+    def rate_limit(
+        self, bytes_per_sec: float | None, *, download: bool = True, upload: bool = True
+    ) -> None:
+        """Throttle response bodies and/or request bodies; None lifts the limit."""
+        if download:
+            self.download_rate = bytes_per_sec
+        if upload:
+            self.upload_rate = bytes_per_sec
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._fails.clear()
+            self._upload_cuts.clear()
+            self._download_cuts.clear()
+            self._stalls.clear()
+        self.download_rate = self.upload_rate = None
+
+    # -- counters --------------------------------------------------------------------------
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self._counters = ProxyCounters()
+            self._log.clear()
+
+    def counters(self) -> ProxyCounters:
+        with self._lock:
+            c = self._counters
+            return ProxyCounters(Counter(c.upload_bytes), c.downloaded, Counter(c.requests))
+
+    def uploaded_bytes(
+        self, method: str | None = None, kinds: Iterable[str] | str | None = None
+    ) -> int:
+        """Request body bytes received, optionally only of one method and/or some kinds."""
+        wanted = _frozen(kinds)
+        with self._lock:
+            return sum(
+                n for (m, k), n in self._counters.upload_bytes.items()
+                if (method is None or m == method.upper()) and (wanted is None or k in wanted)
+            )
+
+    def blob_upload_bytes(self) -> int:
+        """Bytes of blob data sent to the registry (upload POST/PATCH/PUT bodies)."""
+        return self.uploaded_bytes(kinds=("upload_post", "upload_patch", "upload_put"))
+
+    def downloaded_bytes(self) -> int:
+        """Body bytes sent to clients in blob GET responses."""
+        with self._lock:
+            return self._counters.downloaded
+
+    def count(self, method: str | None = None, kind: str | None = None) -> int:
+        with self._lock:
+            return sum(
+                n for (m, k), n in self._counters.requests.items()
+                if (method is None or m == method.upper()) and (kind is None or k == kind)
+            )
+
+    @property
+    def requests(self) -> list[ProxyRequest]:
+        """The last 10 000 requests, oldest first."""
+        with self._lock:
+            return list(self._log)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _take(
+        self, rules: list[_Rule], method: str, kind: str, body_length: int | None = None
+    ) -> _Rule | None:
+        """Consume one use of the first matching rule. Cut and stall rules only match bodies
+        longer than their byte count (or of unknown length), so small blobs pass untouched."""
+        with self._lock:
+            for rule in rules:
+                too_short = body_length is not None and body_length <= rule.nbytes
+                if rule.remaining > 0 and rule.matches(method, kind) and not too_short:
+                    rule.remaining -= 1
+                    if rule.remaining == 0:
+                        rules.remove(rule)
+                    return rule
+        return None
+
+    def _add(self, uploaded: tuple[str, str, int] | None = None, downloaded: int = 0) -> None:
+        with self._lock:
+            if uploaded:
+                method, kind, n = uploaded
+                self._counters.upload_bytes[(method, kind)] += n
+            self._counters.downloaded += downloaded
+
+    def _record(
+        self, request: web.Request, kind: str, status: int, fault: str | None = None
+    ) -> None:
+        with self._lock:
+            self._log.append(ProxyRequest(request.method, kind, request.path, status, fault))
+
+    async def _throttle(self, direction: str, nbytes: int) -> None:
+        rate = self.download_rate if direction == "down" else self.upload_rate
+        if not rate:
+            return
+        # One budget per direction, shared by all concurrent streams (like a real link).
+        now = asyncio.get_running_loop().time()
+        start = max(now, self._next_free[direction])
+        self._next_free[direction] = start + nbytes / rate
+        if self._next_free[direction] > now:
+            await asyncio.sleep(self._next_free[direction] - now)
+
+    def _make_app(self) -> web.Application:
+        # Uploads stream through request.content; this limit only guards request.read().
+        app = web.Application(client_max_size=1 << 20)
+        app.cleanup_ctx.append(self._client_session)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
+    async def _client_session(self, app: web.Application) -> AsyncIterator[None]:
+        self._session = aiohttp.ClientSession(
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
+            connector=aiohttp.TCPConnector(limit=64),
+        )
+        yield
+        await self._session.close()
+
+    def _fail_response(self, rule: _Rule) -> web.Response:
+        code = _ERROR_CODES.get(rule.status, "UNKNOWN")
+        body = {"errors": [{"code": code, "message": f"injected {rule.status}",
+                            "detail": "injected by FaultProxy"}]}
+        headers = {"Docker-Distribution-Api-Version": "registry/2.0"}
+        if rule.retry_after is not None:
+            headers["Retry-After"] = rule.retry_after
+        return web.json_response(body, status=rule.status, headers=headers)
+
+    async def _request_body(
+        self, request: web.Request, kind: str, cut: _Rule | None, sent: list[int]
+    ) -> AsyncIterator[bytes]:
+        method = request.method
+        async for chunk in request.content.iter_chunked(CHUNK):
+            if cut is not None and sent[0] + len(chunk) >= cut.nbytes:
+                piece = chunk[: cut.nbytes - sent[0]]
+                self._add(uploaded=(method, kind, len(piece)))
+                sent[0] += len(piece)
+                if piece:
+                    yield piece
+                # Give the piece a moment to leave before the upstream connection is dropped.
+                await asyncio.sleep(0.05)
+                raise _UploadCut()
+            self._add(uploaded=(method, kind, len(chunk)))
+            await self._throttle("up", len(chunk))
+            sent[0] += len(chunk)
+            yield chunk
+        if cut is not None:
+            raise _UploadCut()  # a chunked body ended before nbytes: still cut it at its end
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        method, kind = request.method, classify(request.method, request.path)
+        with self._lock:
+            self._counters.requests[(method, kind)] += 1
+        rule = self._take(self._fails, method, kind)
+        if rule is not None:
+            self._record(request, kind, rule.status, "fail")
+            return self._fail_response(rule)
+
+        cut = None
+        if request.body_exists:
+            cut = self._take(self._upload_cuts, method, kind, request.content_length)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        sent = [0]
+        body = self._request_body(request, kind, cut, sent) if request.body_exists else None
+        url = URL(self.upstream_url + request.raw_path, encoded=True)
+        assert self._session is not None
+        try:
+            upstream = await self._session.request(
+                method, url, headers=headers, data=body, allow_redirects=False,
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            )
+        except Exception as exc:
+            if cut is not None:
+                self._record(request, kind, 0, f"upload cut at {sent[0]}")
+                self._drop_client(request)
+                return web.Response(status=499)
+            self._record(request, kind, 502, f"upstream: {exc!r}")
+            return web.json_response(
+                {"errors": [{"code": "UNAVAILABLE", "message": f"proxy: {exc!r}"}]}, status=502
+            )
+        async with upstream:
+            if cut is not None:
+                # The registry answered before the cut point (short body): still drop the client.
+                self._record(request, kind, 0, f"upload cut at {sent[0]}")
+                self._drop_client(request)
+                return web.Response(status=499)
+            return await self._relay(request, kind, upstream)
+
+    async def _relay(
+        self, request: web.Request, kind: str, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for name, value in upstream.headers.items():
+            if name.lower() in _HOP_BY_HOP:
+                continue
+            if name.lower() == "location" and value.startswith(self.upstream_url):
+                value = self.url + value[len(self.upstream_url):]
+            response.headers.add(name, value)
+        is_blob_body = kind == "blob_get" and upstream.status in (200, 206)
+        length = upstream.content_length
+        cut = self._take(self._download_cuts, "GET", kind, length) if is_blob_body else None
+        stall = self._take(self._stalls, "GET", kind, length) if is_blob_body else None
+        fault = (f"download cut at {cut.nbytes}" if cut else None) or (
+            f"stall {stall.seconds}s at {stall.nbytes}" if stall else None)
+        # Recorded (and bytes counted) before they reach the client, so a test that has its
+        # answer always sees them.
+        self._record(request, kind, upstream.status, fault)
+        await response.prepare(request)
+        if request.method == "HEAD":
+            await response.write_eof()
+            return response
+        written = 0
+        try:
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                if cut is not None and written + len(chunk) > cut.nbytes:
+                    await self._send(response, chunk[: cut.nbytes - written], is_blob_body)
+                    # close(), unlike abort(), flushes what was written before closing.
+                    self._drop_client(request, flush=True)
+                    return response
+                if stall is not None and written + len(chunk) > stall.nbytes:
+                    piece, chunk = chunk[: stall.nbytes - written], chunk[stall.nbytes - written:]
+                    await self._send(response, piece, is_blob_body)
+                    written += len(piece)
+                    await asyncio.sleep(stall.seconds)
+                    stall = None
+                await self._throttle("down", len(chunk))
+                await self._send(response, chunk, is_blob_body)
+                written += len(chunk)
+            await response.write_eof()
+        except (ConnectionError, aiohttp.ClientError):
+            # The client went away (or the upstream did): nothing left to deliver.
+            self._drop_client(request)
+        return response
+
+    async def _send(self, response: web.StreamResponse, data: bytes, count: bool) -> None:
+        if count:
+            self._add(downloaded=len(data))
+        await response.write(data)
+
+    @staticmethod
+    def _drop_client(request: web.Request, flush: bool = False) -> None:
+        transport = request.transport
+        if transport is None:
+            return
+        if flush:
+            transport.close()
+        else:
+            transport.abort()
