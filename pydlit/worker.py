@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import uuid
 from typing import Any
 
@@ -131,18 +132,22 @@ class Worker:
     async def _run(self, job: ClaimedJob) -> None:
         log.info("job %s: started (attempt %d)", job.id, job.attempt)
         events = JobEvents(self.store, job.id, self.owner, await self.store.uploads(job.id))
-        copy = self._build(job, events)
         beat = asyncio.create_task(self._heartbeat(job.id, events, asyncio.current_task()))
+        n_targets = len(job.request["targets"])
         try:
+            try:
+                copy = self._build(job, events)
+            except (ValueError, ssl.SSLError) as exc:
+                raise SourceError(f"the request cannot be run: {exc}") from None
             await copy.run()
             await events.flush()
             failed = [i for i, s in events.states.items() if s == "FAILED"]
             state = "FAILED" if failed else "FINISHED"
-            error = f"{len(failed)} of {len(copy.targets)} target(s) failed" if failed else None
+            error = f"{len(failed)} of {n_targets} target(s) failed" if failed else None
             await self.store.finish(job.id, self.owner, state, error)
             log.info("job %s: %s%s", job.id, state, f" ({error})" if error else "")
         except SourceError as exc:
-            await self._fail_job(job.id, events, copy, str(exc))
+            await self._fail_job(job.id, events, n_targets, str(exc))
         except Stopped:
             await events.flush()
             await self.store.release(job.id, self.owner)
@@ -156,14 +161,14 @@ class Worker:
         except Exception as exc:  # a bug must fail one job, never the worker
             log.exception("job %s: internal error", job.id)
             with contextlib.suppress(Exception):
-                await self._fail_job(job.id, events, copy, f"internal error: {type(exc).__name__}: {exc}")
+                await self._fail_job(job.id, events, n_targets, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             beat.cancel()
 
-    async def _fail_job(self, job_id: str, events: JobEvents, copy: ImageCopy, reason: str) -> None:
-        for t in copy.targets:
-            if events.states.get(t.idx) not in ("FINISHED", "SKIPPED", "FAILED"):
-                await events.target_state(t.idx, "FAILED", "not copied: the job failed before this target finished")
+    async def _fail_job(self, job_id: str, events: JobEvents, n_targets: int, reason: str) -> None:
+        for idx in range(n_targets):
+            if events.states.get(idx) not in ("FINISHED", "SKIPPED", "FAILED"):
+                await events.target_state(idx, "FAILED", "not copied: the job failed before this target finished")
         await self.store.finish(job_id, self.owner, "FAILED", reason)
         log.warning("job %s: FAILED (%s)", job_id, reason)
 

@@ -68,7 +68,8 @@ def split_endpoint(endpoint: str) -> tuple[str, str]:
     if path.endswith("/v2"):
         path = path[: -len("/v2")]
     base = str(url.with_path(path or "/").with_query(None).with_fragment(None)).rstrip("/")
-    return base, url.host if url.explicit_port is None else f"{url.host}:{url.port}"
+    host = f"[{url.host}]" if url.host and ":" in url.host else str(url.host)
+    return base, host if url.explicit_port is None else f"{host}:{url.port}"
 
 
 def ssl_for(verify_tls: bool, ca_cert: str | None) -> ssl.SSLContext | bool:
@@ -76,7 +77,10 @@ def ssl_for(verify_tls: bool, ca_cert: str | None) -> ssl.SSLContext | bool:
         return False
     ctx = ssl.create_default_context()
     if ca_cert:
-        ctx.load_verify_locations(cadata=ca_cert)
+        try:
+            ctx.load_verify_locations(cadata=ca_cert)
+        except (ssl.SSLError, ValueError):
+            raise ValueError("ca_cert is not a PEM certificate that can be loaded") from None
     return ctx
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -19,6 +20,7 @@ SCHEMA1_TYPES = frozenset({DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED})
 # schema1: ask for every type we copy.
 ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
 
 
 class ManifestError(ValueError):
@@ -109,6 +111,13 @@ def _media_type(doc: dict, content_type: str) -> str:
 
 
 def _descriptor(d: object, where: str) -> Blob:
-    if not isinstance(d, dict) or not isinstance(d.get("digest"), str) or not isinstance(d.get("size"), int):
+    # Digests end up in request paths: anything but the spec's grammar could point elsewhere.
+    if (
+        not isinstance(d, dict)
+        or not isinstance(d.get("digest"), str)
+        or not DIGEST.fullmatch(d["digest"])
+        or type(d.get("size")) is not int
+        or d["size"] < 0
+    ):
         raise ManifestError(f"the manifest has a malformed descriptor in {where}")
     return Blob(d["digest"], d["size"], str(d.get("mediaType") or ""), tuple(d.get("urls") or ()))

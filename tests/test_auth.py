@@ -1,0 +1,354 @@
+"""WWW-Authenticate parsing, scope merging and the token flows of Authenticator (faked with aioresponses)."""
+from __future__ import annotations
+
+import base64
+import re
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+from aioresponses import CallbackResult
+from support.mocked import aioresponses
+from multidict import CIMultiDict
+from yarl import URL
+
+from pydlit.registry import auth as auth_mod
+from pydlit.registry.auth import AuthError, Authenticator, Challenge, merge_scopes, parse_challenges
+
+REALM = "http://127.0.0.1:5999/token"
+REALM_RE = re.compile(r"^http://127\.0\.0\.1:5999/token(\?.*)?$")
+SCOPE = "repository:team/app:pull"
+
+
+
+
+# -- parse_challenges ------------------------------------------------------------------------------
+
+
+def test_basic_challenge() -> None:
+    assert parse_challenges(['Basic realm="Registry Realm"']) == [Challenge("basic", {"realm": "Registry Realm"})]
+
+
+def test_bearer_challenge_with_quoted_commas_and_escaped_quotes() -> None:
+    value = (
+        'Bearer realm="https://auth.example/token?a=1,b=2",service="registry.example",'
+        'scope="repository:team/app:pull,push repository:other:pull",error="insufficient_scope",'
+        'error_description="say \\"hi\\", then \\\\ go"'
+    )
+    [c] = parse_challenges([value])
+    assert c.scheme == "bearer"
+    assert c.params == {
+        "realm": "https://auth.example/token?a=1,b=2",
+        "service": "registry.example",
+        "scope": "repository:team/app:pull,push repository:other:pull",
+        "error": "insufficient_scope",
+        "error_description": 'say "hi", then \\ go',
+    }
+
+
+def test_unquoted_params_and_spaces_around_separators() -> None:
+    [c] = parse_challenges(['Bearer realm = "http://t/token" , service=reg.local ,error=invalid_token'])
+    assert c.params == {"realm": "http://t/token", "service": "reg.local", "error": "invalid_token"}
+
+
+def test_several_challenges_in_one_value() -> None:
+    found = parse_challenges(['Basic realm="r1", Bearer realm="http://t/token",service="s", Basic realm="r, 2"'])
+    assert [c.scheme for c in found] == ["basic", "bearer", "basic"]
+    assert found[0].params == {"realm": "r1"}
+    assert found[1].params == {"realm": "http://t/token", "service": "s"}
+    assert found[2].params == {"realm": "r, 2"}
+
+
+def test_challenges_across_header_values() -> None:
+    found = parse_challenges(['Basic realm="one"', 'Bearer realm="http://t/token",service="two"'])
+    assert found == [Challenge("basic", {"realm": "one"}), Challenge("bearer", {"realm": "http://t/token", "service": "two"})]
+
+
+@pytest.mark.parametrize("scheme", ["BEARER", "bearer", "BeArEr"])
+def test_scheme_is_case_insensitive(scheme: str) -> None:
+    [c] = parse_challenges([f'{scheme} Realm="http://t/token",SERVICE="s"'])
+    assert c.scheme == "bearer"
+    assert c.params == {"realm": "http://t/token", "service": "s"}
+
+
+def test_no_header_no_challenge() -> None:
+    assert parse_challenges([]) == []
+    assert parse_challenges([""]) == []
+
+
+# -- merge_scopes ----------------------------------------------------------------------------------
+
+
+def test_merge_scopes_unites_actions_per_repository() -> None:
+    merged = merge_scopes(["repository:dst:push", "repository:dst:pull repository:src:pull", "repository:dst:pull"])
+    assert merged == "repository:dst:pull,push repository:src:pull"
+
+
+def test_merge_scopes_splits_host_port_names_from_the_right() -> None:
+    merged = merge_scopes(["repository:127.0.0.1:5000/team/app:pull", "repository:127.0.0.1:5000/team/app:push,pull"])
+    assert merged == "repository:127.0.0.1:5000/team/app:pull,push"
+
+
+def test_merge_scopes_ignores_empty_parts() -> None:
+    assert merge_scopes(["repository:a:pull", ""]) == "repository:a:pull"
+    assert merge_scopes(["repository:a:pull,,push"]) == "repository:a:pull,push"
+
+
+# -- the Bearer flow -------------------------------------------------------------------------------
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake_time(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
+    """auth.py's own view of time.monotonic (the event loop keeps the real clock)."""
+    t = FakeTime()
+    monkeypatch.setattr(auth_mod, "time", SimpleNamespace(monotonic=t.monotonic))
+    return t
+
+
+def bearer(auth: dict | None = None, **params: str) -> Authenticator:
+    a = Authenticator(auth)
+    a.challenge = Challenge("bearer", {"realm": REALM, "service": "reg.local", **params})
+    return a
+
+
+class TokenServer:
+    """Answers each token request with the next body, and records what was asked."""
+
+    def __init__(self, *bodies: dict, status: int = 200) -> None:
+        self.bodies = list(bodies)
+        self.status = status
+        self.calls: list[tuple[URL, CIMultiDict]] = []
+
+    def __call__(self, url: URL, **kwargs) -> CallbackResult:
+        self.calls.append((url, CIMultiDict(kwargs.get("headers") or {})))
+        body = self.bodies[min(len(self.calls), len(self.bodies)) - 1]
+        return CallbackResult(status=self.status, payload=body)
+
+
+@pytest.mark.asyncio
+async def test_bearer_token_is_fetched_with_service_scope_and_basic_credentials(fake_time: FakeTime) -> None:
+    server = TokenServer({"token": "t1", "expires_in": 300})
+    a = bearer({"basicauth": {"user": "alice", "password": "pw"}})
+    with aioresponses() as m:
+        m.get(REALM_RE, callback=server, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await a.header_for(s, "repository:dst:pull,push repository:src:pull", False) == "Bearer t1"
+    [(url, headers)] = server.calls
+    assert url.query.get("service") == "reg.local"
+    assert url.query.getall("scope") == ["repository:dst:pull,push", "repository:src:pull"]
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"alice:pw").decode()
+
+
+@pytest.mark.asyncio
+async def test_anonymous_token_request_carries_no_authorization(fake_time: FakeTime) -> None:
+    server = TokenServer({"token": "anon"})
+    with aioresponses() as m:
+        m.get(REALM_RE, callback=server, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await bearer().header_for(s, SCOPE, False) == "Bearer anon"
+    assert "Authorization" not in server.calls[0][1]
+
+
+@pytest.mark.asyncio
+async def test_token_is_cached_per_scope_and_refreshed_before_expiry(fake_time: FakeTime) -> None:
+    server = TokenServer({"token": "t1", "expires_in": 300}, {"token": "t2", "expires_in": 300}, {"token": "t3", "expires_in": 300})
+    a = bearer()
+    with aioresponses() as m:
+        m.get(REALM_RE, callback=server, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await a.header_for(s, SCOPE, False) == "Bearer t1"
+            fake_time.now += 200
+            assert await a.header_for(s, SCOPE, False) == "Bearer t1"  # cached
+            assert len(server.calls) == 1
+            # Another scope is another token.
+            assert await a.header_for(s, "repository:other:pull", False) == "Bearer t2"
+            assert len(server.calls) == 2
+            # 300 s tokens are renewed 30 s before they expire: at 271 s of age, not at 300.
+            fake_time.now += 71
+            assert await a.header_for(s, SCOPE, False) == "Bearer t3"
+            assert len(server.calls) == 3
+
+
+@pytest.mark.asyncio
+async def test_expires_in_defaults_to_60_seconds(fake_time: FakeTime) -> None:
+    server = TokenServer({"token": "t1"}, {"token": "t2"})
+    a = bearer()
+    with aioresponses() as m:
+        m.get(REALM_RE, callback=server, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await a.header_for(s, SCOPE, False) == "Bearer t1"
+            fake_time.now += 29  # a 60 s token is renewed at half its life (30 s)
+            assert await a.header_for(s, SCOPE, False) == "Bearer t1"
+            fake_time.now += 2
+            assert await a.header_for(s, SCOPE, False) == "Bearer t2"
+    assert len(server.calls) == 2
+
+
+@pytest.mark.asyncio
+async def test_access_token_is_preferred_over_token(fake_time: FakeTime) -> None:
+    server = TokenServer({"token": "legacy", "access_token": "oauth2", "expires_in": 120})
+    with aioresponses() as m:
+        m.get(REALM_RE, callback=server, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await bearer().header_for(s, SCOPE, False) == "Bearer oauth2"
+
+
+@pytest.mark.asyncio
+async def test_forget_drops_the_cached_token(fake_time: FakeTime) -> None:
+    server = TokenServer({"token": "t1", "expires_in": 300}, {"token": "t2", "expires_in": 300})
+    a = bearer()
+    with aioresponses() as m:
+        m.get(REALM_RE, callback=server, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await a.header_for(s, SCOPE, False) == "Bearer t1"
+            a.forget(SCOPE)
+            assert await a.header_for(s, SCOPE, False) == "Bearer t2"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "status, body, words",
+    [
+        (401, {"details": "bad"}, "refused the credentials (HTTP 401)"),
+        (500, {}, "answered HTTP 500"),
+        (200, {"nothing": "here"}, "answered no token"),
+        (200, ["not", "a", "dict"], "not a token"),
+    ],
+)
+async def test_token_server_failures_are_auth_errors_without_secrets(fake_time: FakeTime, status: int, body, words: str) -> None:
+    server = TokenServer(body, status=status)
+    a = bearer({"basicauth": {"user": "alice", "password": "s3cr3t-PASSWORD"}})
+    with aioresponses() as m:
+        m.get(REALM_RE, callback=server, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(AuthError) as caught:
+                await a.header_for(s, SCOPE, False)
+    assert words in str(caught.value)
+    assert "127.0.0.1:5999" in str(caught.value)
+    assert "s3cr3t-PASSWORD" not in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_basic_challenge_without_credentials_is_an_auth_error() -> None:
+    a = Authenticator(None)
+    a.challenge = Challenge("basic", {"realm": "r"})
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(AuthError):
+            await a.header_for(s, SCOPE, False)
+    b = Authenticator({"basicauth": {"user": "bob", "password": "pw"}})
+    b.challenge = Challenge("basic", {"realm": "r"})
+    async with aiohttp.ClientSession() as s:
+        assert await b.header_for(s, SCOPE, False) == "Basic " + base64.b64encode(b"bob:pw").decode()
+
+
+@pytest.mark.asyncio
+async def test_no_challenge_means_no_authorization() -> None:
+    async with aiohttp.ClientSession() as s:
+        assert await Authenticator({"basicauth": {"user": "u", "password": "p"}}).header_for(s, SCOPE, False) is None
+
+
+# -- the original pydlit `url` flow ----------------------------------------------------------------
+
+STATIC = "http://127.0.0.1:5998/api/token?project=x"
+STATIC_RE = re.compile(r"^http://127\.0\.0\.1:5998/api/token")
+
+
+class Recorder:
+    def __init__(self, body: str | dict, status: int = 200) -> None:
+        self.body = body
+        self.status = status
+        self.calls: list[tuple[str, dict]] = []
+
+    def __call__(self, url: URL, **kwargs) -> CallbackResult:
+        self.calls.append((str(url), kwargs))
+        if isinstance(self.body, dict):
+            return CallbackResult(status=self.status, payload=self.body)
+        return CallbackResult(status=self.status, body=self.body, content_type="text/plain")
+
+
+@pytest.mark.asyncio
+async def test_url_flow_posts_the_json_payload_with_headers(fake_time: FakeTime) -> None:
+    rec = Recorder({"token": "static-1", "expires_in": 600})
+    a = Authenticator({"url": STATIC, "header": {"X-Api-Key": "k-123"}, "json": {"user": "svc", "scopes": ["pull"]}})
+    assert a.uses_static_token
+    with aioresponses() as m:
+        m.post(STATIC_RE, callback=rec, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await a.header_for(s, SCOPE, False) == "Bearer static-1"
+            assert await a.header_for(s, "repository:other:pull,push", False) == "Bearer static-1"  # one token for all
+    assert len(rec.calls) == 1
+    url, kwargs = rec.calls[0]
+    assert url == STATIC
+    assert kwargs["json"] == {"user": "svc", "scopes": ["pull"]}
+    assert CIMultiDict(kwargs["headers"])["X-Api-Key"] == "k-123"
+
+
+@pytest.mark.asyncio
+async def test_url_flow_gets_without_json_and_sends_basic_credentials(fake_time: FakeTime) -> None:
+    rec = Recorder({"access_token": "static-2"})
+    a = Authenticator({"url": STATIC, "basicauth": {"user": "svc", "password": "pw"}})
+    with aioresponses() as m:
+        m.get(STATIC_RE, callback=rec, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await a.header_for(s, SCOPE, False) == "Bearer static-2"
+    [(_, kwargs)] = rec.calls
+    assert CIMultiDict(kwargs["headers"])["Authorization"] == "Basic " + base64.b64encode(b"svc:pw").decode()
+    assert kwargs.get("json") is None
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("token_type", ["JWT", "jwt", "Jwt"])
+async def test_url_flow_jwt_token_type(fake_time: FakeTime, token_type: str) -> None:
+    rec = Recorder("eyJhbGciOi.bare.token\n")  # some token endpoints answer the bare token
+    a = Authenticator({"url": STATIC, "token_type": token_type})
+    with aioresponses() as m:
+        m.get(STATIC_RE, callback=rec, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await a.header_for(s, SCOPE, False) == "JWT eyJhbGciOi.bare.token"
+
+
+@pytest.mark.asyncio
+async def test_url_flow_token_is_refreshed_before_expiry(fake_time: FakeTime) -> None:
+    tokens = iter(["s1", "s2"])
+
+    def answer(url: URL, **kwargs) -> CallbackResult:
+        return CallbackResult(payload={"token": next(tokens), "expires_in": 100})
+
+    a = Authenticator({"url": STATIC})
+    with aioresponses() as m:
+        m.get(STATIC_RE, callback=answer, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await a.header_for(s, SCOPE, False) == "Bearer s1"
+            fake_time.now += 69  # renewed at 70 s of a 100 s life
+            assert await a.header_for(s, SCOPE, False) == "Bearer s1"
+            fake_time.now += 2
+            assert await a.header_for(s, SCOPE, False) == "Bearer s2"
+
+
+@pytest.mark.asyncio
+async def test_url_flow_failure_names_the_host_only(fake_time: FakeTime) -> None:
+    a = Authenticator({"url": "http://127.0.0.1:5998/api/token?key=QUERY-SECRET", "header": {"X-Api-Key": "HDR-SECRET"}})
+    with aioresponses() as m:
+        m.get(STATIC_RE, status=403, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(AuthError) as caught:
+                await a.header_for(s, SCOPE, False)
+    msg = str(caught.value)
+    assert "127.0.0.1:5998" in msg and "HTTP 403" in msg
+    assert "QUERY-SECRET" not in msg and "HDR-SECRET" not in msg
+
+
+def test_drop_static_switches_to_the_challenge_flow() -> None:
+    a = Authenticator({"url": STATIC})
+    assert a.uses_static_token
+    a.drop_static()
+    assert not a.uses_static_token
+

@@ -1,0 +1,410 @@
+"""RegistryClient error paths a real registry cannot easily be made to produce (faked with aioresponses),
+and the client's small pure helpers."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import json
+import re
+import time
+
+import aiohttp
+import pytest
+from aioresponses import CallbackResult
+from support.mocked import aioresponses
+from multidict import CIMultiDict
+from yarl import URL
+
+from pydlit.registry import client as client_mod
+from pydlit.registry.client import RegistryClient, RegistryError, RetryPolicy, parse_retry_after, split_endpoint, with_query
+from pydlit.registry.manifests import DOCKER_MANIFEST
+
+
+
+
+BASE = "http://127.0.0.1:5000"
+PING = f"{BASE}/v2/"
+MANIFEST_URL = f"{BASE}/v2/team/app/manifests/v1"
+REALM = "http://127.0.0.1:5999/token"
+REALM_RE = re.compile(r"^http://127\.0\.0\.1:5999/token(\?.*)?$")
+DIGEST = "sha256:" + "a" * 64
+PASSWORD = "s3cr3t-PASSWORD"
+MANIFEST = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": "sha256:" + "c" * 64, "size": 10},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": DIGEST, "size": 20}],
+    }
+).encode()
+POLICY = RetryPolicy(attempts=4, base_delay=0.001, max_delay=30.0, max_total=300.0)
+
+
+def errors_body(code: str, message: str) -> str:
+    return json.dumps({"errors": [{"code": code, "message": message, "detail": None}]})
+
+
+class _AsyncioWithFakeSleep:
+    """client.py's view of asyncio: everything real except sleep, which only records the delay."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+
+    async def sleep(self, delay: float, *args) -> None:
+        self.sleeps.append(delay)
+
+    def __getattr__(self, name: str):
+        return getattr(asyncio, name)
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    fake = _AsyncioWithFakeSleep()
+    monkeypatch.setattr(client_mod, "asyncio", fake)
+    return fake.sleeps
+
+
+def calls(m: aioresponses, method: str, url: str) -> list:
+    """Recorded requests to one URL (query included), in order."""
+    want = URL(url)
+    return [c for (meth, u), cs in m.requests.items() if meth == method and u == want for c in cs]
+
+
+def sent_headers(call) -> CIMultiDict:
+    return CIMultiDict(call.kwargs.get("headers") or {})
+
+
+def make_client(session: aiohttp.ClientSession, auth: dict | None = None, policy: RetryPolicy = POLICY) -> RegistryClient:
+    return RegistryClient(session, f"{BASE}/v2/", auth=auth, policy=policy)
+
+
+# -- retries ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_429_retry_after_seconds_is_honoured(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(MANIFEST_URL, status=429, body=errors_body("TOOMANYREQUESTS", "slow down"), headers={"Retry-After": "7"})
+        m.get(MANIFEST_URL, status=200, body=MANIFEST, content_type=DOCKER_MANIFEST)
+        async with aiohttp.ClientSession() as s:
+            manifest = await make_client(s).get_manifest("team/app", "v1")
+        assert len(calls(m, "GET", MANIFEST_URL)) == 2
+    assert manifest.media_type == DOCKER_MANIFEST
+    assert sleeps == [7.0]
+
+
+@pytest.mark.asyncio
+async def test_429_retry_after_http_date_is_honoured(sleeps: list[float]) -> None:
+    when = email.utils.formatdate(time.time() + 12, usegmt=True)
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(MANIFEST_URL, status=429, headers={"Retry-After": when})
+        m.get(MANIFEST_URL, status=200, body=MANIFEST, content_type=DOCKER_MANIFEST)
+        async with aiohttp.ClientSession() as s:
+            await make_client(s).get_manifest("team/app", "v1")
+        assert len(calls(m, "GET", MANIFEST_URL)) == 2
+    [delay] = sleeps
+    assert 9.5 <= delay <= 12.5  # the date has whole-second resolution
+
+
+@pytest.mark.asyncio
+async def test_503_burst_is_retried_then_succeeds(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(MANIFEST_URL, status=503, body="upstream busy", content_type="text/plain")
+        m.get(MANIFEST_URL, status=503, body=errors_body("UNAVAILABLE", "busy"))
+        m.get(MANIFEST_URL, status=200, body=MANIFEST, content_type=DOCKER_MANIFEST)
+        async with aiohttp.ClientSession() as s:
+            manifest = await make_client(s).get_manifest("team/app", "v1")
+        assert len(calls(m, "GET", MANIFEST_URL)) == 3
+    assert [b.digest for b in manifest.blobs][-1] == DIGEST
+    assert len(sleeps) == 2 and all(0 <= d <= POLICY.max_delay for d in sleeps)
+
+
+@pytest.mark.asyncio
+async def test_connection_drop_is_retried(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(MANIFEST_URL, exception=aiohttp.ServerDisconnectedError())
+        m.get(MANIFEST_URL, status=200, body=MANIFEST, content_type=DOCKER_MANIFEST)
+        async with aiohttp.ClientSession() as s:
+            await make_client(s).get_manifest("team/app", "v1")
+        assert len(calls(m, "GET", MANIFEST_URL)) == 2
+    assert len(sleeps) == 1
+
+
+@pytest.mark.asyncio
+async def test_constant_503_gives_up_after_the_policy_attempts(sleeps: list[float]) -> None:
+    n = 0
+
+    def busy(url, **kwargs) -> CallbackResult:
+        nonlocal n
+        n += 1
+        return CallbackResult(status=503, body=errors_body("UNAVAILABLE", f"overloaded #{n}"))
+
+    policy = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01, max_total=60)
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(MANIFEST_URL, callback=busy, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError) as caught:
+                await make_client(s, policy=policy).get_manifest("team/app", "v1")
+        assert len(calls(m, "GET", MANIFEST_URL)) == 3
+    assert len(sleeps) == 2
+    err = caught.value
+    assert err.status == 503 and err.transient
+    text = str(err)
+    assert "overloaded #3" in text  # the last reason, not the first
+    assert "127.0.0.1:5000" in text and "HTTP 503" in text and "UNAVAILABLE" in text
+
+
+@pytest.mark.asyncio
+async def test_403_denied_is_not_retried(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(MANIFEST_URL, status=403, body=errors_body("DENIED", "requested access to the resource is denied"), repeat=True)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError) as caught:
+                await make_client(s).get_manifest("team/app", "v1")
+        assert len(calls(m, "GET", MANIFEST_URL)) == 1
+    assert sleeps == []
+    assert caught.value.status == 403 and caught.value.code == "DENIED" and not caught.value.transient
+
+
+@pytest.mark.asyncio
+async def test_400_is_not_retried(sleeps: list[float]) -> None:
+    from pydlit.registry.manifests import parse_manifest
+
+    url = f"{BASE}/v2/team/app/manifests/v2"
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.put(url, status=400, body=errors_body("MANIFEST_BLOB_UNKNOWN", "blob unknown to registry"), repeat=True)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError) as caught:
+                await make_client(s).put_manifest("team/app", "v2", parse_manifest(MANIFEST, DOCKER_MANIFEST))
+        puts = calls(m, "PUT", url)
+    assert len(puts) == 1
+    assert sent_headers(puts[0])["Content-Type"] == DOCKER_MANIFEST
+    assert puts[0].kwargs["data"] == MANIFEST  # the bytes as pulled
+    assert sleeps == []
+    text = str(caught.value)
+    assert "push manifest team/app:v2" in text and "HTTP 400" in text and "MANIFEST_BLOB_UNKNOWN" in text
+
+
+# -- auth ------------------------------------------------------------------------------------------
+
+BEARER_CHALLENGE = f'Bearer realm="{REALM}",service="reg.local"'
+
+
+class Tokens:
+    def __init__(self, *values: str) -> None:
+        self.values = list(values)
+        self.calls: list[URL] = []
+
+    def __call__(self, url, **kwargs) -> CallbackResult:
+        self.calls.append(url)
+        return CallbackResult(payload={"token": self.values[min(len(self.calls), len(self.values)) - 1], "expires_in": 300})
+
+
+@pytest.mark.asyncio
+async def test_401_invalid_token_refreshes_the_token_once_and_retries(sleeps: list[float]) -> None:
+    tokens = Tokens("tok-1", "tok-2")
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": BEARER_CHALLENGE}, repeat=True)
+        m.get(REALM_RE, callback=tokens, repeat=True)
+        m.get(MANIFEST_URL, status=401, body=errors_body("UNAUTHORIZED", "authentication required"),
+              headers={"WWW-Authenticate": BEARER_CHALLENGE + ',scope="repository:team/app:pull",error="invalid_token"'})
+        m.get(MANIFEST_URL, status=200, body=MANIFEST, content_type=DOCKER_MANIFEST)
+        async with aiohttp.ClientSession() as s:
+            await make_client(s).get_manifest("team/app", "v1")
+        gets = calls(m, "GET", MANIFEST_URL)
+    assert [sent_headers(c)["Authorization"] for c in gets] == ["Bearer tok-1", "Bearer tok-2"]
+    assert len(tokens.calls) == 2
+    assert tokens.calls[1].query.getall("scope") == ["repository:team/app:pull"]
+    assert sleeps == []  # an auth renewal is not a backoff
+
+
+@pytest.mark.asyncio
+async def test_401_invalid_token_forever_is_bounded_and_reported(sleeps: list[float]) -> None:
+    tokens = Tokens("tok-SECRET-1", "tok-SECRET-2", "tok-SECRET-3", "tok-SECRET-4")
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": BEARER_CHALLENGE}, repeat=True)
+        m.get(REALM_RE, callback=tokens, repeat=True)
+        m.get(MANIFEST_URL, status=401, repeat=True,
+              headers={"WWW-Authenticate": BEARER_CHALLENGE + ',error="invalid_token"'})
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError) as caught:
+                await make_client(s, auth={"basicauth": {"user": "alice", "password": PASSWORD}}).get_manifest("team/app", "v1")
+        gets = calls(m, "GET", MANIFEST_URL)
+    assert 2 <= len(gets) <= 3
+    assert caught.value.status == 401 and not caught.value.transient
+    assert sleeps == []
+    assert "tok-SECRET" not in str(caught.value) and PASSWORD not in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_basic_credentials_refused_are_reported_without_the_password(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": 'Basic realm="Registry"'}, repeat=True)
+        m.get(MANIFEST_URL, status=401, headers={"WWW-Authenticate": 'Basic realm="Registry"'}, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError) as caught:
+                await make_client(s, auth={"basicauth": {"user": "alice", "password": PASSWORD}}).get_manifest("team/app", "v1")
+        gets = calls(m, "GET", MANIFEST_URL)
+    assert len(gets) == 1
+    assert sent_headers(gets[0])["Authorization"] == "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    text = str(caught.value)
+    assert "127.0.0.1:5000" in text and "read manifest team/app:v1" in text and "HTTP 401" in text
+    assert PASSWORD not in text and base64.b64encode(f"alice:{PASSWORD}".encode()).decode() not in text
+
+
+@pytest.mark.asyncio
+async def test_error_text_names_host_step_status_and_code_but_no_secret(sleeps: list[float]) -> None:
+    tokens = Tokens("tok-SECRET-123")
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": BEARER_CHALLENGE}, repeat=True)
+        m.get(REALM_RE, callback=tokens, repeat=True)
+        m.get(MANIFEST_URL, status=403, body=errors_body("DENIED", "requested access to the resource is denied"))
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError) as caught:
+                await make_client(s, auth={"basicauth": {"user": "alice", "password": PASSWORD}}).get_manifest("team/app", "v1")
+        gets = calls(m, "GET", MANIFEST_URL)
+    assert sent_headers(gets[0])["Authorization"] == "Bearer tok-SECRET-123"
+    err = caught.value
+    text = str(err)
+    for part in ("127.0.0.1:5000", "read manifest team/app:v1", "HTTP 403", "DENIED", "requested access to the resource is denied"):
+        assert part in text, (part, text)
+    for secret in (PASSWORD, "tok-SECRET-123", base64.b64encode(f"alice:{PASSWORD}".encode()).decode()):
+        assert secret not in text and secret not in repr(err.args)
+
+
+@pytest.mark.asyncio
+async def test_token_server_refusal_is_a_401_registry_error_without_secret(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": BEARER_CHALLENGE}, repeat=True)
+        m.get(REALM_RE, status=401, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError) as caught:
+                await make_client(s, auth={"basicauth": {"user": "alice", "password": PASSWORD}}).get_manifest("team/app", "v1")
+        assert calls(m, "GET", MANIFEST_URL) == []  # no request went out without a token
+    text = str(caught.value)
+    assert caught.value.status == 401
+    assert "127.0.0.1:5000" in text and "127.0.0.1:5999" in text and "refused the credentials" in text
+    assert PASSWORD not in text
+
+
+# -- redirects -------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_blob_redirect_to_another_host_does_not_carry_authorization(sleeps: list[float]) -> None:
+    blob_url = f"{BASE}/v2/team/app/blobs/{DIGEST}"
+    storage = "http://127.0.0.2:9000/bucket/blob-a?X-Signature=abc%2Fdef"
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": 'Basic realm="Registry"'}, repeat=True)
+        m.get(blob_url, status=307, headers={"Location": storage})
+        m.get(storage, status=206, body=b"tail-bytes", content_type="application/octet-stream")
+        async with aiohttp.ClientSession() as s:
+            resp, offset = await make_client(s, auth={"basicauth": {"user": "alice", "password": PASSWORD}}).open_blob("team/app", DIGEST, offset=5)
+            async with resp:
+                assert await resp.read() == b"tail-bytes"
+        [first] = calls(m, "GET", blob_url)
+        [second] = [c for (meth, u), cs in m.requests.items() if u.host == "127.0.0.2" for c in cs]
+    assert offset == 5
+    assert sent_headers(first)["Authorization"].startswith("Basic ")
+    assert "Authorization" not in sent_headers(second)
+    assert sent_headers(second)["Range"] == "bytes=5-"  # the rest of the request is kept
+
+
+@pytest.mark.asyncio
+async def test_redirect_within_the_registry_keeps_authorization(sleeps: list[float]) -> None:
+    blob_url = f"{BASE}/v2/team/app/blobs/{DIGEST}"
+    moved = f"{BASE}/v2/team/app/blobs/elsewhere"
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": 'Basic realm="Registry"'}, repeat=True)
+        m.get(blob_url, status=302, headers={"Location": "/v2/team/app/blobs/elsewhere"})
+        m.get(moved, status=200, body=b"data", content_type="application/octet-stream")
+        async with aiohttp.ClientSession() as s:
+            resp, offset = await make_client(s, auth={"basicauth": {"user": "alice", "password": "pw"}}).open_blob("team/app", DIGEST)
+            resp.release()
+        [second] = calls(m, "GET", moved)
+    assert offset == 0
+    assert sent_headers(second)["Authorization"].startswith("Basic ")
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "endpoint, base, name",
+    [
+        ("http://127.0.0.1:5000/v2/", "http://127.0.0.1:5000", "127.0.0.1:5000"),
+        ("http://127.0.0.1:5000/v2", "http://127.0.0.1:5000", "127.0.0.1:5000"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000", "127.0.0.1:5000"),
+        ("http://127.0.0.1:5000/", "http://127.0.0.1:5000", "127.0.0.1:5000"),
+        ("https://registry.example/mirror/v2/", "https://registry.example/mirror", "registry.example"),
+        ("https://registry.example/mirror", "https://registry.example/mirror", "registry.example"),
+        ("  https://Registry.Example:8443  ", "https://registry.example:8443", "registry.example:8443"),
+    ],
+)
+def test_split_endpoint(endpoint: str, base: str, name: str) -> None:
+    assert split_endpoint(endpoint) == (base, name)
+
+
+def test_split_endpoint_brackets_an_ipv6_host_in_the_name() -> None:
+    base, name = split_endpoint("http://[::1]:5000/v2/")
+    assert base == "http://[::1]:5000"
+    assert name == "[::1]:5000"
+
+
+def test_with_query_keeps_a_signed_state_untouched() -> None:
+    state = "AbC%2Bd%2Fe%3D%3D.x_y-z"
+    location = f"http://127.0.0.1:5000/v2/team/app/blobs/uploads/5f1d?_state={state}"
+    url = with_query(location, digest=DIGEST)
+    assert str(url) == f"{location}&digest={DIGEST}"
+    assert url.raw_query_string == f"_state={state}&digest={DIGEST}"
+    assert url.query["digest"] == DIGEST
+
+
+def test_with_query_on_a_location_without_query() -> None:
+    url = with_query("http://127.0.0.1:5000/v2/team/app/blobs/uploads/5f1d", digest=DIGEST)
+    assert str(url) == f"http://127.0.0.1:5000/v2/team/app/blobs/uploads/5f1d?digest={DIGEST}"
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("") is None
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(" 120 ") == 120.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("-3") is None
+    assert parse_retry_after(email.utils.formatdate(time.time() - 3600, usegmt=True)) == 0.0  # already past
+    ahead = parse_retry_after(email.utils.formatdate(time.time() + 30, usegmt=True))
+    assert ahead is not None and 28.5 <= ahead <= 30.5
+
+
+def test_retry_policy_uses_retry_after_up_to_max_delay() -> None:
+    policy = RetryPolicy(attempts=5, base_delay=1.0, max_delay=10.0)
+    assert policy.delay(1, 4.0) == 4.0
+    assert policy.delay(1, 99.0) == 10.0
+    for attempt in range(1, 8):
+        assert 0 <= policy.delay(attempt, None) <= min(10.0, 2**attempt)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "endpoint, image, repo",
+    [
+        ("https://registry-1.docker.io", "alpine", "library/alpine"),
+        ("https://index.docker.io/v2/", "alpine", "library/alpine"),
+        ("https://docker.io", "busybox", "library/busybox"),
+        ("https://registry-1.docker.io", "bitnami/redis", "bitnami/redis"),
+        ("http://127.0.0.1:5000", "alpine", "alpine"),
+        ("https://ghcr.io", "alpine", "alpine"),
+    ],
+)
+async def test_docker_hub_library_normalisation(endpoint: str, image: str, repo: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        assert RegistryClient(s, endpoint).repository(image) == repo
