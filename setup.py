@@ -11,6 +11,7 @@ setup(
         "aiohttp>=3.9",
         "aiosqlite>=0.19",
         "jsonschema>=4.18",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": [

@@ -1,6 +1,7 @@
 """The HTTP API: thin handlers that validate, talk to the store, and answer JSON."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -8,12 +9,16 @@ from typing import Any
 from aiohttp import web
 
 from .keys import STORE, WORKER
+from .metrics import render
 from .schema import RequestError, validate_request
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 REDACTED = "<redacted>"
+JOB_STATES = ("QUEUED", "RUNNING", "FINISHED", "FAILED")
+MAX_PAGE = 500
+CANCEL_WAIT_STEPS = 50  # 0.1 s each
 
 
 class ApiError(Exception):
@@ -52,6 +57,51 @@ async def job_status(request: web.Request) -> web.Response:
     if view is None:
         raise ApiError(404, f"no job with id {request.match_info['job_id'][:64]!r}")
     return web.json_response(view)
+
+
+@routes.get("/api/distribute/image")
+async def job_list(request: web.Request) -> web.Response:
+    state = request.query.get("state") or None
+    if state is not None and state not in JOB_STATES:
+        raise ApiError(400, f"state must be one of {', '.join(JOB_STATES)}")
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        raise ApiError(400, "limit must be a whole number") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise ApiError(400, f"limit must be between 1 and {MAX_PAGE}")
+    cursor = request.query.get("cursor") or None
+    if cursor is not None and (len(cursor) > 200 or "|" not in cursor):
+        raise ApiError(400, "cursor is not one this service handed out")
+    jobs, next_cursor = await request.app[STORE].list_jobs(state, limit, cursor)
+    return web.json_response({"jobs": jobs, "next": next_cursor})
+
+
+@routes.delete("/api/distribute/image/{job_id}")
+async def job_cancel(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    was = await request.app[STORE].request_cancel(job_id)
+    if was is None:
+        raise ApiError(404, f"no job with id {job_id[:64]!r}")
+    if was in ("FINISHED", "FAILED"):
+        raise ApiError(409, f"the job already ended ({was}); there is nothing to cancel")
+    if was == "RUNNING":
+        request.app[WORKER].cancel(job_id)
+        # The worker ends the job once its uploads are cancelled at the registries; a short
+        # bounded wait lets the answer show that end state in the common case.
+        for _ in range(CANCEL_WAIT_STEPS):
+            view = await request.app[STORE].job_view(job_id)
+            if view is not None and view["value"] != "RUNNING":
+                break
+            await asyncio.sleep(0.1)
+    log.info("job %s: cancel requested (was %s)", job_id, was)
+    return web.json_response(await request.app[STORE].job_view(job_id))
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = render(await request.app[STORE].count_by_state())
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
 @routes.get("/healthz")

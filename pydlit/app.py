@@ -2,6 +2,7 @@
 resources (DB, HTTP session, worker) in cleanup_ctx, torn down in reverse."""
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,7 +35,8 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     try:
         return await handler(request)
     except ApiError as exc:
-        return web.json_response({"status": "error", "msg": exc.msg}, status=exc.status)
+        headers = {"WWW-Authenticate": 'Bearer realm="pydlit"'} if exc.status == 401 else None
+        return web.json_response({"status": "error", "msg": exc.msg}, status=exc.status, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -46,8 +48,29 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         return web.json_response({"status": "error", "msg": "internal error"}, status=500)
 
 
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+def token_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """With PYDLIT_API_TOKEN set, every call but the health check needs `Bearer <token>`."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise ApiError(401, "missing or wrong API token: send Authorization: Bearer <PYDLIT_API_TOKEN>")
+        return await handler(request)
+
+    return check
+
+
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    middlewares = [error_middleware]
+    if settings.api_token:
+        middlewares.append(token_middleware(settings.api_token))
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app.add_routes(routes)
     app.cleanup_ctx.extend([_store_ctx, _session_ctx, _worker_ctx])

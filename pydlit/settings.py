@@ -25,6 +25,8 @@ class Settings:
     retry: RetryPolicy = RetryPolicy()
     tuning: Tuning = Tuning()
     log_level: str = "INFO"
+    retention_days: float = 30.0
+    api_token: str | None = None
 
 
 def _float(env: dict[str, str], name: str, default: float) -> float:
@@ -65,4 +67,6 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         retry=retry,
         tuning=tuning,
         log_level=(env.get("PYDLIT_LOG_LEVEL") or base.log_level).upper(),
+        retention_days=_float(env, "PYDLIT_RETENTION_DAYS", base.retention_days),
+        api_token=env.get("PYDLIT_API_TOKEN") or None,
     )

@@ -42,6 +42,7 @@ class ClaimedJob:
     request: dict[str, Any]
     secrets: dict[str, Any]
     attempt: int
+    cancel_requested: bool = False
 
 
 class Store:
@@ -106,7 +107,7 @@ class Store:
                 """UPDATE jobs SET state = 'RUNNING', attempt = attempt + 1, lease_owner = ?,
                           lease_expires = ?, started_at = coalesce(started_at, ?)
                    WHERE id = (SELECT id FROM jobs WHERE state = 'QUEUED' ORDER BY created_at LIMIT 1)
-                   RETURNING id, request, attempt""",
+                   RETURNING id, request, attempt, cancel_requested""",
                 (owner, iso(now + timedelta(seconds=lease_s)), iso(now)),
             )
             row = await cur.fetchone()
@@ -116,13 +117,20 @@ class Store:
             async with self._db.execute("SELECT secrets FROM job_secrets WHERE job_id = ?", (row["id"],)) as c:
                 srow = await c.fetchone()
         secrets = json.loads(srow["secrets"]) if srow else {}
-        return ClaimedJob(row["id"], json.loads(row["request"]), secrets, row["attempt"])
+        return ClaimedJob(row["id"], json.loads(row["request"]), secrets, row["attempt"], bool(row["cancel_requested"]))
 
-    async def renew(self, job_id: str, owner: str, lease_s: float) -> None:
-        await self._fenced(
-            "UPDATE jobs SET lease_expires = ? WHERE id = ? AND state = 'RUNNING' AND lease_owner = ?",
+    async def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """Extend the lease; True when someone has asked for the job to be cancelled."""
+        cur = await self._db.execute(
+            "UPDATE jobs SET lease_expires = ? WHERE id = ? AND state = 'RUNNING' AND lease_owner = ? "
+            "RETURNING cancel_requested",
             (iso(self._clock() + timedelta(seconds=lease_s)), job_id, owner),
         )
+        row = await cur.fetchone()
+        await cur.close()
+        if row is None:
+            raise LeaseLost(job_id)
+        return bool(row[0])
 
     async def release(self, job_id: str, owner: str) -> None:
         """Hand a running job back to the queue (a graceful stop); its checkpoints stay."""
@@ -198,10 +206,6 @@ class Store:
         async with self._db.execute("SELECT target_idx, digest, location, offset FROM uploads WHERE job_id = ?", (job_id,)) as cur:
             return {(r["target_idx"], r["digest"]): (r["location"], r["offset"]) for r in await cur.fetchall()}
 
-    async def target_rows(self, job_id: str) -> list[sqlite3.Row]:
-        async with self._db.execute("SELECT * FROM job_targets WHERE job_id = ? ORDER BY idx", (job_id,)) as cur:
-            return list(await cur.fetchall())
-
     # -- where blobs are, for cross-repository mounts ---------------------------------------------
 
     async def mount_sources(self, registry: str, digest: str, limit: int = 5) -> list[str]:
@@ -218,43 +222,83 @@ class Store:
             (registry, repository, digest, self._now()),
         )
 
+    async def request_cancel(self, job_id: str) -> str | None:
+        """Cancel a job: a QUEUED one ends here and now; a RUNNING one is flagged for its worker.
+        Returns the state the job was in, or None when there is no such job."""
+        async with self._tx:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                async with self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)) as cur:
+                    row = await cur.fetchone()
+                if row is not None and row["state"] == "QUEUED":
+                    now = self._now()
+                    await self._db.execute(
+                        "UPDATE jobs SET state = 'FAILED', error = 'cancelled', finished_at = ?, cancel_requested = 1 WHERE id = ?",
+                        (now, job_id),
+                    )
+                    await self._db.execute(
+                        "UPDATE job_targets SET state = 'FAILED', error = 'cancelled', updated_at = ? "
+                        "WHERE job_id = ? AND state IN ('PENDING', 'RUNNING')",
+                        (now, job_id),
+                    )
+                    await self._db.execute("DELETE FROM job_secrets WHERE job_id = ?", (job_id,))
+                    await self._db.execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
+                elif row is not None and row["state"] == "RUNNING":
+                    await self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+        return None if row is None else row["state"]
+
+    async def prune(self, older_than: timedelta) -> int:
+        """Delete ended jobs (with their targets) and blob sightings older than `older_than`."""
+        cutoff = iso(self._clock() - older_than)
+        cur = await self._db.execute("DELETE FROM jobs WHERE state IN ('FINISHED', 'FAILED') AND finished_at < ?", (cutoff,))
+        await self._db.execute("DELETE FROM known_blobs WHERE seen_at < ?", (cutoff,))
+        return cur.rowcount
+
+    async def count_by_state(self) -> dict[str, int]:
+        async with self._db.execute("SELECT state, count(*) AS n FROM jobs GROUP BY state") as cur:
+            return {r["state"]: r["n"] for r in await cur.fetchall()}
+
     # -- views ------------------------------------------------------------------------------------
 
     async def job_view(self, job_id: str) -> dict[str, Any] | None:
         """The API's status document for one job (never any credential)."""
         async with self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cur:
             job = await cur.fetchone()
-        if job is None:
-            return None
-        targets = await self.target_rows(job_id)
-        done = sum(t["bytes_done"] for t in targets)
-        total = sum(t["bytes_total"] or 0 for t in targets)
-        return {
-            "id": job["id"],
-            "value": job["state"],
-            "created_at": job["created_at"],
-            "started_at": job["started_at"],
-            "finished_at": job["finished_at"],
-            "finished_endpoints": [t["endpoint"] for t in targets if t["state"] == "FINISHED"],
-            "skipped_clusters": [t["endpoint"] for t in targets if t["state"] == "SKIPPED"],
-            "error": job["error"],
-            "attempt": job["attempt"],
-            "source": job["source"],
-            "bytes_done": done,
-            "bytes_total": total,
-            "targets": [
-                {
-                    "endpoint": t["endpoint"],
-                    "image": t["image"],
-                    "ref": t["ref"],
-                    "state": t["state"],
-                    "error": t["error"],
-                    "bytes_done": t["bytes_done"],
-                    "bytes_total": t["bytes_total"],
-                }
-                for t in targets
-            ],
-        }
+        return None if job is None else (await self._views([job]))[0]
+
+    async def list_jobs(self, state: str | None, limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of jobs, newest first; the cursor (the last job's created_at and id) pages on."""
+        where, params = [], []
+        if state:
+            where.append("state = ?")
+            params.append(state)
+        if cursor:
+            created, _, job_id = cursor.partition("|")
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params += [created, created, job_id]
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        async with self._db.execute(sql, (*params, limit + 1)) as cur:
+            rows = list(await cur.fetchall())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = f"{rows[-1]['created_at']}|{rows[-1]['id']}" if more else None
+        return await self._views(rows), next_cursor
+
+    async def _views(self, jobs: list[sqlite3.Row]) -> list[dict[str, Any]]:
+        if not jobs:
+            return []
+        ids = [j["id"] for j in jobs]
+        marks = ",".join("?" * len(ids))
+        by_job: dict[str, list[sqlite3.Row]] = {i: [] for i in ids}
+        async with self._db.execute(f"SELECT * FROM job_targets WHERE job_id IN ({marks}) ORDER BY job_id, idx", ids) as cur:
+            for t in await cur.fetchall():
+                by_job[t["job_id"]].append(t)
+        return [_view(job, by_job[job["id"]]) for job in jobs]
 
     async def check_writable(self) -> None:
         """Raise unless the DB takes a write (a transaction that changes nothing durable)."""
@@ -285,6 +329,35 @@ async def migrate(db: aiosqlite.Connection, folder: Path = MIGRATIONS) -> int:
                 await db.execute("ROLLBACK")
             raise StoreError(f"migration {path.name} failed: {exc}") from exc
     return newest
+
+
+def _view(job: sqlite3.Row, targets: list[sqlite3.Row]) -> dict[str, Any]:
+    return {
+        "id": job["id"],
+        "value": job["state"],
+        "created_at": job["created_at"],
+        "started_at": job["started_at"],
+        "finished_at": job["finished_at"],
+        "finished_endpoints": [t["endpoint"] for t in targets if t["state"] == "FINISHED"],
+        "skipped_clusters": [t["endpoint"] for t in targets if t["state"] == "SKIPPED"],
+        "error": job["error"],
+        "attempt": job["attempt"],
+        "source": job["source"],
+        "bytes_done": sum(t["bytes_done"] for t in targets),
+        "bytes_total": sum(t["bytes_total"] or 0 for t in targets),
+        "targets": [
+            {
+                "endpoint": t["endpoint"],
+                "image": t["image"],
+                "ref": t["ref"],
+                "state": t["state"],
+                "error": t["error"],
+                "bytes_done": t["bytes_done"],
+                "bytes_total": t["bytes_total"],
+            }
+            for t in targets
+        ],
+    }
 
 
 def _like_prefix(prefix: str) -> str:

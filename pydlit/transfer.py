@@ -14,6 +14,7 @@ from typing import Protocol
 
 import aiohttp
 
+from .metrics import BYTES
 from .pipe import Pipe, PipeClosed
 from .registry.client import RegistryClient, RegistryError, retrying
 from .registry.manifests import Blob, Manifest, Tree
@@ -138,13 +139,17 @@ class ImageCopy:
         for t in self.targets:
             self.events.set_total(t.idx, total)
         checks = {asyncio.create_task(self._preflight(t)): t for t in self.targets}
-        # Targets that answer promptly share one read of the source; one that is slow to answer
-        # (retrying, unreachable) must not hold them back, so it gets a read of its own later.
-        done, pending = await asyncio.wait(checks, timeout=self.tuning.preflight_wait_s)
-        ready = [checks[task] for task in done if task.result()]
-        groups = [self._copy_to(ready)] if ready else []
-        groups += [self._copy_late(task, checks[task]) for task in pending]
-        await _gather_all(groups)
+        try:
+            # Targets that answer promptly share one read of the source; one slow to answer
+            # (retrying, unreachable) must not hold them back, so it gets a read of its own later.
+            done, pending = await asyncio.wait(checks, timeout=self.tuning.preflight_wait_s)
+            ready = [checks[task] for task in done if task.result()]
+            groups = [self._copy_to(ready)] if ready else []
+            groups += [self._copy_late(task, checks[task]) for task in pending]
+            await _gather_all(groups)
+        finally:
+            for task in checks:
+                task.cancel()
 
     async def _copy_late(self, check: asyncio.Task[bool], target: Target) -> None:
         if await check:
@@ -348,6 +353,7 @@ class ImageCopy:
                             raise RegistryError(src.client.name, f"read blob {blob.digest[:19]}", "the blob is larger than its descriptor says")
                         if hasher:
                             hasher.update(piece)
+                        BYTES.labels("download").inc(len(piece))
                         await self._deliver(piece, pos, sinks)
                         pos += len(piece)
                         if all(s.pipe is None or s.pipe.closed for s in sinks):
@@ -390,6 +396,7 @@ class ImageCopy:
                 # not hash to the digest, so a bad read is never committed.
                 body = _read_exact(s.pipe, blob.size)
                 await t.client.finish_upload(s.location, t.repo, blob.digest, body, blob.size)
+                BYTES.labels("upload").inc(blob.size)
                 s.done = True
                 await self._blob_done(t, blob)
                 return
@@ -398,6 +405,7 @@ class ImageCopy:
                 length = min(self.tuning.chunk_size, blob.size - s.offset)
                 s.location = await t.client.patch_chunk(s.location, t.repo, _read_exact(s.pipe, length), s.offset, length)
                 s.offset += length
+                BYTES.labels("upload").inc(length)
                 await self.events.save_upload(t.idx, blob.digest, s.location, s.offset)
                 self.events.blob_progress(t.idx, blob.digest, s.offset)
             if not await asyncio.shield(verified):

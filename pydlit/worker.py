@@ -7,6 +7,7 @@ import contextlib
 import logging
 import ssl
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -28,7 +29,7 @@ class JobEvents:
         self.job_id = job_id
         self.owner = owner
         self.states: dict[int, str] = {}
-        self._uploads = uploads
+        self.uploads = uploads
         self._totals: dict[int, int] = {}
         self._blobs: dict[int, dict[str, int]] = {}
         self._dirty = False
@@ -48,15 +49,15 @@ class JobEvents:
         self._dirty = True
 
     def saved_upload(self, idx: int, digest: str) -> tuple[str, int] | None:
-        return self._uploads.get((idx, digest))
+        return self.uploads.get((idx, digest))
 
     async def save_upload(self, idx: int, digest: str, location: str, offset: int) -> None:
         await self.store.save_upload(self.job_id, self.owner, idx, digest, location, offset)
-        self._uploads[(idx, digest)] = (location, offset)
+        self.uploads[(idx, digest)] = (location, offset)
 
     async def drop_upload(self, idx: int, digest: str) -> None:
         await self.store.drop_upload(self.job_id, idx, digest)
-        self._uploads.pop((idx, digest), None)
+        self.uploads.pop((idx, digest), None)
 
     async def mount_sources(self, registry: str, digest: str) -> list[str]:
         return await self.store.mount_sources(registry, digest)
@@ -81,22 +82,47 @@ class Worker:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
+        # Why a job task was cancelled: "user" (DELETE), "lease" (another owner), else shutdown.
+        self._cancel_reason: dict[str, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._housekeeping_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         recovered = await self.store.recover(f"{self.settings.node}/")
         if recovered:
             log.info("requeued %d job(s) left running by an earlier process", recovered)
         self._loop_task = asyncio.create_task(self._claim_loop(), name="pydlit-claim-loop")
+        self._housekeeping_task = asyncio.create_task(self._housekeeping(), name="pydlit-housekeeping")
 
     def notify(self) -> None:
         """A job was queued: claim it now rather than at the next poll."""
         self._wake.set()
 
+    def cancel(self, job_id: str, reason: str = "user") -> None:
+        """Stop a job this worker runs; it ends FAILED "cancelled" with its uploads cancelled."""
+        task = self._running.get(job_id)
+        if task is not None and not task.done():
+            self._cancel_reason.setdefault(job_id, reason)
+            task.cancel()
+
+    async def _housekeeping(self) -> None:
+        """Prune ended jobs past the retention time, at start and then hourly."""
+        keep = timedelta(days=self.settings.retention_days)
+        while True:
+            try:
+                pruned = await self.store.prune(keep)
+                if pruned:
+                    log.info("pruned %d job(s) ended more than %g day(s) ago", pruned, self.settings.retention_days)
+            except Exception:
+                log.exception("pruning old jobs failed")
+            await asyncio.sleep(3600)
+
     async def stop(self) -> None:
         """Stop claiming; let every copy reach a chunk boundary and checkpoint, then requeue it."""
         self._stop.set()
         self._wake.set()
+        if self._housekeeping_task:
+            self._housekeeping_task.cancel()
         if self._loop_task:
             await self._loop_task
         tasks = list(self._running.values())
@@ -132,9 +158,12 @@ class Worker:
     async def _run(self, job: ClaimedJob) -> None:
         log.info("job %s: started (attempt %d)", job.id, job.attempt)
         events = JobEvents(self.store, job.id, self.owner, await self.store.uploads(job.id))
-        beat = asyncio.create_task(self._heartbeat(job.id, events, asyncio.current_task()))
+        beat = asyncio.create_task(self._heartbeat(job.id, events))
         n_targets = len(job.request["targets"])
+        copy: ImageCopy | None = None
         try:
+            if job.cancel_requested:
+                raise asyncio.CancelledError()  # asked for before a crash took its worker
             try:
                 copy = self._build(job, events)
             except (ValueError, ssl.SSLError) as exc:
@@ -155,9 +184,13 @@ class Worker:
         except LeaseLost:
             log.warning("job %s: lease lost; another worker owns it now", job.id)
         except asyncio.CancelledError:
-            log.warning("job %s: cancelled at shutdown; it resumes from its last checkpoint", job.id)
-            with contextlib.suppress(Exception):
-                await self.store.release(job.id, self.owner)
+            reason = self._cancel_reason.pop(job.id, "user" if job.cancel_requested else "shutdown")
+            if reason == "user":
+                await self._cancelled(job, events, copy, n_targets)
+            elif reason == "shutdown":
+                log.warning("job %s: cancelled at shutdown; it resumes from its last checkpoint", job.id)
+                with contextlib.suppress(Exception):
+                    await self.store.release(job.id, self.owner)
         except Exception as exc:  # a bug must fail one job, never the worker
             log.exception("job %s: internal error", job.id)
             with contextlib.suppress(Exception):
@@ -165,23 +198,35 @@ class Worker:
         finally:
             beat.cancel()
 
-    async def _fail_job(self, job_id: str, events: JobEvents, n_targets: int, reason: str) -> None:
+    async def _cancelled(self, job: ClaimedJob, events: JobEvents, copy: ImageCopy | None, n_targets: int) -> None:
+        """A user cancelled the job: give the registries their upload sessions back, then end it."""
+        if copy is not None:
+            for (idx, _digest), (location, _offset) in list(events.uploads.items()):
+                target = copy.targets[idx]
+                await target.client.cancel_upload(location, target.repo)
+        with contextlib.suppress(LeaseLost):
+            await self._fail_job(job.id, events, n_targets, "cancelled", target_error="cancelled")
+
+    async def _fail_job(
+        self, job_id: str, events: JobEvents, n_targets: int, reason: str,
+        target_error: str = "not copied: the job failed before this target finished",
+    ) -> None:
         for idx in range(n_targets):
             if events.states.get(idx) not in ("FINISHED", "SKIPPED", "FAILED"):
-                await events.target_state(idx, "FAILED", "not copied: the job failed before this target finished")
+                await events.target_state(idx, "FAILED", target_error)
         await self.store.finish(job_id, self.owner, "FAILED", reason)
         log.warning("job %s: FAILED (%s)", job_id, reason)
 
-    async def _heartbeat(self, job_id: str, events: JobEvents, job_task: asyncio.Task[Any] | None) -> None:
+    async def _heartbeat(self, job_id: str, events: JobEvents) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
             try:
                 await events.flush()
-                await self.store.renew(job_id, self.owner, self.settings.lease_s)
+                if await self.store.renew(job_id, self.owner, self.settings.lease_s):
+                    self.cancel(job_id, "user")
             except LeaseLost:
                 log.warning("job %s: lease lost; stopping it", job_id)
-                if job_task:
-                    job_task.cancel()
+                self.cancel(job_id, "lease")
                 return
             except Exception:
                 log.exception("job %s: heartbeat failed", job_id)

@@ -217,7 +217,7 @@ async def test_unknown_route_is_a_json_404(client) -> None:
     assert (await resp.json()) == {"status": "error", "msg": "no such resource"}
 
 
-@pytest.mark.parametrize("method, path", [("GET", "/api/distribute/image"), ("DELETE", "/api/distribute/image/abc"), ("POST", "/healthz")])
+@pytest.mark.parametrize("method, path", [("PUT", "/api/distribute/image"), ("PATCH", "/api/distribute/image/abc"), ("POST", "/healthz")])
 async def test_wrong_method_is_a_json_405(client, tmp_path: Path, method: str, path: str) -> None:
     resp = await client.request(method, path, data=json.dumps(body()))
     assert resp.status == 405

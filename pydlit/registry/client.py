@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 import aiohttp
 from yarl import URL
 
+from ..metrics import LATENCY, RETRIES, operation
 from .auth import AuthError, Authenticator, merge_scopes, parse_challenges, scope_for
 from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
 from .manifests import ACCEPT, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest, sha256_digest
@@ -55,6 +56,7 @@ async def retrying(policy: RetryPolicy, op: Callable[[], Awaitable[T]], on_retry
             delay = policy.delay(attempt, exc.retry_after)
             if not exc.transient or attempt >= policy.attempts or time.monotonic() - started + delay > policy.max_total:
                 raise
+            RETRIES.labels(f"http_{exc.status}" if exc.status else "connection").inc()
             if on_retry:
                 on_retry(exc)
             log.info("retrying in %.1fs after: %s", delay, exc)
@@ -185,11 +187,14 @@ class RegistryClient:
 
     async def _send(self, method: str, url: URL | str, *, step: str, headers: dict[str, str], data: Any) -> aiohttp.ClientResponse:
         origin = URL(str(url)).origin()
+        timer = LATENCY.labels(operation(method, URL(str(url)).path))
         for _ in range(MAX_REDIRECTS + 1):
+            started = time.monotonic()
             try:
                 resp = await self.session.request(
                     method, url, headers=headers, data=data, ssl=self._ssl, allow_redirects=False, timeout=self._timeout
                 )
+                timer.observe(time.monotonic() - started)
             except aiohttp.ClientConnectorCertificateError as exc:
                 raise RegistryError(self.name, step, f"TLS certificate verification failed: {exc.certificate_error}") from None
             except aiohttp.ClientSSLError as exc:
