@@ -302,7 +302,7 @@ class ImageCopy:
                     self.events.blob_progress(t.idx, blob.digest, held)
                     return
                 log.info("upload session for %s at %s is gone; starting that blob over", blob.digest[:19], t.client.name)
-            s.location = await retrying(t.client.policy, lambda: t.client.start_upload(t.repo))
+            s.location = await t.client.start_upload(t.repo)
             s.offset = 0
             self.events.blob_progress(t.idx, blob.digest, 0)
             if chunked:

@@ -154,7 +154,8 @@ async def test_constant_503_gives_up_after_the_policy_attempts(sleeps: list[floa
         assert len(calls(m, "GET", MANIFEST_URL)) == 3
     assert len(sleeps) == 2
     err = caught.value
-    assert err.status == 503 and err.transient
+    # The retries were spent here, so callers must not retry it again (no nested retry loops).
+    assert err.status == 503 and not err.transient
     text = str(err)
     assert "overloaded #3" in text  # the last reason, not the first
     assert "127.0.0.1:5000" in text and "HTTP 503" in text and "UNAVAILABLE" in text

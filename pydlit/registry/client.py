@@ -19,7 +19,7 @@ from yarl import URL
 from ..metrics import LATENCY, RETRIES, operation
 from .auth import AuthError, Authenticator, merge_scopes, parse_challenges, scope_for
 from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
-from .manifests import ACCEPT, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest, sha256_digest
+from .manifests import ACCEPT, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,8 @@ class RegistryClient:
                     elif resp.status in TRANSIENT_STATUSES:
                         raise await self._error(resp, step)
 
-            await retrying(self.policy, ping)
+            # No retry loop of its own: every caller of request() runs inside one already.
+            await ping()
             self._pinged = True
 
     async def _error(self, resp: aiohttp.ClientResponse, step: str) -> RegistryError:
@@ -287,7 +288,10 @@ class RegistryClient:
         )
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
-        return await retrying(self.policy, op)
+        try:
+            return await retrying(self.policy, op)
+        except RegistryError as exc:
+            raise exc.spent() from None
 
     # -- manifests ------------------------------------------------------------------------------
 
@@ -473,4 +477,3 @@ def _range_end(value: str | None) -> int:
     return 0 if value.strip().endswith("0-0") else held
 
 
-__all__ = ["RegistryClient", "RetryPolicy", "RegistryError", "retrying", "split_endpoint", "sha256_digest"]

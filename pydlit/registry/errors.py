@@ -30,6 +30,11 @@ class RegistryError(Exception):
         self.transient = transient
         self.retry_after = retry_after
 
+    def spent(self) -> RegistryError:
+        """Mark the error final: the retries it deserved were already made at a lower level."""
+        self.transient = False
+        return self
+
     def __str__(self) -> str:
         parts = [f"{self.registry}: {self.step} failed"]
         if self.status is not None:

@@ -1,0 +1,473 @@
+"""Integration tests of the copy itself: jobs go through the real service's HTTP API, and every
+target is read back from the real docker-registry processes (manifests and blobs byte for byte).
+
+Each test uses its own repositories and, where bytes are counted, its own layer seed: the
+session registries and the session service are shared by every test.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import secrets
+import time
+from typing import Any
+
+import pytest
+from support import mediatypes as mt
+from support.images import (
+    assert_same_tree,
+    list_tags,
+    manifest_digest,
+    push_image,
+    read_back,
+    shared_layer_images,
+)
+from support.regclient import RegistryHTTP
+from support.registry import free_port
+from support.service import ServiceProcess, job_body, job_state
+
+SMALL_LAYERS = (2_048, 40_001, 120_007)
+JOB_TIMEOUT = 60.0
+
+
+def _seed() -> int:
+    """A fresh layer seed: no blob of this test exists anywhere yet (no HEAD hit, no mount)."""
+    return random.getrandbits(48)
+
+
+def _run(service: ServiceProcess, body: dict[str, Any], timeout: float = JOB_TIMEOUT) -> dict:
+    job_id = service.submit(body)
+    return service.wait(job_id, timeout=timeout)
+
+
+def _dump(status: dict[str, Any]) -> str:
+    return json.dumps(status, indent=1)
+
+
+def _assert_all_finished(status: dict[str, Any], blob_bytes: int) -> None:
+    """Job and every target FINISHED, every target's progress complete at the image's size."""
+    assert job_state(status) == "FINISHED", _dump(status)
+    assert status["error"] is None, _dump(status)
+    endpoints = [t["endpoint"] for t in status["targets"]]
+    assert sorted(status["finished_endpoints"]) == sorted(endpoints), _dump(status)
+    assert status["skipped_clusters"] == [], _dump(status)
+    for t in status["targets"]:
+        assert t["state"] == "FINISHED" and t["error"] is None, _dump(status)
+        assert t["bytes_done"] == t["bytes_total"] == blob_bytes, _dump(status)
+    assert status["bytes_total"] == status["bytes_done"] == blob_bytes * len(endpoints), _dump(
+        status
+    )
+
+
+def _token_requests_for(
+    token_server, repo: str, path: str | None = None, since: int = 0
+) -> list:
+    """Token requests naming `repo`, from request number `since` on (the fixtures ask too)."""
+    return [
+        r for r in token_server.requests[since:]
+        if (path is None or r.path == path)
+        and any(s.startswith(f"repository:{repo}:") for s in r.scopes)
+    ]
+
+
+def _granted_actions(request, repo: str) -> set[str]:
+    return {a for g in request.granted if g["name"] == repo for a in g["actions"]}
+
+
+# -- every manifest type --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, media_type, n_manifests",
+    [
+        ("schema2", mt.DOCKER_MANIFEST, 1),
+        ("docker_list", mt.DOCKER_LIST, 4),
+        ("oci", mt.OCI_MANIFEST, 1),
+        ("oci_index", mt.OCI_INDEX, 4),
+    ],
+)
+def test_copies_every_manifest_type_to_two_targets(
+    service, registries, repo_name, kind, media_type, n_manifests
+):
+    image = push_image(registries.source, repo_name, "v1", kind, SMALL_LAYERS, seed=_seed(),
+                       platforms=3)
+    assert image.media_type == media_type and len(image.manifests) == n_manifests
+
+    status = _run(service, job_body(registries.source, repo_name, "v1", list(registries.targets)))
+
+    _assert_all_finished(status, image.total_bytes)
+    assert status["finished_endpoints"] == [registries.target_a.endpoint,
+                                            registries.target_b.endpoint]
+    for target in registries.targets:
+        tree = read_back(target, repo_name, "v1")
+        assert_same_tree(image, tree)
+        assert tree.media_type == media_type
+
+
+def test_ref_given_as_digest_copies_the_tree_by_digest(service, registries, repo_name):
+    image = push_image(registries.source, repo_name, "v1", "oci_index", SMALL_LAYERS,
+                       seed=_seed(), platforms=3)
+
+    status = _run(service, job_body(registries.source, repo_name, image.digest,
+                                    [registries.target_a]))
+
+    _assert_all_finished(status, image.total_bytes)
+    assert status["targets"][0]["ref"] == image.digest
+    tree = read_back(registries.target_a, repo_name, image.digest)
+    assert_same_tree(image, tree)
+    # Asked by digest, nothing is tagged at the target.
+    assert list_tags(registries.target_a, repo_name) == []
+
+
+def test_target_image_and_ref_copy_under_another_name(service, registries, repo_name):
+    image = push_image(registries.source, repo_name, "v1", "schema2", SMALL_LAYERS, seed=_seed())
+    other = f"{repo_name}/mirror"
+
+    status = _run(service, job_body(registries.source, repo_name, "v1",
+                                    [(registries.target_a, {"image": other, "ref": "renamed"})]))
+
+    _assert_all_finished(status, image.total_bytes)
+    assert (status["targets"][0]["image"], status["targets"][0]["ref"]) == (other, "renamed")
+    assert_same_tree(image, read_back(registries.target_a, other, "renamed"))
+    assert manifest_digest(registries.target_a, other, "v1") is None
+    assert manifest_digest(registries.target_a, repo_name, "v1") is None
+    assert manifest_digest(registries.target_a, repo_name, "renamed") is None
+
+
+def test_foreign_layer_is_not_copied(service, registries, repo_name):
+    image = push_image(registries.source, repo_name, "v1", "foreign", SMALL_LAYERS, seed=_seed())
+    (foreign_digest,) = image.foreign
+
+    status = _run(service, job_body(registries.source, repo_name, "v1", [registries.target_a]))
+
+    # The progress counts only the blobs that are copied.
+    _assert_all_finished(status, image.total_bytes)
+    tree = read_back(registries.target_a, repo_name, "v1")
+    assert_same_tree(image, tree)
+    assert tree.foreign == image.foreign
+    assert RegistryHTTP.for_endpoint(registries.target_a).blob_size(repo_name,
+                                                                    foreign_digest) is None
+
+
+def test_schema1_source_fails_saying_it_is_deprecated(service, registries, repo_name):
+    push_image(registries.schema1_source, repo_name, "v1", "schema1", (1_000, 2_000),
+               seed=_seed())
+
+    status = _run(service, job_body(registries.schema1_source, repo_name, "v1",
+                                    [registries.target_a]))
+
+    assert job_state(status) == "FAILED", _dump(status)
+    error = status["error"] or ""
+    assert "schema1" in error and "deprecated" in error, _dump(status)
+    assert status["targets"][0]["state"] == "FAILED", _dump(status)
+    assert status["finished_endpoints"] == []
+    assert manifest_digest(registries.target_a, repo_name, "v1") is None
+
+
+# -- auth -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["json", "header", "header_and_json"])
+def test_source_with_token_url_auth(service, registries, repo_name, style):
+    reg, ts = registries.token, registries.token_server
+    image = push_image(reg, repo_name, "v1", "schema2", SMALL_LAYERS, seed=_seed())
+    key = secrets.token_hex(12)
+    ts.api_keys[key] = reg.user
+    auth: dict[str, Any] = {"url": ts.auth_json_url(f"repository:{repo_name}:pull"),
+                            "token_type": "Bearer"}
+    if style == "header":
+        auth["header"] = f"X-Api-Key: {key}"  # the one-line form
+    if style == "header_and_json":
+        auth["header"] = {"X-Api-Key": key}
+    if style in ("json", "header_and_json"):
+        auth["json"] = {"username": reg.user, "password": reg.password}
+    body = job_body(reg, repo_name, "v1", [registries.target_a])
+    body["source"]["auth"] = auth
+    since = len(ts.requests)
+
+    status = _run(service, body)
+
+    _assert_all_finished(status, image.total_bytes)
+    assert_same_tree(image, read_back(registries.target_a, repo_name, "v1"))
+    used = _token_requests_for(ts, repo_name, "/auth-json", since)
+    assert used, f"the token url was never asked; token server saw {ts.requests[-5:]}"
+    for request in used:
+        assert request.status == 200 and request.user == reg.user, request
+        assert request.method == ("GET" if style == "header" else "POST"), request
+        assert "pull" in _granted_actions(request, repo_name), request
+    # The pre-configured token was enough: the registry's own token flow was never needed.
+    assert _token_requests_for(ts, repo_name, "/token", since) == []
+    # No secret in the status document.
+    assert reg.password not in json.dumps(status) and key not in json.dumps(status)
+
+
+def test_source_read_anonymously_through_bearer_challenge(service, registries, repo_name):
+    reg, ts = registries.token, registries.token_server
+    image = push_image(reg, repo_name, "v1", "oci", SMALL_LAYERS, seed=_seed())
+    body = job_body(reg, repo_name, "v1", [registries.target_a])
+    body["source"].pop("auth", None)
+    since = len(ts.requests)
+
+    status = _run(service, body)
+
+    _assert_all_finished(status, image.total_bytes)
+    assert_same_tree(image, read_back(registries.target_a, repo_name, "v1"))
+    asked = _token_requests_for(ts, repo_name, "/token", since)
+    anonymous = [r for r in asked if r.user is None]
+    assert anonymous == asked, asked
+    assert anonymous, f"no anonymous token for {repo_name}; token server saw {ts.requests[-5:]}"
+    assert all(r.status == 200 for r in anonymous)
+    assert any("pull" in _granted_actions(r, repo_name) for r in anonymous)
+
+
+def test_token_auth_target_with_basicauth(service, registries, repo_name):
+    reg, ts = registries.token, registries.token_server
+    image = push_image(registries.source, repo_name, "v1", "schema2", SMALL_LAYERS, seed=_seed())
+    since = len(ts.requests)
+
+    status = _run(service, job_body(registries.source, repo_name, "v1", [reg]))
+
+    _assert_all_finished(status, image.total_bytes)
+    assert_same_tree(image, read_back(reg, repo_name, "v1"))
+    pushers = [r for r in _token_requests_for(ts, repo_name, "/token", since)
+               if r.user == reg.user and "push" in _granted_actions(r, repo_name)]
+    asked = _token_requests_for(ts, repo_name, since=since)
+    assert pushers, f"no push token for {reg.user}: {asked}"
+    assert reg.password not in json.dumps(status)
+
+
+@pytest.mark.parametrize("mode", ["no_verify", "verify_unknown_ca", "verify_with_ca_cert"])
+def test_tls_htpasswd_target(service, registries, repo_name, mode):
+    tls = registries.tls
+    image = push_image(registries.source, repo_name, "v1", "schema2", SMALL_LAYERS, seed=_seed())
+    extra: dict[str, Any] = {"verify_tls": mode != "no_verify"}
+    if mode == "verify_with_ca_cert":
+        extra["ca_cert"] = tls.ca_pem
+
+    status = _run(service, job_body(registries.source, repo_name, "v1", [(tls, extra)]))
+
+    if mode == "verify_unknown_ca":
+        assert job_state(status) == "FAILED", _dump(status)
+        target = status["targets"][0]
+        assert target["state"] == "FAILED", _dump(status)
+        assert re.search(r"certificate|TLS|SSL", target["error"] or ""), _dump(status)
+        assert status["finished_endpoints"] == []
+        assert manifest_digest(tls, repo_name, "v1") is None
+    else:
+        _assert_all_finished(status, image.total_bytes)
+        assert_same_tree(image, read_back(tls, repo_name, "v1"))
+
+
+@pytest.mark.parametrize("kind", ["htpasswd", "token"])
+def test_wrong_password_fails_the_target_and_never_shows(service, registries, repo_name, kind):
+    reg = registries.tls if kind == "htpasswd" else registries.token
+    push_image(registries.source, repo_name, "v1", "schema2", (1_000, 3_000), seed=_seed())
+    wrong = f"Wr0ng-{secrets.token_hex(8)}"
+    target = {"auth": {"basicauth": {"user": reg.user, "password": wrong}}}
+
+    started = time.monotonic()
+    status = _run(service, job_body(registries.source, repo_name, "v1", [(reg, target)]))
+    elapsed = time.monotonic() - started
+
+    assert job_state(status) == "FAILED", _dump(status)
+    error = status["targets"][0]["error"] or ""
+    assert status["targets"][0]["state"] == "FAILED", _dump(status)
+    assert re.search(r"401|UNAUTHORIZED|refused", error), _dump(status)
+    assert elapsed < 15, f"an auth failure is final, yet the job took {elapsed:.1f}s"
+    assert manifest_digest(reg, repo_name, "v1") is None
+    assert wrong not in json.dumps(status)
+    log = service.log_text()
+    assert wrong not in log, "the wrong password is in the service log"
+    assert reg.password not in log, "a registry password is in the service log"
+
+
+# -- overwrite ------------------------------------------------------------------------------------
+
+
+def test_overwrite_false_skips_a_different_tag(service, registries, repo_name):
+    image = push_image(registries.source, repo_name, "v1", "schema2", SMALL_LAYERS, seed=_seed())
+    there = push_image(registries.target_a, repo_name, "v1", "oci", (1_000, 2_000), seed=_seed())
+    assert there.digest != image.digest
+
+    status = _run(service, job_body(registries.source, repo_name, "v1",
+                                    [(registries.target_a, {"overwrite": False})]))
+
+    assert job_state(status) == "FINISHED", _dump(status)
+    assert status["skipped_clusters"] == [registries.target_a.endpoint], _dump(status)
+    assert status["finished_endpoints"] == [], _dump(status)
+    assert status["targets"][0]["state"] == "SKIPPED", _dump(status)
+    assert manifest_digest(registries.target_a, repo_name, "v1") == there.digest
+    assert_same_tree(there, read_back(registries.target_a, repo_name, "v1"))
+
+
+def test_overwrite_true_replaces_a_different_tag(service, registries, repo_name):
+    image = push_image(registries.source, repo_name, "v1", "docker_list", SMALL_LAYERS,
+                       seed=_seed(), platforms=2)
+    there = push_image(registries.target_a, repo_name, "v1", "oci", (1_000, 2_000), seed=_seed())
+
+    status = _run(service, job_body(registries.source, repo_name, "v1",
+                                    [(registries.target_a, {"overwrite": True})]))
+
+    _assert_all_finished(status, image.total_bytes)
+    assert manifest_digest(registries.target_a, repo_name, "v1") == image.digest != there.digest
+    assert_same_tree(image, read_back(registries.target_a, repo_name, "v1"))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_identical_tag_finishes_with_nothing_uploaded(
+    service, registries, repo_name, proxy_factory, overwrite
+):
+    image = push_image(registries.source, repo_name, "v1", "oci_index", SMALL_LAYERS,
+                       seed=_seed(), platforms=2)
+    first = _run(service, job_body(registries.source, repo_name, "v1", [registries.target_a]))
+    _assert_all_finished(first, image.total_bytes)
+    proxy = proxy_factory(registries.target_a)
+
+    status = _run(service, job_body(registries.source, repo_name, "v1",
+                                    [(proxy, {"overwrite": overwrite})]))
+
+    _assert_all_finished(status, image.total_bytes)
+    assert status["finished_endpoints"] == [proxy.endpoint]
+    assert proxy.blob_upload_bytes() == 0, proxy.counters()
+    assert proxy.count("POST", "upload_post") == 0, proxy.requests
+    assert proxy.count("PUT", "manifest_put") == 0, proxy.requests
+    assert proxy.uploaded_bytes() == 0, proxy.counters()
+    assert manifest_digest(registries.target_a, repo_name, "v1") == image.digest
+
+
+# -- shared layers --------------------------------------------------------------------------------
+
+
+def test_shared_layers_same_repo_are_not_uploaded_again(
+    service, registries, repo_name, proxy_factory
+):
+    first, second = shared_layer_images(registries.source, repo_name,
+                                        layer_sizes=(60_000, 90_000, 30_000), seed=_seed())
+    proxy = proxy_factory(registries.target_a)
+    status = _run(service, job_body(registries.source, repo_name, "v1", [proxy]))
+    _assert_all_finished(status, first.total_bytes)
+    assert proxy.blob_upload_bytes() == first.total_bytes, proxy.counters()
+    proxy.reset_counters()
+
+    status = _run(service, job_body(registries.source, repo_name, "v2", [proxy]))
+
+    _assert_all_finished(status, second.total_bytes)
+    shared = first.blobs.keys() & second.blobs.keys()
+    new = {d: s for d, s in second.blobs.items() if d not in shared}
+    assert len(shared) == 2 and len(new) == 2  # two shared layers; one layer + config are new
+    assert proxy.blob_upload_bytes() == sum(new.values()), proxy.counters()
+    assert proxy.count("POST", "upload_post") == len(new), proxy.requests
+    assert proxy.count("HEAD", "blob_head") >= len(second.blobs), proxy.requests
+    for tag, image in (("v1", first), ("v2", second)):
+        assert_same_tree(image, read_back(registries.target_a, repo_name, tag))
+
+
+def test_shared_layers_other_repo_are_mounted(service, registries, repo_name, proxy_factory):
+    repo_b = f"{repo_name}-b"
+    first, second = shared_layer_images(registries.source, repo_name,
+                                        layer_sizes=(60_000, 90_000, 30_000), seed=_seed(),
+                                        repo_b=repo_b)
+    proxy = proxy_factory(registries.target_a)
+    status = _run(service, job_body(registries.source, repo_name, "v1", [proxy]))
+    _assert_all_finished(status, first.total_bytes)
+    proxy.reset_counters()
+
+    status = _run(service, job_body(registries.source, repo_b, "v2", [proxy]))
+
+    _assert_all_finished(status, second.total_bytes)
+    shared = first.blobs.keys() & second.blobs.keys()
+    new = {d: s for d, s in second.blobs.items() if d not in shared}
+    assert len(shared) == 2 and len(new) == 2
+    posts = [r for r in proxy.requests if r.kind == "upload_post"]
+    mounted = [r for r in posts if r.status == 201]  # a plain upload start answers 202
+    assert len(mounted) == len(shared), posts
+    assert all(r.path == f"/v2/{repo_b}/blobs/uploads/" for r in posts), posts
+    assert proxy.uploaded_bytes("PATCH") == 0, proxy.counters()
+    assert proxy.blob_upload_bytes() == sum(new.values()), proxy.counters()
+    assert_same_tree(second, read_back(registries.target_a, repo_b, "v2"))
+    assert_same_tree(first, read_back(registries.target_a, repo_name, "v1"))
+
+
+# -- failures -------------------------------------------------------------------------------------
+
+
+def test_unreachable_target_fails_alone(service_factory, registries, repo_name):
+    svc = service_factory(env={"PYDLIT_RETRY_ATTEMPTS": "2", "PYDLIT_RETRY_MAX_DELAY": "0.2"})
+    image = push_image(registries.source, repo_name, "v1", "schema2", SMALL_LAYERS, seed=_seed())
+    closed = f"http://127.0.0.1:{free_port()}/v2"
+
+    started = time.monotonic()
+    status = _run(svc, job_body(registries.source, repo_name, "v1",
+                                [registries.target_a, (registries.target_a, {"endpoint": closed})]))
+    elapsed = time.monotonic() - started
+
+    assert job_state(status) == "FAILED", _dump(status)
+    good, bad = status["targets"]
+    assert good["endpoint"] == registries.target_a.endpoint and bad["endpoint"] == closed
+    assert good["state"] == "FINISHED", _dump(status)
+    assert good["bytes_done"] == good["bytes_total"] == image.total_bytes, _dump(status)
+    assert status["finished_endpoints"] == [registries.target_a.endpoint], _dump(status)
+    assert bad["state"] == "FAILED", _dump(status)
+    assert "cannot connect" in (bad["error"] or ""), _dump(status)
+    assert elapsed < 20, f"two quick retries took {elapsed:.1f}s"
+    assert_same_tree(image, read_back(registries.target_a, repo_name, "v1"))
+
+
+@pytest.mark.parametrize("missing", ["tag", "repo"])
+def test_missing_source_image_fails_fast(service, registries, repo_name, missing):
+    if missing == "tag":
+        push_image(registries.source, repo_name, "v1", "schema2", (1_000, 2_000), seed=_seed())
+    started = time.monotonic()
+    status = _run(service, job_body(registries.source, repo_name, "nope",
+                                    [registries.target_a, registries.target_b]))
+    elapsed = time.monotonic() - started
+
+    assert job_state(status) == "FAILED", _dump(status)
+    error = status["error"] or ""
+    assert re.search(r"MANIFEST_UNKNOWN|NAME_UNKNOWN|not found", error), _dump(status)
+    assert repo_name in error, _dump(status)
+    # A 404 is final: no retries (the default budget is 6 attempts, 300 s).
+    assert elapsed < 8, f"a missing image took {elapsed:.1f}s to fail"
+    assert [t["state"] for t in status["targets"]] == ["FAILED", "FAILED"], _dump(status)
+    assert status["finished_endpoints"] == []
+    for target in registries.targets:
+        assert manifest_digest(target, repo_name, "nope") is None
+
+
+# -- progress -------------------------------------------------------------------------------------
+
+
+def test_progress_during_and_after_the_job(service, registries, repo_name, proxy_factory):
+    image = push_image(registries.source, repo_name, "v1", "schema2", (100_000, 400_000, 300_000),
+                       seed=_seed())
+    slow = proxy_factory(registries.target_a)
+    slow.rate_limit(250_000, download=False, upload=True)  # ~3 s for ~800 KB
+
+    job_id = service.submit(job_body(registries.source, repo_name, "v1",
+                                     [slow, registries.target_b]))
+    seen: list[tuple[str | None, int, int | None]] = []
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while time.monotonic() < deadline:
+        status = service.status(job_id)
+        slow_target = status["targets"][0]
+        seen.append((slow_target["state"], slow_target["bytes_done"], slow_target["bytes_total"]))
+        totals = [t["bytes_total"] or 0 for t in status["targets"]]
+        assert status["bytes_total"] == sum(totals), _dump(status)
+        assert status["bytes_done"] == sum(t["bytes_done"] for t in status["targets"])
+        for t in status["targets"]:
+            if t["bytes_total"]:
+                assert t["bytes_total"] == image.total_bytes, _dump(status)
+                assert 0 <= t["bytes_done"] <= t["bytes_total"], _dump(status)
+        if job_state(status) in ("FINISHED", "FAILED"):
+            break
+        time.sleep(0.1)
+
+    _assert_all_finished(status, image.total_bytes)
+    done = [d for _, d, _ in seen]
+    assert done == sorted(done), f"bytes_done went backwards: {seen}"
+    partial = [s for s in seen if s[0] == "RUNNING" and 0 < s[1] < image.total_bytes]
+    assert partial, f"never saw the slow target part-way: {seen}"
+    for target in registries.targets:
+        assert_same_tree(image, read_back(target, repo_name, "v1"))
