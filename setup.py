@@ -12,13 +12,13 @@ setup(
         "aiosqlite>=0.19",
         "jsonschema>=4.18",
         "prometheus-client>=0.17",
+        "cryptography>=41",
     ],
     extras_require={
         "test": [
             "pytest>=7",
             "pytest-aiohttp>=1.0",
             "aioresponses>=0.7.6",
-            "cryptography>=41",
             "bcrypt>=4",
         ],
     },

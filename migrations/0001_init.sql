@@ -1,6 +1,6 @@
 -- pydlit job store. One row per job in `jobs`, one per target in `job_targets`; a person can
--- read both with sqlite3. Times are UTC ISO-8601 text. Credentials never live in these tables:
--- they sit in `job_secrets` only while the job can still run.
+-- read both with sqlite3. Times are UTC ISO-8601 text. Credentials never live in these tables in
+-- the clear: they sit sealed (AES-GCM) in `job_secrets` only while the job can still run.
 
 CREATE TABLE jobs (
     id            TEXT PRIMARY KEY,
@@ -21,8 +21,9 @@ CREATE TABLE jobs (
 CREATE INDEX jobs_queue ON jobs (state, created_at);
 
 CREATE TABLE job_secrets (
-    job_id  TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
-    secrets TEXT NOT NULL CHECK (json_valid(secrets))  -- {"source": AUTH, "targets": [AUTH, ...]}
+    job_id TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+    -- {"source": AUTH, "targets": [AUTH, ...]} sealed with the key in PYDLIT_SECRET_KEY or <db>.key
+    sealed TEXT NOT NULL CHECK (sealed LIKE 'v1:%')
 ) STRICT;
 
 CREATE TABLE job_targets (

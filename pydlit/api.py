@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .keys import STORE, WORKER
 from .metrics import render
+from .openapi import build_openapi
 from .schema import RequestError, validate_request
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,7 @@ REDACTED = "<redacted>"
 JOB_STATES = ("QUEUED", "RUNNING", "FINISHED", "FAILED")
 MAX_PAGE = 500
 CANCEL_WAIT_STEPS = 50  # 0.1 s each
+OPENAPI = build_openapi()
 
 
 class ApiError(Exception):
@@ -102,6 +104,11 @@ async def job_cancel(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     body = render(await request.app[STORE].count_by_state())
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+
+@routes.get("/api/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
 
 
 @routes.get("/healthz")

@@ -11,7 +11,9 @@ import aiohttp
 from aiohttp import web
 
 from .api import ApiError, routes
+from .credentials import CredentialStore
 from .keys import SESSION, SETTINGS, STORE, WORKER
+from .secretbox import SecretBox, load_key
 from .settings import Settings
 from .store import Store
 from .worker import Worker
@@ -78,7 +80,8 @@ def create_app(settings: Settings) -> web.Application:
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[STORE] = await Store.open(app[SETTINGS].db)
+    settings = app[SETTINGS]
+    app[STORE] = await Store.open(settings.db, box=SecretBox(load_key(settings.db, settings.secret_key)))
     yield
     await app[STORE].close()
 
@@ -94,7 +97,11 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
-    worker = Worker(app[STORE], app[SESSION], app[SETTINGS])
+    settings = app[SETTINGS]
+    credentials = CredentialStore.load(settings.credentials) if settings.credentials else None
+    if credentials:
+        log.info("server-side credentials for %s", ", ".join(credentials.hosts) or "no registry")
+    worker = Worker(app[STORE], app[SESSION], settings, credentials)
     app[WORKER] = worker
     await worker.start()
     yield

@@ -1,37 +1,83 @@
-"""`pydlit` / `python -m pydlit`: parse flags over the environment, set up logging, serve."""
+"""`pydlit` / `python -m pydlit`: the service (the default), and the client commands
+(submit, status, jobs) and the serverless `copy`."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
+import os
 import sys
 
 from aiohttp import web
 
+from . import commands
 from .app import create_app
+from .logs import setup_logging
 from .settings import Settings, from_env
+
+CLIENT_COMMANDS = ("submit", "status", "jobs", "copy")
+DEFAULT_SERVER = "http://127.0.0.1:5001"
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
     env = from_env()
-    parser = argparse.ArgumentParser(prog="pydlit", description="Distribute a container image from one registry to many.")
+    parser = argparse.ArgumentParser(
+        prog="pydlit",
+        description="Distribute a container image from one registry to many. Without a command, run "
+        "the service; `pydlit {submit,status,jobs,copy} --help` for the client commands.",
+    )
     parser.add_argument("--host", default=env.host, help="address to listen on (PYDLIT_HOST, default %(default)s)")
     parser.add_argument("--port", type=int, default=env.port, help="port to listen on (PYDLIT_PORT, default %(default)s)")
     parser.add_argument("--db", default=env.db, help="SQLite job database (PYDLIT_DB, default %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=env.concurrency, help="jobs run at once (PYDLIT_CONCURRENCY, default %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=env.concurrency, help="jobs run at once; 0 queues jobs and runs none (PYDLIT_CONCURRENCY, default %(default)s)")
     args = parser.parse_args(argv)
-    if args.concurrency < 1:
-        parser.error("--concurrency must be at least 1")
+    if args.concurrency < 0:
+        parser.error("--concurrency must be 0 (queue jobs, run none) or more")
     return dataclasses.replace(env, host=args.host, port=args.port, db=args.db, concurrency=args.concurrency)
 
 
+def client_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pydlit")
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--server", default=os.environ.get("PYDLIT_URL") or DEFAULT_SERVER, help="the pydlit service (PYDLIT_URL, default %(default)s); PYDLIT_API_TOKEN is sent when set")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("submit", parents=[server], help="submit a request file (- for stdin)")
+    p.add_argument("request_file")
+    p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
+    p.add_argument("--timeout", type=float, default=3600.0, help="give up waiting after this many seconds")
+    p = sub.add_parser("status", parents=[server], help="show one job")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="print the raw status document")
+    p = sub.add_parser("jobs", parents=[server], help="list jobs, newest first")
+    p.add_argument("--state", choices=["QUEUED", "RUNNING", "FINISHED", "FAILED"])
+    p.add_argument("--limit", type=int, default=50)
+    p = sub.add_parser("copy", help="copy one image without a server, e.g. localhost:5000/app:v1 localhost:5001/app")
+    p.add_argument("source")
+    p.add_argument("targets", nargs="+")
+    p.add_argument("--overwrite", action="store_true", help="replace a target tag that holds another digest")
+    p.add_argument("--verify-tls", action="store_true", help="verify registry certificates")
+    return parser
+
+
+def run_client(argv: list[str]) -> int:
+    args = client_parser().parse_args(argv)
+    token = os.environ.get("PYDLIT_API_TOKEN") or None
+    if args.command == "submit":
+        return commands.submit(args.server, args.request_file, args.wait, token, sys.stdout, timeout=args.timeout)
+    if args.command == "status":
+        return commands.status(args.server, args.job_id, token, sys.stdout, as_json=args.json)
+    if args.command == "jobs":
+        return commands.jobs(args.server, args.state, args.limit, token, sys.stdout)
+    return asyncio.run(commands.copy(args.source, args.targets, overwrite=args.overwrite, verify_tls=args.verify_tls, out=sys.stdout))
+
+
 def main(argv: list[str] | None = None) -> None:
-    settings = parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr, level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # aiohttp's access log lines would carry query strings; the job events say what matters.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in CLIENT_COMMANDS:
+        raise SystemExit(run_client(argv))
+    settings = parse_args(argv[1:] if argv and argv[0] == "serve" else argv)
+    setup_logging(settings.log_level, settings.log_format)
     logging.getLogger(__name__).info("pydlit listening on %s:%d, jobs in %s", settings.host, settings.port, settings.db)
     web.run_app(create_app(settings), host=settings.host, port=settings.port, shutdown_timeout=5, print=None)
 

@@ -27,6 +27,9 @@ class Settings:
     log_level: str = "INFO"
     retention_days: float = 30.0
     api_token: str | None = None
+    secret_key: str | None = None  # else a key file beside the DB
+    credentials: str | None = None  # server-side credentials file
+    log_format: str = "text"
 
 
 def _float(env: dict[str, str], name: str, default: float) -> float:
@@ -69,4 +72,7 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         log_level=(env.get("PYDLIT_LOG_LEVEL") or base.log_level).upper(),
         retention_days=_float(env, "PYDLIT_RETENTION_DAYS", base.retention_days),
         api_token=env.get("PYDLIT_API_TOKEN") or None,
+        secret_key=env.get("PYDLIT_SECRET_KEY") or None,
+        credentials=env.get("PYDLIT_CREDENTIALS") or None,
+        log_format=(env.get("PYDLIT_LOG_FORMAT") or base.log_format).lower(),
     )

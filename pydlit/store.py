@@ -15,6 +15,8 @@ from typing import Any
 
 import aiosqlite
 
+from .secretbox import SecretBox, SecretError, load_key
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 ENDED = ("FINISHED", "FAILED")
 
@@ -40,21 +42,25 @@ class StoreError(Exception):
 class ClaimedJob:
     id: str
     request: dict[str, Any]
-    secrets: dict[str, Any]
+    secrets: dict[str, Any] | None  # None: sealed with a key this process does not have
     attempt: int
     cancel_requested: bool = False
 
 
 class Store:
-    def __init__(self, db: aiosqlite.Connection, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, db: aiosqlite.Connection, box: SecretBox, clock: Callable[[], datetime] = utcnow) -> None:
         self._db = db
+        self._box = box
         self._clock = clock
         # aiosqlite runs one connection on one thread; a transaction of several statements must
         # still keep other coroutines out until it commits.
         self._tx = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: str | Path, clock: Callable[[], datetime] = utcnow) -> Store:
+    async def open(cls, path: str | Path, clock: Callable[[], datetime] = utcnow, box: SecretBox | None = None) -> Store:
+        """Open (and migrate) the DB; credentials are sealed with `box`, by default with the key
+        kept beside the DB (created on first start)."""
+        box = box or SecretBox(load_key(str(path), None))
         db = await aiosqlite.connect(str(path), isolation_level=None)
         try:
             db.row_factory = sqlite3.Row
@@ -67,7 +73,7 @@ class Store:
         except BaseException:
             await db.close()
             raise
-        return cls(db, clock)
+        return cls(db, box, clock)
 
     async def close(self) -> None:
         await self._db.close()
@@ -88,7 +94,7 @@ class Store:
                     "INSERT INTO jobs (id, source, request, created_at) VALUES (?, ?, ?, ?)",
                     (job_id, source, json.dumps(request), now),
                 )
-                await self._db.execute("INSERT INTO job_secrets (job_id, secrets) VALUES (?, ?)", (job_id, json.dumps(secrets)))
+                await self._db.execute("INSERT INTO job_secrets (job_id, sealed) VALUES (?, ?)", (job_id, self._box.seal(secrets)))
                 await self._db.executemany(
                     "INSERT INTO job_targets (job_id, idx, endpoint, image, ref, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
                     [(job_id, i, t["endpoint"], t["image"], t["ref"], now) for i, t in enumerate(targets)],
@@ -114,9 +120,14 @@ class Store:
             await cur.close()
             if row is None:
                 return None
-            async with self._db.execute("SELECT secrets FROM job_secrets WHERE job_id = ?", (row["id"],)) as c:
+            async with self._db.execute("SELECT sealed FROM job_secrets WHERE job_id = ?", (row["id"],)) as c:
                 srow = await c.fetchone()
-        secrets = json.loads(srow["secrets"]) if srow else {}
+        secrets: dict[str, Any] | None = {}
+        if srow:
+            try:
+                secrets = self._box.open(srow["sealed"])
+            except SecretError:
+                secrets = None
         return ClaimedJob(row["id"], json.loads(row["request"]), secrets, row["attempt"], bool(row["cancel_requested"]))
 
     async def renew(self, job_id: str, owner: str, lease_s: float) -> bool:

@@ -12,6 +12,8 @@ from typing import Any
 
 import aiohttp
 
+from .credentials import CredentialStore
+from .logs import job_context
 from .registry.client import RegistryClient
 from .settings import Settings
 from .store import ClaimedJob, LeaseLost, Store
@@ -74,10 +76,13 @@ class JobEvents:
 
 
 class Worker:
-    def __init__(self, store: Store, session: aiohttp.ClientSession, settings: Settings) -> None:
+    def __init__(
+        self, store: Store, session: aiohttp.ClientSession, settings: Settings, credentials: CredentialStore | None = None
+    ) -> None:
         self.store = store
         self.session = session
         self.settings = settings
+        self.credentials = credentials
         self.owner = f"{settings.node}/{uuid.uuid4().hex[:12]}"
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -156,6 +161,10 @@ class Worker:
         self._wake.set()
 
     async def _run(self, job: ClaimedJob) -> None:
+        with job_context(job.id):
+            await self._run_job(job)
+
+    async def _run_job(self, job: ClaimedJob) -> None:
         log.info("job %s: started (attempt %d)", job.id, job.attempt)
         events = JobEvents(self.store, job.id, self.owner, await self.store.uploads(job.id))
         beat = asyncio.create_task(self._heartbeat(job.id, events))
@@ -164,6 +173,11 @@ class Worker:
         try:
             if job.cancel_requested:
                 raise asyncio.CancelledError()  # asked for before a crash took its worker
+            if job.secrets is None:
+                raise SourceError(
+                    "the job's credentials were sealed with another secret key (PYDLIT_SECRET_KEY or the "
+                    ".key file beside the database changed); submit the job again"
+                )
             try:
                 copy = self._build(job, events)
             except (ValueError, ssl.SSLError) as exc:
@@ -242,11 +256,17 @@ class Worker:
                 ca_cert=side.get("ca_cert"), policy=self.settings.retry, stall_timeout=self.settings.stall_timeout_s,
             )
 
-        source_client = client(src, secrets.get("source"))
+        def auth_for(given: dict[str, Any] | None, endpoint: str) -> dict[str, Any] | None:
+            # Server-side credentials stand in only where the request brought none.
+            if given is None and self.credentials is not None:
+                return self.credentials.lookup(endpoint)
+            return given
+
+        source_client = client(src, auth_for(secrets.get("source"), src["endpoint"]))
         source = Source(source_client, source_client.repository(src["image"]), src["ref"])
         target_auth = secrets.get("targets") or []
         targets = []
         for idx, t in enumerate(req["targets"]):
-            c = client(t, target_auth[idx] if idx < len(target_auth) else None)
+            c = client(t, auth_for(target_auth[idx] if idx < len(target_auth) else None, t["endpoint"]))
             targets.append(Target(idx, c, c.repository(t.get("image") or src["image"]), t.get("ref") or src["ref"], t.get("overwrite", False)))
         return ImageCopy(source, targets, events, self._stop, self.settings.tuning)

@@ -13,6 +13,7 @@ import pytest_asyncio
 
 from pydlit.app import create_app
 from pydlit.registry.client import RetryPolicy
+from pydlit.secretbox import SecretBox, load_key
 from pydlit.settings import Settings
 
 pytestmark = pytest.mark.asyncio
@@ -237,6 +238,11 @@ async def test_healthz(client) -> None:
 # -- credentials -----------------------------------------------------------------------------------
 
 
+def unseal(tmp_path: Path, sealed: str) -> dict:
+    db_file = next(tmp_path.glob("*.db"))
+    return SecretBox(load_key(str(db_file), None)).open(sealed)
+
+
 def with_credentials() -> dict:
     b = body()
     b["source"]["auth"] = {"basicauth": {"user": "alice", "password": PASSWORD}}
@@ -254,14 +260,15 @@ async def test_stored_request_and_status_have_credentials_redacted(client, tmp_p
         stored = conn.execute("SELECT request FROM jobs WHERE id = ?", (job_id,)).fetchone()["request"]
         every_job_column = json.dumps([tuple(r) for r in conn.execute("SELECT * FROM jobs")])
         every_target_column = json.dumps([tuple(r) for r in conn.execute("SELECT * FROM job_targets")])
-        secrets = json.loads(conn.execute("SELECT secrets FROM job_secrets WHERE job_id = ?", (job_id,)).fetchone()["secrets"])
-    for text in (stored, every_job_column, every_target_column):
+        sealed = conn.execute("SELECT sealed FROM job_secrets WHERE job_id = ?", (job_id,)).fetchone()["sealed"]
+    for text in (stored, every_job_column, every_target_column, sealed):
         assert PASSWORD not in text and HEADER_VALUE not in text
     request = json.loads(stored)
     assert request["source"]["auth"] == {"basicauth": "<redacted>"}
     assert request["targets"][0]["auth"] == {"header": "<redacted>", "url": "<redacted>"}
 
-    # The job can still run: its credentials wait in job_secrets.
+    # The job can still run: its credentials wait in job_secrets, sealed with the key beside the DB.
+    secrets = unseal(tmp_path, sealed)
     assert secrets["source"] == {"basicauth": {"user": "alice", "password": PASSWORD}}
     assert secrets["targets"][0]["header"] == {"X-Registry-Token": HEADER_VALUE}
     assert secrets["targets"][1]["header"] == {"X-Other": f"{HEADER_VALUE}-2"}
@@ -304,7 +311,8 @@ async def test_redaction_does_not_touch_the_posted_document_shape(client, tmp_pa
     _, answer = await post(client, copy.deepcopy(payload))
     with db(tmp_path) as conn:
         stored = json.loads(conn.execute("SELECT request FROM jobs WHERE id = ?", (answer["id"],)).fetchone()["request"])
-        secrets = json.loads(conn.execute("SELECT secrets FROM job_secrets WHERE job_id = ?", (answer["id"],)).fetchone()["secrets"])
+        sealed = conn.execute("SELECT sealed FROM job_secrets WHERE job_id = ?", (answer["id"],)).fetchone()["sealed"]
+    secrets = unseal(tmp_path, sealed)
     assert "auth" not in stored["source"] and all("auth" not in t for t in stored["targets"])
     assert stored["source"]["endpoint"] == payload["source"]["endpoint"]
     assert secrets == {"source": None, "targets": [None, None]}

@@ -168,3 +168,39 @@ def test_retention_prunes_ended_jobs(service_factory, registries, repo_name, day
         jobs = db.execute("select count(*) from jobs where id = ?", (job_id,)).fetchone()[0]
         targets = db.execute("select count(*) from job_targets where job_id = ?", (job_id,)).fetchone()[0]
     assert (jobs, targets) == ((1, 1) if kept else (0, 0))
+
+
+def test_server_side_credentials_are_used_when_a_request_has_none(service_factory, registries, repo_name, tmp_path):
+    image = push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[2048], seed=36)
+    tls = registries.tls
+    creds = tmp_path / "credentials.json"
+    # A Docker config.json, as `docker login` writes it.
+    import base64
+
+    token = base64.b64encode(f"{tls.user}:{tls.password}".encode()).decode()
+    creds.write_text(json.dumps({"auths": {tls.host: {"auth": token}}}))
+    svc = service_factory(env={"PYDLIT_CREDENTIALS": str(creds)})
+    body = job_body(registries.source, repo_name, "v1", [tls])
+    body["targets"][0].pop("auth")
+
+    view = svc.wait(svc.submit(body), timeout=30)
+
+    assert view["value"] == "FINISHED", view
+    assert view["targets"][0]["bytes_done"] == image.total_bytes
+    assert tls.password not in svc.log_text() and token not in svc.log_text()
+
+
+def test_json_logs_carry_the_job_id_and_no_secret(service_factory, registries, repo_name):
+    push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[2048], seed=37)
+    svc = service_factory(env={"PYDLIT_LOG_FORMAT": "json"})
+    tls = registries.tls
+    body = job_body(registries.source, repo_name, "v1", [(tls, {"image": repo_name})])
+    job_id = svc.submit(body)
+    svc.wait(job_id, timeout=30)
+    svc.stop()
+
+    lines = [json.loads(line) for line in svc.log_text().splitlines() if line.startswith("{")]
+    job_lines = [entry for entry in lines if entry.get("job") == job_id]
+    assert any("FINISHED" in entry["msg"] for entry in job_lines)
+    assert {"ts", "level", "logger", "msg"} <= set(job_lines[0])
+    assert tls.password not in svc.log_text()

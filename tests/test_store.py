@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from pydlit.secretbox import SecretBox
 from pydlit.store import MIGRATIONS, LeaseLost, Store, StoreError, iso, migrate
 
 pytestmark = pytest.mark.asyncio
@@ -133,7 +134,7 @@ async def test_enqueue_commits_job_targets_and_secrets(store: Store, db_path: Pa
     with raw(db_path) as conn:
         job = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         targets = conn.execute("SELECT * FROM job_targets WHERE job_id = ? ORDER BY idx", (job_id,)).fetchall()
-        secrets = conn.execute("SELECT secrets FROM job_secrets WHERE job_id = ?", (job_id,)).fetchone()
+        sealed = conn.execute("SELECT sealed FROM job_secrets WHERE job_id = ?", (job_id,)).fetchone()["sealed"]
     assert job["state"] == "QUEUED"
     assert job["attempt"] == 0 and job["lease_owner"] is None
     assert job["created_at"] == iso(T0)
@@ -143,7 +144,22 @@ async def test_enqueue_commits_job_targets_and_secrets(store: Store, db_path: Pa
         (0, TARGETS[0]["endpoint"], "app", "v1", "PENDING"),
         (1, TARGETS[1]["endpoint"], "mirror/app", "stable", "PENDING"),
     ]
-    assert json.loads(secrets["secrets"]) == SECRETS
+    # Sealed at rest: sqlite3 shows opaque text, never a credential.
+    assert sealed.startswith("v1:")
+    assert "s3cr3t-PASSWORD" not in sealed and "hdr-SECRET" not in sealed and "basicauth" not in sealed
+    assert (await store.claim("node/w", 30)).secrets == SECRETS
+
+
+async def test_secrets_sealed_with_another_key_are_not_opened(db_path: Path, clock: Clock) -> None:
+    first = await Store.open(db_path, clock=clock, box=SecretBox(b"k" * 32))
+    await enqueue(first)
+    await first.close()
+    other = await Store.open(db_path, clock=clock, box=SecretBox(b"x" * 32))
+    try:
+        job = await other.claim("node/w", 30)
+    finally:
+        await other.close()
+    assert job is not None and job.secrets is None
 
 
 async def test_enqueue_is_all_or_nothing(store: Store, db_path: Path) -> None:
