@@ -256,11 +256,13 @@ class ImageCopy:
             self._check_stop()
             if attempt == policy.attempts:
                 break
+            # A registry that said when to come back (429 Retry-After) is obeyed.
+            waits = [s.error.retry_after for s in retry if isinstance(s.error, RegistryError) and s.error.retry_after is not None]
             for s in retry:
                 log.info("blob %s to %s: attempt %d failed (%s), retrying", blob.digest[:19], s.target.client.name, attempt, s.error)
                 s.error = None
             sinks = retry
-            await asyncio.sleep(policy.delay(attempt, None))
+            await asyncio.sleep(policy.delay(attempt, max(waits) if waits else None))
         for s in sinks:
             await self._fail(s.target, s.error or RegistryError(s.target.client.name, "upload", "gave up"))
 
@@ -317,6 +319,12 @@ class ImageCopy:
         for s in sinks:
             s.pipe = Pipe(self.tuning.buffer_size)
             s.start = s.offset
+        if start == blob.size:
+            # Every session holds the whole blob (a commit failed, or a crash came just before
+            # it): nothing to read, and the registry checks the digest as it commits.
+            verified.set_result(True)
+            await _gather_all(self._write_target(blob, s, verified) for s in sinks)
+            return
         reader = asyncio.create_task(self._read_source(blob, start, sinks, verified))
         try:
             await _gather_all(self._write_target(blob, s, verified) for s in sinks)

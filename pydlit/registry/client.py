@@ -3,12 +3,13 @@ leaking credentials, error wording, retries, and the V2 operations a copier need
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import random
 import ssl
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 from urllib.parse import urlencode
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Body = Union[bytes, AsyncIterable[bytes], None]
+# The slowest upload link the response timeout allows for, once a body sits in kernel buffers.
+MIN_UPLOAD_RATE = 64 * 1024
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 MAX_REDIRECTS = 5
 
@@ -124,6 +127,7 @@ class RegistryClient:
         self.policy = policy
         self._auth = Authenticator(auth)
         self._ssl = ssl_for(verify_tls, ca_cert)
+        self._stall = stall_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=stall_timeout)
         self._pinged = False
         self._ping_lock = asyncio.Lock()
@@ -173,6 +177,8 @@ class RegistryClient:
             if authz:
                 hdrs["Authorization"] = authz
             data = body() if callable(body) else body
+            if data is not None and not isinstance(data, bytes):
+                data = _WatchedBody(data)
             resp = await self._send(method, url, step=step, headers=hdrs, data=data)
             if resp.status == 401 and tries < 3:
                 challenges = parse_challenges(resp.headers.getall("WWW-Authenticate", []))
@@ -188,12 +194,19 @@ class RegistryClient:
     async def _send(self, method: str, url: URL | str, *, step: str, headers: dict[str, str], data: Any) -> aiohttp.ClientResponse:
         origin = URL(str(url)).origin()
         timer = LATENCY.labels(operation(method, URL(str(url)).path))
+        timeout = self._timeout
+        if data is not None and not isinstance(data, bytes):
+            # The response timer starts once the body is in the kernel's buffers, which a slow
+            # link may take a while to drain: allow for that on top of the stall timeout.
+            length = int(headers.get("Content-Length") or 0)
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self._stall + length / MIN_UPLOAD_RATE)
         for _ in range(MAX_REDIRECTS + 1):
             started = time.monotonic()
             try:
-                resp = await self.session.request(
-                    method, url, headers=headers, data=data, ssl=self._ssl, allow_redirects=False, timeout=self._timeout
+                request = self.session.request(
+                    method, url, headers=headers, data=data, ssl=self._ssl, allow_redirects=False, timeout=timeout
                 )
+                resp = await (request if data is None or isinstance(data, bytes) else self._watch_upload(request, data, step))
                 timer.observe(time.monotonic() - started)
             except aiohttp.ClientConnectorCertificateError as exc:
                 raise RegistryError(self.name, step, f"TLS certificate verification failed: {exc.certificate_error}") from None
@@ -212,6 +225,23 @@ class RegistryClient:
                 continue
             return resp
         raise RegistryError(self.name, step, "too many redirects")
+
+    async def _watch_upload(self, request: Awaitable[aiohttp.ClientResponse], body: _WatchedBody, step: str) -> aiohttp.ClientResponse:
+        """Cut an upload whose peer stopped taking bytes for the stall timeout (a slow source,
+        which keeps the body waiting on us, is not a stall)."""
+        task = asyncio.ensure_future(request)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=min(1.0, self._stall))
+                if done:
+                    return task.result()
+                if body.blocked_for() > self._stall:
+                    raise RegistryError(self.name, step, f"upload stalled: the registry took no bytes for {self._stall:g} s", transient=True)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     def _on_challenge(self, challenges: list, scope: str, step: str) -> str:
         """Adapt to a 401 and say which scope to ask for next; raise when retrying cannot help."""
@@ -462,6 +492,23 @@ class RegistryClient:
             raise RegistryError(self.name, "upload", "the registry answered without a Location", status=resp.status)
         # Relative Locations are resolved against the request URL, keeping the signed query as is.
         return str(URL(str(resp.url)).join(URL(loc, encoded=True)))
+
+
+class _WatchedBody:
+    """An upload body that knows how long it has waited for the connection to take a piece."""
+
+    def __init__(self, body: AsyncIterable[bytes]) -> None:
+        self._body = body
+        self._handed_at: float | None = None
+
+    def blocked_for(self) -> float:
+        return 0.0 if self._handed_at is None else time.monotonic() - self._handed_at
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for piece in self._body:
+            self._handed_at = time.monotonic()
+            yield piece
+            self._handed_at = None
 
 
 def _range_end(value: str | None) -> int:

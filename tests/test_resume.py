@@ -1,0 +1,452 @@
+"""Fault tolerance and restarts, end to end: the real service, real registries, a fault proxy.
+
+Every test copies an image through a FaultProxy that injects 429/503 bursts, cuts connections,
+stalls or throttles, or kills the service mid-transfer. Every test then proves the job ended as it
+should (FINISHED with the exact same tree at the target, every digest read back and verified, or
+FAILED at once for a permanent error) and prints the bytes that crossed the proxy as a multiple of
+the image size (`pytest -s` shows them).
+"""
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from support.images import Image, assert_same_tree, push_image, read_back
+from support.proxy import FaultProxy, classify
+from support.service import ServiceProcess, job_body, job_state
+
+MiB = 1 << 20
+CHUNK = 4 * MiB  # PYDLIT_CHUNK_MIB=4 below
+POLL = 0.05
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def service_env(**extra: Any) -> dict[str, str]:
+    """Quick retries, 4 MiB chunks, a node name of this test's own (leases and recovery)."""
+    env = {
+        "PYDLIT_RETRY_BASE_DELAY": "0.1",
+        "PYDLIT_RETRY_MAX_DELAY": "1",
+        "PYDLIT_CHUNK_MIB": str(CHUNK // MiB),
+        "PYDLIT_NODE": f"resume-{uuid.uuid4().hex[:8]}",
+        "PYDLIT_LOG_LEVEL": "INFO",
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class TimedProxy(FaultProxy):
+    """A FaultProxy that also notes when each request arrived and when each fault was answered,
+    so a test can see how long the client waited before its next request."""
+
+    def __init__(self, upstream: Any) -> None:
+        super().__init__(upstream)
+        self.arrivals: list[tuple[float, str, str]] = []
+        self.fault_times: list[tuple[float, int]] = []
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.arrivals.append((time.monotonic(), request.method, classify(request.method, request.path)))
+        return await super()._handle(request)
+
+    def _fail_response(self, rule: Any) -> web.Response:
+        self.fault_times.append((time.monotonic(), rule.status))
+        return super()._fail_response(rule)
+
+
+@pytest.fixture
+def timed_proxy_factory() -> Iterator[Callable[[Any], TimedProxy]]:
+    started: list[TimedProxy] = []
+
+    def make(upstream: Any) -> TimedProxy:
+        proxy = TimedProxy(upstream).start()
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+def report(label: str, what: str, nbytes: int, image_bytes: int) -> float:
+    ratio = nbytes / image_bytes
+    print(f"\n[test_resume] {label}: {what} {nbytes} B = {ratio:.3f}x the image ({image_bytes} B)")
+    return ratio
+
+
+def finished(service: ServiceProcess, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    status = service.wait(job_id, timeout=timeout)
+    assert job_state(status) == "FINISHED", f"job ended {job_state(status)}: {status}\n{service.log_tail()}"
+    assert all(t["state"] == "FINISHED" for t in status["targets"]), status
+    return status
+
+
+def assert_copied(image: Image, target: Any, repo: str) -> None:
+    """The target's tree, every blob streamed and its digest checked, equals the source's."""
+    assert_same_tree(image, read_back(target, repo, image.tag))
+
+
+def faulted(proxy: FaultProxy, kind: str | None = None, fault: str = "fail") -> list[Any]:
+    return [r for r in proxy.requests
+            if r.fault and r.fault.startswith(fault) and (kind is None or r.kind == kind)]
+
+
+def wait_mid_transfer(service: ServiceProcess, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Poll until the job is RUNNING with 0 < bytes_done < bytes_total."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        last = service.status(job_id)
+        assert job_state(last) in ("QUEUED", "RUNNING"), f"job ended before the fault: {last}"
+        total = last.get("bytes_total") or 0
+        if job_state(last) == "RUNNING" and 0 < last.get("bytes_done", 0) < total:
+            return last
+        time.sleep(POLL)
+    raise AssertionError(f"job {job_id} never seen mid-transfer within {timeout}s: {last}\n"
+                         f"{service.log_tail()}")
+
+
+def db_rows(db_path: Path, sql: str, *params: Any) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(db_path, timeout=5)
+    try:
+        conn.row_factory = sqlite3.Row
+        return list(conn.execute(sql, params))
+    finally:
+        conn.close()
+
+
+# -- transient HTTP errors --------------------------------------------------------------------------
+
+
+SMALL_BLOBS = (3 * MiB + 5, 2 * MiB + 3, 300_007)  # every blob <= one chunk: one PUT each
+ONE_CHUNKED = (9 * MiB + 5, 2 * MiB + 3, 300_007)  # the first is PATCHed in 3 chunks
+
+
+@pytest.mark.parametrize(
+    ("kind", "layers", "seed"),
+    [("upload_post", ONE_CHUNKED, 4201), ("upload_patch", ONE_CHUNKED, 4202), ("upload_put", SMALL_BLOBS, 4203)],
+    ids=["POST", "PATCH", "PUT"],
+)
+def test_429_burst_with_retry_after_on_upload_requests_is_waited_out(
+    registries, timed_proxy_factory, service_factory, repo_name, kind, layers, seed
+):
+    # Blobs one at a time: every request to the target follows the previous one, so the wait
+    # after each 429 is the gap to the next request.
+    image = push_image(registries.source, repo_name, "v1", layer_sizes=layers, seed=seed)
+    target = timed_proxy_factory(registries.target_a)
+    retry_after = 1
+    target.fail_next(2, 429, kinds=kind, retry_after=retry_after)
+    service = service_factory(env=service_env(PYDLIT_PARALLEL_BLOBS=1))
+
+    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+    finished(service, job)
+    assert_copied(image, registries.target_a, repo_name)
+
+    assert len(faulted(target, kind)) == 2 and all(r.status == 429 for r in faulted(target))
+    method = {"upload_post": "POST", "upload_patch": "PATCH", "upload_put": "PUT"}[kind]
+    normal = {"upload_post": len(image.blobs), "upload_put": len(image.blobs),
+              "upload_patch": sum(-(-s // CHUNK) for s in image.blobs.values() if s > CHUNK)}[kind]
+    assert target.count(method, kind) >= normal + 2, "a 429-ed request was not sent again"
+    # Retry-After was honoured: nothing reached the target for that long after each 429.
+    assert len(target.fault_times) == 2
+    origin = target.arrivals[0][0]
+    for t0, _ in target.fault_times:
+        later = [t for t, _, _ in target.arrivals if t > t0]
+        assert later, "no request after a 429"
+        gap = later[0] - t0
+        assert gap >= 0.9 * retry_after, (
+            f"the next request came {gap:.2f}s after a 429 on {method} with Retry-After: {retry_after}; "
+            f"429s at {[round(t - origin, 2) for t, _ in target.fault_times]}s, requests "
+            f"{[(round(t - origin, 2), m, k) for t, m, k in target.arrivals]}"
+        )
+    sent = target.blob_upload_bytes()
+    report(f"429 burst on {method}", "uploaded", sent, image.total_bytes)
+    assert sent <= 1.2 * image.total_bytes
+
+
+@pytest.mark.parametrize(
+    ("where", "layers", "seed"),
+    [
+        ("source_blob_get", ONE_CHUNKED, 4204),
+        ("target_patch", ONE_CHUNKED, 4205),
+        ("target_put", SMALL_BLOBS, 4206),
+        # The first PUT is the commit of the chunked blob, after all its bytes were acknowledged.
+        ("target_commit_put", ONE_CHUNKED, 4207),
+    ],
+    ids=["source-blob-GET", "target-PATCH", "target-PUT", "target-commit-PUT"],
+)
+def test_503_burst_is_retried(
+    registries, proxy_factory, service_factory, repo_name, where, layers, seed
+):
+    image = push_image(registries.source, repo_name, "v1", layer_sizes=layers, seed=seed)
+    source = proxy_factory(registries.source)
+    target = proxy_factory(registries.target_a)
+    kind, proxy, method = {
+        "source_blob_get": ("blob_get", source, "GET"),
+        "target_patch": ("upload_patch", target, "PATCH"),
+        "target_put": ("upload_put", target, "PUT"),
+        "target_commit_put": ("upload_put", target, "PUT"),
+    }[where]
+    proxy.fail_next(3, 503, kinds=kind)
+    # One blob at a time, largest first: which request the burst hits is known.
+    service = service_factory(env=service_env(PYDLIT_PARALLEL_BLOBS=1))
+
+    job = service.submit(job_body(source, repo_name, "v1", [target]))
+    finished(service, job)
+    assert_copied(image, registries.target_a, repo_name)
+
+    assert len(faulted(proxy, kind)) == 3 and all(r.status == 503 for r in faulted(proxy))
+    normal = len(image.blobs) if kind != "upload_patch" else sum(
+        -(-s // CHUNK) for s in image.blobs.values() if s > CHUNK)
+    assert proxy.count(method, kind) >= normal + 3, "a 503-ed request was not sent again"
+    read, sent = source.downloaded_bytes(), target.blob_upload_bytes()
+    report(f"503 burst on {where}", "read from the source", read, image.total_bytes)
+    report(f"503 burst on {where}", "uploaded", sent, image.total_bytes)
+    # A 503 is answered before any body byte is forwarded: nothing is uploaded twice. A failed
+    # upload may need its blob read again from the acknowledged offset, at most once per fault.
+    assert sent <= 1.05 * image.total_bytes
+    assert read <= image.total_bytes + 3 * max(image.blobs.values())
+
+
+def test_permanent_403_on_upload_post_fails_the_target_without_retries(
+    registries, proxy_factory, service_factory, repo_name
+):
+    image = push_image(registries.source, repo_name, "v1", layer_sizes=(5 * MiB, 100_003), seed=4104)
+    target = proxy_factory(registries.target_a)
+    target.fail_next(1000, 403, kinds="upload_post")
+    service = service_factory(env=service_env(PYDLIT_PARALLEL_BLOBS=1))
+
+    started = time.monotonic()
+    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+    status = service.wait(job, timeout=30)
+    elapsed = time.monotonic() - started
+    assert job_state(status) == "FAILED", status
+    (t,) = status["targets"]
+    assert t["state"] == "FAILED" and t["error"] and "403" in t["error"], t
+    assert "DENIED" in t["error"], t
+    # Not retried: the one POST was refused and that was the end of it.
+    assert target.count("POST", "upload_post") == 1, target.requests
+    assert target.count("PATCH", "upload_patch") == 0 and target.count("PUT", "upload_put") == 0
+    assert target.count("PUT", "manifest_put") == 0
+    assert elapsed < 10, f"a permanent failure took {elapsed:.1f}s"
+    sent = target.blob_upload_bytes()
+    report("403 on upload POST", "uploaded", sent, image.total_bytes)
+    assert sent == 0
+
+
+# -- cut connections, slow and stalled links ------------------------------------------------------------
+
+
+def test_connection_cut_mid_upload_costs_at_most_the_lost_chunk(
+    registries, proxy_factory, service_factory, repo_name
+):
+    image = push_image(registries.source, repo_name, "v1",
+                       layer_sizes=(14 * MiB + 11, 9 * MiB + 7, 5 * MiB + 3), seed=4105)
+    target = proxy_factory(registries.target_a)
+    target.cut_upload_after(2 * MiB + 12_345, methods="PATCH", kinds="upload_patch")
+    service = service_factory(env=service_env())
+
+    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+    finished(service, job)
+    assert_copied(image, registries.target_a, repo_name)
+
+    cuts = faulted(target, "upload_patch", fault="upload cut")
+    assert len(cuts) == 1, target.requests
+    sent = target.blob_upload_bytes()
+    report("connection cut mid-PATCH", "uploaded", sent, image.total_bytes)
+    assert sent <= image.total_bytes + CHUNK
+
+
+def test_connection_cut_mid_download_resumes_the_read_with_range(
+    registries, proxy_factory, service_factory, repo_name
+):
+    # Two targets: the source is read once for both, and the cut read resumes where it broke.
+    image = push_image(registries.source, repo_name, "v1",
+                       layer_sizes=(14 * MiB + 11, 9 * MiB + 7, 5 * MiB + 3), seed=4106)
+    source = proxy_factory(registries.source)
+    source.cut_download_after(6 * MiB + 999)
+    service = service_factory(env=service_env())
+
+    job = service.submit(job_body(source, repo_name, "v1", [registries.target_a, registries.target_b]))
+    finished(service, job)
+    assert_copied(image, registries.target_a, repo_name)
+    assert_copied(image, registries.target_b, repo_name)
+
+    assert len(faulted(source, "blob_get", fault="download cut")) == 1
+    assert any(r.kind == "blob_get" and r.status == 206 for r in source.requests), \
+        "the broken read was not resumed with a Range request"
+    read = source.downloaded_bytes()
+    report("connection cut mid-download (2 targets)", "read from the source", read, image.total_bytes)
+    assert read < 1.2 * image.total_bytes
+
+
+def test_slow_link_still_finishes(registries, proxy_factory, service_factory, repo_name):
+    image = push_image(registries.source, repo_name, "v1",
+                       layer_sizes=(10 * MiB + 11, 6 * MiB + 7, 4 * MiB + 3), seed=4107)
+    target = proxy_factory(registries.target_a)
+    rate = 8 * MiB
+    target.rate_limit(rate)
+    service = service_factory(env=service_env())
+
+    started = time.monotonic()
+    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+    finished(service, job, timeout=60)
+    elapsed = time.monotonic() - started
+    assert_copied(image, registries.target_a, repo_name)
+    assert elapsed >= 0.8 * image.total_bytes / rate, "the link was not slow: the test proves nothing"
+    sent = target.blob_upload_bytes()
+    report(f"slow link ({rate // MiB} MiB/s, {elapsed:.1f}s)", "uploaded", sent, image.total_bytes)
+    assert sent <= 1.05 * image.total_bytes
+
+
+def test_slow_but_moving_upload_is_not_taken_for_a_stall(
+    registries, proxy_factory, service_factory, repo_name
+):
+    # One 4 MiB chunk takes ~4 s on this link, longer than the stall timeout, but bytes flow the
+    # whole time; README: only "a connection that sends no byte for this long is cut". (The tail
+    # of a PATCH body waits in socket buffers, several MiB on loopback as on fast WAN links, after
+    # the client has handed it over: the answer comes that much later than the last write.)
+    image = push_image(registries.source, repo_name, "v1", layer_sizes=(CHUNK + 100_003,), seed=4118)
+    target = proxy_factory(registries.target_a)
+    rate = 1 * MiB
+    target.rate_limit(rate, download=False)
+    service = service_factory(env=service_env(PYDLIT_STALL_TIMEOUT_S=2, PYDLIT_RETRY_ATTEMPTS=3))
+
+    started = time.monotonic()
+    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+    finished(service, job, timeout=60)
+    elapsed = time.monotonic() - started
+    assert_copied(image, registries.target_a, repo_name)
+    assert elapsed >= 0.8 * image.total_bytes / rate, "the link was not slow: the test proves nothing"
+    sent = target.blob_upload_bytes()
+    report(f"slow upload ({rate / MiB:.1f} MiB/s, stall timeout 2 s, {elapsed:.1f}s)", "uploaded", sent,
+           image.total_bytes)
+    assert sent <= 1.05 * image.total_bytes
+
+
+def test_stalled_download_is_cut_and_retried(registries, proxy_factory, service_factory, repo_name):
+    image = push_image(registries.source, repo_name, "v1",
+                       layer_sizes=(9 * MiB + 11, 2 * MiB + 7, 100_003), seed=4108)
+    source = proxy_factory(registries.source)
+    stall_s = 12.0
+    source.stall_next_download(stall_s, after_bytes=1 * MiB)
+    service = service_factory(env=service_env(PYDLIT_STALL_TIMEOUT_S=2))
+
+    started = time.monotonic()
+    job = service.submit(job_body(source, repo_name, "v1", [registries.target_a]))
+    finished(service, job, timeout=40)
+    elapsed = time.monotonic() - started
+    assert_copied(image, registries.target_a, repo_name)
+
+    assert len(faulted(source, "blob_get", fault="stall")) == 1
+    assert source.count("GET", "blob_get") >= len(image.blobs) + 1, "the stalled read was not retried"
+    assert elapsed < stall_s - 2, f"took {elapsed:.1f}s: the stall was waited out, not cut"
+    read = source.downloaded_bytes()
+    report(f"stalled download (finished in {elapsed:.1f}s)", "read from the source", read, image.total_bytes)
+    assert read < 1.2 * image.total_bytes
+
+
+# -- stopping and killing the service mid-transfer ---------------------------------------------------
+
+
+BIG_LAYERS = (24 * MiB + 1, 24 * MiB + 2, 24 * MiB + 3, 24 * MiB + 4)
+
+
+def test_sigterm_mid_transfer_checkpoints_requeues_and_resumes(
+    registries, proxy_factory, service_factory, repo_name
+):
+    image = push_image(registries.source, repo_name, "v1", layer_sizes=BIG_LAYERS, seed=4109)
+    target = proxy_factory(registries.target_a)
+    target.rate_limit(24 * MiB, download=False)
+    service = service_factory(env=service_env())
+
+    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+    mid = wait_mid_transfer(service, job)
+    stopping = time.monotonic()
+    code = service.stop(signal.SIGTERM, timeout=30)
+    took = time.monotonic() - stopping
+    assert code == 0, f"SIGTERM exit code {code} after {took:.1f}s\n{service.log_tail()}"
+    assert took < 30
+
+    (row,) = db_rows(service.db_path, "SELECT state, lease_owner FROM jobs WHERE id = ?", job)
+    assert row["state"] == "QUEUED" and row["lease_owner"] is None, dict(row)
+    uploads = db_rows(service.db_path, "SELECT digest, location, offset FROM uploads WHERE job_id = ?", job)
+    assert uploads, "no upload checkpoint left for the restart"
+    assert all(u["digest"] in image.blobs and 0 <= u["offset"] <= image.blobs[u["digest"]] for u in uploads)
+    assert any(u["offset"] > 0 for u in uploads), [dict(u) for u in uploads]
+    assert all(u["offset"] % CHUNK == 0 or u["offset"] == image.blobs[u["digest"]] for u in uploads), \
+        "a checkpoint off a chunk boundary"
+    print(f"\n[test_resume] SIGTERM at {mid['bytes_done']}/{mid['bytes_total']} B, exited 0 in "
+          f"{took:.1f}s with {len(uploads)} checkpoint(s)")
+
+    target.rate_limit(None)
+    service.start()
+    status = finished(service, job, timeout=60)
+    assert status["attempt"] >= 2, status
+    assert_copied(image, registries.target_a, repo_name)
+    sent = target.blob_upload_bytes()
+    report("SIGTERM + restart", "uploaded", sent, image.total_bytes)
+    assert sent <= 1.05 * image.total_bytes
+
+
+def test_sigkill_mid_transfer_restart_resumes(registries, proxy_factory, service_factory, repo_name):
+    image = push_image(registries.source, repo_name, "v1", layer_sizes=BIG_LAYERS, seed=4110)
+    target = proxy_factory(registries.target_a)
+    target.rate_limit(24 * MiB, download=False)
+    service = service_factory(env=service_env())
+
+    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+    mid = wait_mid_transfer(service, job)
+    assert service.kill() == -signal.SIGKILL
+    (row,) = db_rows(service.db_path, "SELECT state FROM jobs WHERE id = ?", job)
+    assert row["state"] == "RUNNING", dict(row)  # nobody got to requeue it
+    n_uploads = len(db_rows(service.db_path, "SELECT 1 FROM uploads WHERE job_id = ?", job))
+    print(f"\n[test_resume] SIGKILL at {mid['bytes_done']}/{mid['bytes_total']} B "
+          f"with {n_uploads} checkpoint(s)")
+
+    target.rate_limit(None)
+    service.start()
+    status = finished(service, job, timeout=60)
+    assert status["attempt"] >= 2, status
+    assert_copied(image, registries.target_a, repo_name)
+    sent = target.blob_upload_bytes()
+    report("SIGKILL + restart", "uploaded", sent, image.total_bytes)
+    assert sent <= 1.6 * image.total_bytes
+
+
+def test_sigkill_with_queued_jobs_every_job_finishes_after_restart(
+    registries, proxy_factory, service_factory, repo_name
+):
+    big = push_image(registries.source, repo_name, "v1", layer_sizes=(16 * MiB + 1, 16 * MiB + 2, 16 * MiB + 3),
+                     seed=4111)
+    small = [push_image(registries.source, f"{repo_name}-s{i}", "v1", layer_sizes=(5 * MiB + i, 60_000 + i),
+                        seed=4112 + i) for i in range(2)]
+    target = proxy_factory(registries.target_a)
+    target.rate_limit(12 * MiB, download=False)
+    # One blob at a time: what the kill can cost is bounded by the one blob in flight.
+    service = service_factory(env=service_env(PYDLIT_CONCURRENCY=1, PYDLIT_PARALLEL_BLOBS=1))
+
+    images = [big, *small]
+    jobs = [service.submit(job_body(registries.source, im.repo, "v1", [target])) for im in images]
+    mid = wait_mid_transfer(service, jobs[0])
+    assert [job_state(service.status(j)) for j in jobs[1:]] == ["QUEUED", "QUEUED"]
+    assert service.kill() == -signal.SIGKILL
+    print(f"\n[test_resume] SIGKILL with job 1 of 3 at {mid['bytes_done']}/{mid['bytes_total']} B")
+
+    target.rate_limit(None)
+    service.start()
+    for job, im in zip(jobs, images):
+        finished(service, job, timeout=60)
+        assert_copied(im, registries.target_a, im.repo)
+    total = sum(im.total_bytes for im in images)
+    sent = target.blob_upload_bytes()
+    report("SIGKILL with 3 jobs queued/running", "uploaded", sent, total)
+    # Blobs committed before the kill are not sent again; the blob in flight may start over.
+    assert sent <= total + max(big.blobs.values()) + CHUNK
