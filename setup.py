@@ -20,6 +20,8 @@ setup(
             "pytest-aiohttp>=1.0",
             "aioresponses>=0.7.6",
             "bcrypt>=4",
+            "schemathesis>=4",
+            "openapi-spec-validator>=0.7",
         ],
     },
     entry_points={"console_scripts": ["pydlit=pydlit.cli:main"]},
