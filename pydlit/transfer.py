@@ -29,7 +29,8 @@ class Tuning:
     chunk_size: int = 16 * MiB  # one PATCH, one checkpoint; what a crash inside a chunk can cost
     piece_size: int = 1 * MiB  # one read from the source
     buffer_size: int = 16 * MiB  # how far a slow target may lag behind the fastest, per blob
-    parallel_blobs: int = 3
+    parallel_blobs: int = 3  # blobs larger than a chunk, copied at once
+    parallel_small_blobs: int = 8
     parallel_manifests: int = 8
     mount_candidates: int = 3
     preflight_wait_s: float = 3.0  # how long targets wait for each other before the shared read
@@ -131,15 +132,18 @@ class ImageCopy:
         self.tree: Tree | None = None
 
     async def run(self) -> None:
+        # The targets' tags are looked up while the source tree is read: one round trip less.
+        heads = [asyncio.create_task(self._head_tag(t)) for t in self.targets]
+        checks: dict[asyncio.Task[bool], Target] = {}
         try:
-            self.tree = await read_tree(self.source.client, self.source.repo, self.source.ref)
-        except RegistryError as exc:
-            raise SourceError(str(exc)) from None
-        total = sum(b.size for b in self.tree.blobs)
-        for t in self.targets:
-            self.events.set_total(t.idx, total)
-        checks = {asyncio.create_task(self._preflight(t)): t for t in self.targets}
-        try:
+            try:
+                self.tree = await read_tree(self.source.client, self.source.repo, self.source.ref)
+            except RegistryError as exc:
+                raise SourceError(str(exc)) from None
+            total = sum(b.size for b in self.tree.blobs)
+            for t in self.targets:
+                self.events.set_total(t.idx, total)
+            checks = {asyncio.create_task(self._preflight(t, head)): t for t, head in zip(self.targets, heads)}
             # Targets that answer promptly share one read of the source; one slow to answer
             # (retrying, unreachable) must not hold them back, so it gets a read of its own later.
             done, pending = await asyncio.wait(checks, timeout=self.tuning.preflight_wait_s)
@@ -148,7 +152,7 @@ class ImageCopy:
             groups += [self._copy_late(task, checks[task]) for task in pending]
             await _gather_all(groups)
         finally:
-            for task in checks:
+            for task in [*heads, *checks]:
                 task.cancel()
 
     async def _copy_late(self, check: asyncio.Task[bool], target: Target) -> None:
@@ -158,10 +162,13 @@ class ImageCopy:
     async def _copy_to(self, targets: list[Target]) -> None:
         assert self.tree is not None
         blobs = sorted(self.tree.blobs, key=lambda b: -b.size)
-        sem = asyncio.Semaphore(self.tuning.parallel_blobs)
+        # Large blobs are bounded for memory; small ones (one request each) are bounded for
+        # latency, so that a config blob does not queue behind the layers.
+        large = asyncio.Semaphore(self.tuning.parallel_blobs)
+        small = asyncio.Semaphore(self.tuning.parallel_small_blobs)
 
         async def one(blob: Blob) -> None:
-            async with sem:
+            async with large if blob.size > self.tuning.chunk_size else small:
                 self._check_stop()
                 await self._copy_blob(blob, [t for t in targets if not t.failed])
 
@@ -178,13 +185,18 @@ class ImageCopy:
             log.warning("target %s/%s failed: %s", target.client.name, target.repo, error)
             await self.events.target_state(target.idx, "FAILED", str(error))
 
-    async def _preflight(self, t: Target) -> bool:
+    async def _head_tag(self, t: Target) -> str | None | RegistryError:
+        try:
+            return await t.client.head_manifest(t.repo, t.ref)
+        except RegistryError as exc:
+            return exc
+
+    async def _preflight(self, t: Target, head: asyncio.Task[str | None | RegistryError]) -> bool:
         """Finished, skipped, or to copy: decided by what the target's tag holds now."""
         assert self.tree is not None
-        try:
-            current = await t.client.head_manifest(t.repo, t.ref)
-        except RegistryError as exc:
-            await self._fail(t, exc)
+        current = await head
+        if isinstance(current, RegistryError):
+            await self._fail(t, current)
             return False
         if current == self.tree.top.digest:
             for b in self.tree.blobs:

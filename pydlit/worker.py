@@ -14,6 +14,7 @@ import aiohttp
 
 from .credentials import CredentialStore
 from .logs import job_context
+from .registry.auth import ChallengeCache
 from .registry.client import RegistryClient
 from .settings import Settings
 from .store import ClaimedJob, LeaseLost, Store
@@ -84,6 +85,7 @@ class Worker:
         self.settings = settings
         self.credentials = credentials
         self.owner = f"{settings.node}/{uuid.uuid4().hex[:12]}"
+        self.challenges = ChallengeCache()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -254,6 +256,7 @@ class Worker:
             return RegistryClient(
                 self.session, side["endpoint"], auth=auth, verify_tls=side.get("verify_tls", False),
                 ca_cert=side.get("ca_cert"), policy=self.settings.retry, stall_timeout=self.settings.stall_timeout_s,
+                challenges=self.challenges,
             )
 
         def auth_for(given: dict[str, Any] | None, endpoint: str) -> dict[str, Any] | None:

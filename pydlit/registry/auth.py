@@ -81,6 +81,24 @@ class Token:
         return now < self.expires_at - min(REFRESH_MARGIN_S, self.ttl / 2)
 
 
+class ChallengeCache:
+    """What each registry answered to GET /v2/, shared by every job, so that a registry is
+    pinged once in a while rather than once per job. A stale entry only costs a 401 round trip."""
+
+    def __init__(self, ttl_s: float = 300.0) -> None:
+        self._ttl = ttl_s
+        self._known: dict[str, tuple[Challenge | None, float]] = {}
+
+    def get(self, registry: str) -> tuple[bool, Challenge | None]:
+        entry = self._known.get(registry)
+        if entry is None or entry[1] < time.monotonic():
+            return False, None
+        return True, entry[0]
+
+    def put(self, registry: str, challenge: Challenge | None) -> None:
+        self._known[registry] = (challenge, time.monotonic() + self._ttl)
+
+
 class AuthError(Exception):
     """Credentials were refused or a token could not be had; never carries a secret."""
 

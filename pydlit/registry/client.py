@@ -18,7 +18,7 @@ import aiohttp
 from yarl import URL
 
 from ..metrics import LATENCY, RETRIES, operation
-from .auth import AuthError, Authenticator, merge_scopes, parse_challenges, scope_for
+from .auth import AuthError, Authenticator, ChallengeCache, merge_scopes, parse_challenges, scope_for
 from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
 from .manifests import ACCEPT, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 
@@ -121,6 +121,7 @@ class RegistryClient:
         ca_cert: str | None = None,
         policy: RetryPolicy = RetryPolicy(),
         stall_timeout: float = 60.0,
+        challenges: ChallengeCache | None = None,
     ) -> None:
         self.session = session
         self.base, self.name = split_endpoint(endpoint)
@@ -129,6 +130,7 @@ class RegistryClient:
         self._ssl = ssl_for(verify_tls, ca_cert)
         self._stall = stall_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=stall_timeout)
+        self._challenges = challenges or ChallengeCache()
         self._pinged = False
         self._ping_lock = asyncio.Lock()
 
@@ -281,6 +283,11 @@ class RegistryClient:
         async with self._ping_lock:
             if self._pinged:
                 return
+            known, challenge = self._challenges.get(self.base)
+            if known:
+                self._auth.challenge = challenge
+                self._pinged = True
+                return
 
             async def ping() -> None:
                 resp = await self._send("GET", self.url(""), step=step, headers={}, data=None)
@@ -295,6 +302,7 @@ class RegistryClient:
 
             # No retry loop of its own: every caller of request() runs inside one already.
             await ping()
+            self._challenges.put(self.base, self._auth.challenge)
             self._pinged = True
 
     async def _error(self, resp: aiohttp.ClientResponse, step: str) -> RegistryError:
