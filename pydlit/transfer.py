@@ -31,8 +31,7 @@ class Tuning:
     # Memory per job is about parallel_blobs x buffer_size: 4 x 8 MiB keeps a 512 MiB copy to
     # 3 targets under 150 MiB RSS, and 4 layers in flight leave no lone last layer at the end.
     buffer_size: int = 8 * MiB  # how far a slow target may lag behind the fastest, per blob
-    parallel_blobs: int = 4  # blobs larger than a chunk, copied at once
-    parallel_small_blobs: int = 8
+    parallel_blobs: int = 4
     parallel_manifests: int = 8
     mount_candidates: int = 3
     preflight_wait_s: float = 3.0  # how long targets wait for each other before the shared read
@@ -164,13 +163,10 @@ class ImageCopy:
     async def _copy_to(self, targets: list[Target]) -> None:
         assert self.tree is not None
         blobs = sorted(self.tree.blobs, key=lambda b: -b.size)
-        # Large blobs are bounded for memory; small ones (one request each) are bounded for
-        # latency, so that a config blob does not queue behind the layers.
-        large = asyncio.Semaphore(self.tuning.parallel_blobs)
-        small = asyncio.Semaphore(self.tuning.parallel_small_blobs)
+        sem = asyncio.Semaphore(self.tuning.parallel_blobs)
 
         async def one(blob: Blob) -> None:
-            async with large if blob.size > self.tuning.chunk_size else small:
+            async with sem:
                 self._check_stop()
                 await self._copy_blob(blob, [t for t in targets if not t.failed])
 
