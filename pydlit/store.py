@@ -3,11 +3,12 @@ progress writes, upload checkpoints, and the read-only views the API serves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import sqlite3
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -81,28 +82,42 @@ class Store:
     def _now(self) -> str:
         return iso(self._clock())
 
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        async with self._tx:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+
+    async def _write(self, sql: str, params: tuple[Any, ...] | list[tuple[Any, ...]], many: bool = False) -> int:
+        """One write statement, kept out of any other coroutine's open transaction."""
+        async with self._tx:
+            if many:
+                cur = await self._db.executemany(sql, params)  # type: ignore[arg-type]
+            else:
+                cur = await self._db.execute(sql, params)
+            return cur.rowcount
+
     # -- queue ----------------------------------------------------------------------------------
 
     async def enqueue(self, request: dict[str, Any], secrets: dict[str, Any], targets: list[dict[str, str]], source: str) -> str:
         """Commit a job and its targets in one transaction; returns its id."""
         job_id = str(uuid.uuid4())
         now = self._now()
-        async with self._tx:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                await self._db.execute(
-                    "INSERT INTO jobs (id, source, request, created_at) VALUES (?, ?, ?, ?)",
-                    (job_id, source, json.dumps(request), now),
-                )
-                await self._db.execute("INSERT INTO job_secrets (job_id, sealed) VALUES (?, ?)", (job_id, self._box.seal(secrets)))
-                await self._db.executemany(
-                    "INSERT INTO job_targets (job_id, idx, endpoint, image, ref, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(job_id, i, t["endpoint"], t["image"], t["ref"], now) for i, t in enumerate(targets)],
-                )
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
+        async with self._transaction():
+            await self._db.execute(
+                "INSERT INTO jobs (id, source, request, created_at) VALUES (?, ?, ?, ?)",
+                (job_id, source, json.dumps(request), now),
+            )
+            await self._db.execute("INSERT INTO job_secrets (job_id, sealed) VALUES (?, ?)", (job_id, self._box.seal(secrets)))
+            await self._db.executemany(
+                "INSERT INTO job_targets (job_id, idx, endpoint, image, ref, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(job_id, i, t["endpoint"], t["image"], t["ref"], now) for i, t in enumerate(targets)],
+            )
         return job_id
 
     async def claim(self, owner: str, lease_s: float) -> ClaimedJob | None:
@@ -132,13 +147,14 @@ class Store:
 
     async def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
         """Extend the lease; True when someone has asked for the job to be cancelled."""
-        cur = await self._db.execute(
-            "UPDATE jobs SET lease_expires = ? WHERE id = ? AND state = 'RUNNING' AND lease_owner = ? "
-            "RETURNING cancel_requested",
-            (iso(self._clock() + timedelta(seconds=lease_s)), job_id, owner),
-        )
-        row = await cur.fetchone()
-        await cur.close()
+        async with self._tx:
+            cur = await self._db.execute(
+                "UPDATE jobs SET lease_expires = ? WHERE id = ? AND state = 'RUNNING' AND lease_owner = ? "
+                "RETURNING cancel_requested",
+                (iso(self._clock() + timedelta(seconds=lease_s)), job_id, owner),
+            )
+            row = await cur.fetchone()
+            await cur.close()
         if row is None:
             raise LeaseLost(job_id)
         return bool(row[0])
@@ -153,35 +169,27 @@ class Store:
 
     async def recover(self, owner_prefix: str) -> int:
         """Requeue RUNNING jobs of a dead process: this node's earlier lives, or expired leases."""
-        cur = await self._db.execute(
+        return await self._write(
             "UPDATE jobs SET state = 'QUEUED', lease_owner = NULL, lease_expires = NULL "
             "WHERE state = 'RUNNING' AND (lease_owner LIKE ? ESCAPE '\\' OR lease_expires < ?)",
             (_like_prefix(owner_prefix), self._now()),
         )
-        return cur.rowcount
 
     async def finish(self, job_id: str, owner: str, state: str, error: str | None) -> None:
         """End a job; its credentials and checkpoints go with it."""
-        async with self._tx:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = await self._db.execute(
-                    "UPDATE jobs SET state = ?, error = ?, finished_at = ?, lease_owner = NULL, lease_expires = NULL "
-                    "WHERE id = ? AND state = 'RUNNING' AND lease_owner = ?",
-                    (state, error, self._now(), job_id, owner),
-                )
-                if cur.rowcount == 0:
-                    raise LeaseLost(job_id)
-                await self._db.execute("DELETE FROM job_secrets WHERE job_id = ?", (job_id,))
-                await self._db.execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
+        async with self._transaction():
+            cur = await self._db.execute(
+                "UPDATE jobs SET state = ?, error = ?, finished_at = ?, lease_owner = NULL, lease_expires = NULL "
+                "WHERE id = ? AND state = 'RUNNING' AND lease_owner = ?",
+                (state, error, self._now(), job_id, owner),
+            )
+            if cur.rowcount == 0:
+                raise LeaseLost(job_id)
+            await self._db.execute("DELETE FROM job_secrets WHERE job_id = ?", (job_id,))
+            await self._db.execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
 
     async def _fenced(self, sql: str, params: tuple[Any, ...]) -> None:
-        cur = await self._db.execute(sql, params)
-        if cur.rowcount == 0:
+        if await self._write(sql, params) == 0:
             raise LeaseLost(str(params))
 
     # -- per-target progress, fenced by the lease ------------------------------------------------
@@ -196,9 +204,10 @@ class Store:
 
     async def progress(self, job_id: str, owner: str, counts: dict[int, tuple[int, int | None]]) -> None:
         now = self._now()
-        await self._db.executemany(
+        await self._write(
             f"UPDATE job_targets SET bytes_done = ?, bytes_total = ?, updated_at = ? WHERE job_id = ? AND idx = ? AND {self._LEASED}",
             [(done, total, now, job_id, idx, job_id, owner) for idx, (done, total) in counts.items()],
+            many=True,
         )
 
     async def save_upload(self, job_id: str, owner: str, idx: int, digest: str, location: str, offset: int) -> None:
@@ -211,7 +220,7 @@ class Store:
         )
 
     async def drop_upload(self, job_id: str, idx: int, digest: str) -> None:
-        await self._db.execute("DELETE FROM uploads WHERE job_id = ? AND target_idx = ? AND digest = ?", (job_id, idx, digest))
+        await self._write("DELETE FROM uploads WHERE job_id = ? AND target_idx = ? AND digest = ?", (job_id, idx, digest))
 
     async def uploads(self, job_id: str) -> dict[tuple[int, str], tuple[str, int]]:
         async with self._db.execute("SELECT target_idx, digest, location, offset FROM uploads WHERE job_id = ?", (job_id,)) as cur:
@@ -227,7 +236,7 @@ class Store:
             return [r["repository"] for r in await cur.fetchall()]
 
     async def remember_blob(self, registry: str, repository: str, digest: str) -> None:
-        await self._db.execute(
+        await self._write(
             "INSERT INTO known_blobs (registry, repository, digest, seen_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT DO UPDATE SET seen_at = excluded.seen_at",
             (registry, repository, digest, self._now()),
@@ -236,38 +245,32 @@ class Store:
     async def request_cancel(self, job_id: str) -> str | None:
         """Cancel a job: a QUEUED one ends here and now; a RUNNING one is flagged for its worker.
         Returns the state the job was in, or None when there is no such job."""
-        async with self._tx:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                async with self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)) as cur:
-                    row = await cur.fetchone()
-                if row is not None and row["state"] == "QUEUED":
-                    now = self._now()
-                    await self._db.execute(
-                        "UPDATE jobs SET state = 'FAILED', error = 'cancelled', finished_at = ?, cancel_requested = 1 WHERE id = ?",
-                        (now, job_id),
-                    )
-                    await self._db.execute(
-                        "UPDATE job_targets SET state = 'FAILED', error = 'cancelled', updated_at = ? "
-                        "WHERE job_id = ? AND state IN ('PENDING', 'RUNNING')",
-                        (now, job_id),
-                    )
-                    await self._db.execute("DELETE FROM job_secrets WHERE job_id = ?", (job_id,))
-                    await self._db.execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
-                elif row is not None and row["state"] == "RUNNING":
-                    await self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
+        async with self._transaction():
+            async with self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)) as cur:
+                row = await cur.fetchone()
+            if row is not None and row["state"] == "QUEUED":
+                now = self._now()
+                await self._db.execute(
+                    "UPDATE jobs SET state = 'FAILED', error = 'cancelled', finished_at = ?, cancel_requested = 1 WHERE id = ?",
+                    (now, job_id),
+                )
+                await self._db.execute(
+                    "UPDATE job_targets SET state = 'FAILED', error = 'cancelled', updated_at = ? "
+                    "WHERE job_id = ? AND state IN ('PENDING', 'RUNNING')",
+                    (now, job_id),
+                )
+                await self._db.execute("DELETE FROM job_secrets WHERE job_id = ?", (job_id,))
+                await self._db.execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
+            elif row is not None and row["state"] == "RUNNING":
+                await self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
         return None if row is None else row["state"]
 
     async def prune(self, older_than: timedelta) -> int:
         """Delete ended jobs (with their targets) and blob sightings older than `older_than`."""
         cutoff = iso(self._clock() - older_than)
-        cur = await self._db.execute("DELETE FROM jobs WHERE state IN ('FINISHED', 'FAILED') AND finished_at < ?", (cutoff,))
-        await self._db.execute("DELETE FROM known_blobs WHERE seen_at < ?", (cutoff,))
-        return cur.rowcount
+        pruned = await self._write("DELETE FROM jobs WHERE state IN ('FINISHED', 'FAILED') AND finished_at < ?", (cutoff,))
+        await self._write("DELETE FROM known_blobs WHERE seen_at < ?", (cutoff,))
+        return pruned
 
     async def count_by_state(self) -> dict[str, int]:
         async with self._db.execute("SELECT state, count(*) AS n FROM jobs GROUP BY state") as cur:
@@ -313,9 +316,8 @@ class Store:
 
     async def check_writable(self) -> None:
         """Raise unless the DB takes a write (a transaction that changes nothing durable)."""
-        async with self._tx:
-            await self._db.execute("BEGIN IMMEDIATE")
-            await self._db.execute("ROLLBACK")
+        async with self._transaction():
+            pass
 
 
 async def migrate(db: aiosqlite.Connection, folder: Path = MIGRATIONS) -> int:
