@@ -61,8 +61,6 @@ def _require_tools() -> None:
 _require_tools()
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from aiohttp import web  # noqa: E402
-from multidict import CIMultiDict  # noqa: E402
 from support.images import Image, _layer_specs, manifest_digest, push_image  # noqa: E402
 from support.proxy import FaultProxy  # noqa: E402
 from support.registry import Registry, free_port  # noqa: E402
@@ -258,34 +256,6 @@ def skopeo_many(copies: list[tuple[str, str, str, str]], parallel: int) -> tuple
     with ThreadPoolExecutor(parallel) as pool:
         runs = list(pool.map(lambda c: skopeo_copy(*c), copies))
     return time.perf_counter() - t0, sum(r.cpu for r in runs)
-
-
-# -- source link ------------------------------------------------------------------------------
-
-
-class LinkProxy(FaultProxy):
-    """FaultProxy (rate limit, byte counters) that keeps repeated request headers.
-
-    The test proxy copies request headers into a dict, so of several `Accept:` lines only the
-    last reaches the registry. skopeo sends one Accept line per manifest type (the last being
-    the OCI index type), and the registry then converts the schema2 image to schema1 for it.
-    Joining the lines into one comma-separated Accept (the same thing in HTTP) fixes that."""
-
-    def _make_app(self) -> web.Application:
-        app = super()._make_app()
-
-        @web.middleware
-        async def join_repeated(request: web.Request, handler: Any) -> web.StreamResponse:
-            accepts = request.headers.getall("Accept", [])
-            if len(accepts) > 1:
-                headers = CIMultiDict(request.headers)
-                headers.popall("Accept")
-                headers["Accept"] = ", ".join(accepts)
-                request = request.clone(headers=headers)
-            return await handler(request)
-
-        app.middlewares.append(join_repeated)
-        return app
 
 
 # -- registries ---------------------------------------------------------------------------------
@@ -596,7 +566,7 @@ def scenario_fanout(w: World, res: Results) -> None:
     n = cfg.fanout_targets
     log(f"fanout: {img.total_bytes / MiB:.0f} MiB in {len(cfg.fanout_layers)} layers to {n} targets, "
         f"source link {cfg.fanout_rate / MiB:.0f} MiB/s")
-    proxy = LinkProxy(w.source).start()
+    proxy = FaultProxy(w.source).start()
     proxy.rate_limit(cfg.fanout_rate, download=True, upload=False)
     r_py = res.row("fanout", f"pydlit 1 job -> {n} targets")
     r_seq = res.row("fanout", f"skopeo {n} copies in sequence")
@@ -1037,9 +1007,9 @@ def run_profile(w: World, out: Path, rate: int, flags: list[str], scenario: str)
     if not spy:
         raise BenchError("py-spy is not installed: pip install py-spy")
     cfg = w.cfg
-    proxy: LinkProxy | None = None
+    proxy: FaultProxy | None = None
     if scenario == "fanout":
-        proxy = LinkProxy(w.source).start()
+        proxy = FaultProxy(w.source).start()
         proxy.rate_limit(cfg.fanout_rate, download=True, upload=False)
     name = {"single": "big", "fanout": "fanout", "resources": "big", "small": "small"}[scenario]
     w.image(name)

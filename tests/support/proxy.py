@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from .bgserver import BackgroundServer
@@ -376,7 +377,8 @@ class FaultProxy:
         cut = None
         if request.body_exists:
             cut = self._take(self._upload_cuts, method, kind, request.content_length)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        # A multidict: clients such as skopeo send one Accept line per manifest type.
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP)
         sent = [0]
         body = self._request_body(request, kind, cut, sent) if request.body_exists else None
         url = URL(self.upstream_url + request.raw_path, encoded=True)
