@@ -471,3 +471,49 @@ def test_progress_during_and_after_the_job(service, registries, repo_name, proxy
     assert partial, f"never saw the slow target part-way: {seen}"
     for target in registries.targets:
         assert_same_tree(image, read_back(target, repo_name, "v1"))
+
+
+def test_token_url_lacking_push_falls_back_to_the_challenge_flow(service, registries, repo_name):
+    reg, ts = registries.token, registries.token_server
+    image = push_image(registries.source, repo_name, "v1", "schema2", SMALL_LAYERS, seed=_seed())
+    # The pre-configured token only grants pull: enough to look at the tag, not to push.
+    auth = {
+        "url": ts.auth_json_url(f"repository:{repo_name}:pull"),
+        "token_type": "Bearer",
+        "json": {"username": reg.user, "password": reg.password},
+        "basicauth": {"user": reg.user, "password": reg.password},
+    }
+    body = job_body(registries.source, repo_name, "v1", [reg])
+    body["targets"][0]["auth"] = auth
+    since = len(ts.requests)
+
+    status = _run(service, body)
+
+    _assert_all_finished(status, image.total_bytes)
+    assert_same_tree(image, read_back(reg, repo_name, "v1"))
+    assert _token_requests_for(ts, repo_name, "/auth-json", since), "the token url was never used"
+    pushers = [r for r in _token_requests_for(ts, repo_name, "/token", since)
+               if r.user == reg.user and "push" in _granted_actions(r, repo_name)]
+    assert pushers, "no push token from the registry's own token flow"
+
+
+def test_tokens_are_renewed_during_a_long_upload(service_factory, registries, repo_name, proxy_factory):
+    reg, ts = registries.token, registries.token_server
+    image = push_image(registries.source, repo_name, "v1", "schema2", [5 * 1024 * 1024, 2048], seed=_seed())
+    slow = proxy_factory(reg)
+    slow.rate_limit(1024 * 1024, download=False, upload=True)  # ~5 s of upload
+    svc = service_factory(env={"PYDLIT_CHUNK_MIB": "1"})
+    saved = ts.token_ttl, ts.reject_after
+    # Tokens live 2 s and the registry refuses them after that: a 5 s upload outlives several.
+    ts.token_ttl, ts.reject_after = 2, 2
+    since = len(ts.requests)
+    try:
+        status = svc.wait(svc.submit(job_body(registries.source, repo_name, "v1", [slow])), timeout=60)
+    finally:
+        ts.token_ttl, ts.reject_after = saved
+
+    _assert_all_finished(status, image.total_bytes)
+    assert_same_tree(image, read_back(reg, repo_name, "v1"))
+    pushers = [r for r in _token_requests_for(ts, repo_name, "/token", since)
+               if "push" in _granted_actions(r, repo_name)]
+    assert len(pushers) >= 3, f"only {len(pushers)} push token(s) over a ~5 s upload"

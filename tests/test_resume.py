@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from support.images import Image, assert_same_tree, push_image, read_back
 from support.proxy import FaultProxy, classify
+from support.regclient import RegistryHTTP
 from support.service import ServiceProcess, job_body, job_state
 
 MiB = 1 << 20
@@ -450,3 +451,49 @@ def test_sigkill_with_queued_jobs_every_job_finishes_after_restart(
     report("SIGKILL with 3 jobs queued/running", "uploaded", sent, total)
     # Blobs committed before the kill are not sent again; the blob in flight may start over.
     assert sent <= total + max(big.blobs.values()) + CHUNK
+
+
+# -- what a registry will not do, and what a source gets wrong ------------------------------------
+
+
+def test_registry_refusing_chunked_uploads_gets_one_monolithic_put(
+    registries, proxy_factory, service_factory, repo_name
+):
+    image = push_image(registries.source, repo_name, "v1", "schema2", ONE_CHUNKED, seed=41)
+    target = proxy_factory(registries.target_a)
+    # Like a registry without chunked upload support (Google Artifact Registry): PATCH refused.
+    target.fail_next(1000, 405, methods="PATCH")
+    service = service_factory(env=service_env(PYDLIT_PARALLEL_BLOBS=1))
+
+    finished(service, service.submit(job_body(registries.source, repo_name, "v1", [target])))
+
+    assert_copied(image, registries.target_a, repo_name)
+    assert target.count("PATCH") == 1, "after one refusal the blob goes as a whole PUT"
+    put_bytes = target.uploaded_bytes("PUT", kinds="upload_put")
+    report("PATCH refused (405)", "uploaded by PUT", put_bytes, image.total_bytes)
+    assert put_bytes == image.total_bytes
+
+
+def test_corrupt_source_bytes_are_read_again_and_never_committed(
+    registries, proxy_factory, service_factory, repo_name
+):
+    image = push_image(registries.source, repo_name, "v1", "schema2", ONE_CHUNKED, seed=42)
+    big = max(image.blobs, key=image.blobs.get)
+    source = proxy_factory(registries.source)
+    service = service_factory(env=service_env(PYDLIT_PARALLEL_BLOBS=1))
+
+    # Once: the blob is read again and the copy completes.
+    source.corrupt_downloads(after_bytes=5 * MiB, times=1)
+    finished(service, service.submit(job_body(source, repo_name, "v1", [registries.target_a])))
+    assert_copied(image, registries.target_a, repo_name)
+    report("one corrupt read", "read from the source", source.downloaded_bytes(), image.total_bytes)
+    assert source.downloaded_bytes() >= image.total_bytes + image.blobs[big]
+
+    # Every time: the target fails saying so, and the bad bytes were never committed.
+    source.corrupt_downloads(after_bytes=5 * MiB, times=10)
+    other = f"{repo_name}-bad"
+    status = service.wait(service.submit(job_body(source, repo_name, "v1", [(registries.target_b, {"image": other})])), timeout=60)
+    assert job_state(status) == "FAILED"
+    error = status["targets"][0]["error"]
+    assert "does not match its digest" in error and big in error, error
+    assert RegistryHTTP.for_endpoint(registries.target_b).blob_size(other, big) is None

@@ -133,6 +133,7 @@ class FaultProxy:
         self._fails: list[_Rule] = []
         self._upload_cuts: list[_Rule] = []
         self._download_cuts: list[_Rule] = []
+        self._corruptions: list[_Rule] = []
         self._stalls: list[_Rule] = []
         self._next_free = {"up": 0.0, "down": 0.0}
         self._session: aiohttp.ClientSession | None = None
@@ -208,6 +209,12 @@ class FaultProxy:
         with self._lock:
             self._download_cuts.append(_Rule(times, kinds=frozenset({"blob_get"}), nbytes=nbytes))
 
+    def corrupt_downloads(self, after_bytes: int, times: int = 1) -> None:
+        """The next `times` blob GETs longer than `after_bytes` have the byte at that offset
+        flipped: same length, wrong digest."""
+        with self._lock:
+            self._corruptions.append(_Rule(times, kinds=frozenset({"blob_get"}), nbytes=after_bytes))
+
     def stall_next_download(self, seconds: float, after_bytes: int = CHUNK) -> None:
         """The next blob GET longer than `after_bytes` sends headers and `after_bytes`, then
         nothing for `seconds`, then the rest (if the client is still there)."""
@@ -230,6 +237,7 @@ class FaultProxy:
             self._fails.clear()
             self._upload_cuts.clear()
             self._download_cuts.clear()
+            self._corruptions.clear()
             self._stalls.clear()
         self.download_rate = self.upload_rate = None
 
@@ -419,6 +427,7 @@ class FaultProxy:
         length = upstream.content_length
         cut = self._take(self._download_cuts, "GET", kind, length) if is_blob_body else None
         stall = self._take(self._stalls, "GET", kind, length) if is_blob_body else None
+        corrupt = self._take(self._corruptions, "GET", kind, length) if is_blob_body else None
         fault = (f"download cut at {cut.nbytes}" if cut else None) or (
             f"stall {stall.seconds}s at {stall.nbytes}" if stall else None)
         # Recorded (and bytes counted) before they reach the client, so a test that has its
@@ -442,6 +451,9 @@ class FaultProxy:
                     written += len(piece)
                     await asyncio.sleep(stall.seconds)
                     stall = None
+                if corrupt is not None and written <= corrupt.nbytes < written + len(chunk):
+                    at = corrupt.nbytes - written
+                    chunk = chunk[:at] + bytes([chunk[at] ^ 0xFF]) + chunk[at + 1:]
                 await self._throttle("down", len(chunk))
                 await self._send(response, chunk, is_blob_body)
                 written += len(chunk)
