@@ -115,12 +115,13 @@ def registry_factory(tmp_path: Path) -> Iterator[Callable[..., Registry]]:
 
 
 @pytest.fixture
-def proxy_factory() -> Iterator[Callable[[Registry | str], FaultProxy]]:
-    """A started FaultProxy in front of a registry (or an http URL), stopped after the test."""
+def proxy_factory() -> Iterator[Callable[..., FaultProxy]]:
+    """A started FaultProxy (or subclass `cls`) in front of a registry (or an http URL),
+    stopped after the test."""
     started: list[FaultProxy] = []
 
-    def make(upstream: Registry | str) -> FaultProxy:
-        proxy = FaultProxy(upstream).start()
+    def make(upstream: Registry | str, cls: type[FaultProxy] = FaultProxy) -> FaultProxy:
+        proxy = cls(upstream).start()
         started.append(proxy)
         return proxy
 

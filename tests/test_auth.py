@@ -8,12 +8,18 @@ from types import SimpleNamespace
 import aiohttp
 import pytest
 from aioresponses import CallbackResult
-from support.mocked import aioresponses
 from multidict import CIMultiDict
+from support.mocked import aioresponses
 from yarl import URL
 
 from pydlit.registry import auth as auth_mod
-from pydlit.registry.auth import AuthError, Authenticator, Challenge, merge_scopes, parse_challenges
+from pydlit.registry.auth import (
+    Authenticator,
+    AuthError,
+    Challenge,
+    merge_scopes,
+    parse_challenges,
+)
 
 REALM = "http://127.0.0.1:5999/token"
 REALM_RE = re.compile(r"^http://127\.0\.0\.1:5999/token(\?.*)?$")

@@ -12,16 +12,20 @@ import time
 import aiohttp
 import pytest
 from aioresponses import CallbackResult
-from support.mocked import aioresponses
 from multidict import CIMultiDict
+from support.mocked import aioresponses
 from yarl import URL
 
 from pydlit.registry import client as client_mod
-from pydlit.registry.client import RegistryClient, RegistryError, RetryPolicy, parse_retry_after, split_endpoint, with_query
+from pydlit.registry.client import (
+    RegistryClient,
+    RegistryError,
+    RetryPolicy,
+    parse_retry_after,
+    split_endpoint,
+    with_query,
+)
 from pydlit.registry.manifests import DOCKER_MANIFEST
-
-
-
 
 BASE = "http://127.0.0.1:5000"
 PING = f"{BASE}/v2/"

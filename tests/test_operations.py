@@ -9,7 +9,6 @@ import time
 import urllib.request
 
 import pytest
-
 from support.images import push_image
 from support.service import job_body
 

@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,20 +61,6 @@ class TimedProxy(FaultProxy):
         return super()._fail_response(rule)
 
 
-@pytest.fixture
-def timed_proxy_factory() -> Iterator[Callable[[Any], TimedProxy]]:
-    started: list[TimedProxy] = []
-
-    def make(upstream: Any) -> TimedProxy:
-        proxy = TimedProxy(upstream).start()
-        started.append(proxy)
-        return proxy
-
-    yield make
-    for proxy in started:
-        proxy.stop()
-
-
 def report(label: str, what: str, nbytes: int, image_bytes: int) -> float:
     ratio = nbytes / image_bytes
     print(f"\n[test_resume] {label}: {what} {nbytes} B = {ratio:.3f}x the image ({image_bytes} B)")
@@ -114,6 +99,21 @@ def wait_mid_transfer(service: ServiceProcess, job_id: str, timeout: float = 30.
                          f"{service.log_tail()}")
 
 
+def restart_and_finish(
+    service: ServiceProcess, proxy: FaultProxy, job: str, image: Image, registry: Any, repo: str, how: str
+) -> int:
+    """Start the stopped service again at full speed; once the job finished (on a later attempt)
+    with the same tree, the blob bytes uploaded through the proxy in all."""
+    proxy.rate_limit(None)
+    service.start()
+    status = finished(service, job, timeout=60)
+    assert status["attempt"] >= 2, status
+    assert_copied(image, registry, repo)
+    sent = proxy.blob_upload_bytes()
+    report(f"{how} + restart", "uploaded", sent, image.total_bytes)
+    return sent
+
+
 def db_rows(db_path: Path, sql: str, *params: Any) -> list[sqlite3.Row]:
     conn = sqlite3.connect(db_path, timeout=5)
     try:
@@ -136,12 +136,12 @@ ONE_CHUNKED = (9 * MiB + 5, 2 * MiB + 3, 300_007)  # the first is PATCHed in 3 c
     ids=["POST", "PATCH", "PUT"],
 )
 def test_429_burst_with_retry_after_on_upload_requests_is_waited_out(
-    registries, timed_proxy_factory, service_factory, repo_name, kind, layers, seed
+    registries, proxy_factory, service_factory, repo_name, kind, layers, seed
 ):
     # Blobs one at a time: every request to the target follows the previous one, so the wait
     # after each 429 is the gap to the next request.
     image = push_image(registries.source, repo_name, "v1", layer_sizes=layers, seed=seed)
-    target = timed_proxy_factory(registries.target_a)
+    target = proxy_factory(registries.target_a, cls=TimedProxy)
     retry_after = 1
     target.fail_next(2, 429, kinds=kind, retry_after=retry_after)
     service = service_factory(env=service_env(PYDLIT_PARALLEL_BLOBS=1))
@@ -387,13 +387,7 @@ def test_sigterm_mid_transfer_checkpoints_requeues_and_resumes(
     print(f"\n[test_resume] SIGTERM at {mid['bytes_done']}/{mid['bytes_total']} B, exited 0 in "
           f"{took:.1f}s with {len(uploads)} checkpoint(s)")
 
-    target.rate_limit(None)
-    service.start()
-    status = finished(service, job, timeout=60)
-    assert status["attempt"] >= 2, status
-    assert_copied(image, registries.target_a, repo_name)
-    sent = target.blob_upload_bytes()
-    report("SIGTERM + restart", "uploaded", sent, image.total_bytes)
+    sent = restart_and_finish(service, target, job, image, registries.target_a, repo_name, "SIGTERM")
     assert sent <= 1.05 * image.total_bytes
 
 
@@ -412,13 +406,7 @@ def test_sigkill_mid_transfer_restart_resumes(registries, proxy_factory, service
     print(f"\n[test_resume] SIGKILL at {mid['bytes_done']}/{mid['bytes_total']} B "
           f"with {n_uploads} checkpoint(s)")
 
-    target.rate_limit(None)
-    service.start()
-    status = finished(service, job, timeout=60)
-    assert status["attempt"] >= 2, status
-    assert_copied(image, registries.target_a, repo_name)
-    sent = target.blob_upload_bytes()
-    report("SIGKILL + restart", "uploaded", sent, image.total_bytes)
+    sent = restart_and_finish(service, target, job, image, registries.target_a, repo_name, "SIGKILL")
     assert sent <= 1.6 * image.total_bytes
 
 

@@ -10,7 +10,6 @@ import hypothesis
 import pytest
 import schemathesis
 from schemathesis.checks import not_a_server_error
-
 from support.service import ServiceProcess
 
 # Loaded lazily from the running service, so collection does not need it up.

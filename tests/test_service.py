@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from support.images import assert_same_tree, push_image, read_back
 from support.service import REPO_ROOT, job_body
 

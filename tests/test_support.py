@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from support import mediatypes as mt
 from support.images import (
     KINDS,

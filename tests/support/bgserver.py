@@ -10,9 +10,12 @@ import asyncio
 import socket
 import threading
 from collections.abc import Callable
+from types import TracebackType
+from typing import TypeVar
 
 from aiohttp import web
 
+S = TypeVar("S", bound="BackgroundService")
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 
@@ -97,3 +100,22 @@ class BackgroundServer:
                 loop.call_soon_threadsafe(loop.stop)
             thread.join(STOP_TIMEOUT)
             self._thread = self._loop = self._runner = None
+
+
+class BackgroundService:
+    """Start/stop/context-manager plumbing for a helper built on one BackgroundServer."""
+
+    _server: BackgroundServer
+
+    def start(self: S) -> S:
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def __enter__(self: S) -> S:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

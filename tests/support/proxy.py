@@ -13,7 +13,6 @@ import threading
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -21,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .bgserver import BackgroundServer
+from .bgserver import BackgroundServer, BackgroundService
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -111,7 +110,7 @@ def _frozen(values: Iterable[str] | str | None, upper: bool = False) -> frozense
     return frozenset(v.upper() if upper else v for v in items)
 
 
-class FaultProxy:
+class FaultProxy(BackgroundService):
     def __init__(self, upstream: "str | Registry") -> None:
         if isinstance(upstream, str):
             self.upstream_url = upstream.rstrip("/")
@@ -140,21 +139,6 @@ class FaultProxy:
         self._server = BackgroundServer(self._make_app, "fault-proxy")
 
     # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> "FaultProxy":
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def __enter__(self) -> "FaultProxy":
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     @property
     def host(self) -> str:

@@ -22,13 +22,12 @@ import urllib.parse
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .bgserver import BackgroundServer
+from .bgserver import BackgroundServer, BackgroundService
 from .certs import make_signing_cert
 from .jose import sign_jwt
 
@@ -71,7 +70,7 @@ def _error(status: int, code: str, message: str, **headers: str) -> web.Response
     return web.json_response(body, status=status, headers=headers)
 
 
-class TokenServer:
+class TokenServer(BackgroundService):
     def __init__(
         self,
         service: str = "pydlit-test-registry",
@@ -98,21 +97,6 @@ class TokenServer:
         self.reset_acl()
 
     # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> "TokenServer":
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def __enter__(self) -> "TokenServer":
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:
