@@ -263,16 +263,17 @@ class ImageCopy:
                     await self._fail(s.target, s.error)
             if not retry:
                 return
+            sinks = retry
             self._check_stop()
             if attempt == policy.attempts:
                 break
             # A registry that said when to come back (429 Retry-After) is obeyed.
-            waits = [s.error.retry_after for s in retry if isinstance(s.error, RegistryError) and s.error.retry_after is not None]
-            for s in retry:
+            waits = [s.error.retry_after for s in sinks if isinstance(s.error, RegistryError) and s.error.retry_after is not None]
+            for s in sinks:
                 log.info("blob %s to %s: attempt %d failed (%s), retrying", blob.digest[:19], s.target.client.name, attempt, s.error)
                 s.error = None
-            sinks = retry
             await asyncio.sleep(policy.delay(attempt, max(waits) if waits else None))
+        # Out of attempts: only the sinks of the last round are still unfinished.
         for s in sinks:
             await self._fail(s.target, s.error or RegistryError(s.target.client.name, "upload", "gave up"))
 

@@ -485,3 +485,19 @@ def test_corrupt_source_bytes_are_read_again_and_never_committed(
     error = status["targets"][0]["error"]
     assert "does not match its digest" in error and big in error, error
     assert RegistryHTTP.for_endpoint(registries.target_b).blob_size(other, big) is None
+
+
+def test_a_target_out_of_retries_fails_alone(registries, proxy_factory, service_factory, repo_name):
+    image = push_image(registries.source, repo_name, "v1", "schema2", ONE_CHUNKED, seed=43)
+    broken = proxy_factory(registries.target_b)
+    broken.fail_next(1000, 503, methods="PATCH")
+    service = service_factory(env=service_env(PYDLIT_RETRY_ATTEMPTS=1))
+
+    status = service.wait(service.submit(job_body(registries.source, repo_name, "v1", [registries.target_a, broken])), timeout=60)
+
+    assert job_state(status) == "FAILED"
+    good, bad = status["targets"]
+    assert good["state"] == "FINISHED", status
+    assert bad["state"] == "FAILED" and "HTTP 503" in bad["error"], status
+    assert status["finished_endpoints"] == [registries.target_a.endpoint]
+    assert_copied(image, registries.target_a, repo_name)
