@@ -250,8 +250,9 @@ class ImageCopy:
                         f"{self.source.client.name}: source blob {blob.digest} does not match its digest "
                         "(read twice); nothing was committed"
                     )
-                    for s in live:
-                        await self._fail(s.target, err)
+                    for s in sinks:
+                        if not s.done:
+                            await self._fail(s.target, err)
                     return
             retry = []
             for s in sinks:
