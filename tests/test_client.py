@@ -8,6 +8,7 @@ import email.utils
 import json
 import re
 import time
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -229,6 +230,31 @@ async def test_401_invalid_token_refreshes_the_token_once_and_retries(sleeps: li
     assert len(tokens.calls) == 2
     assert tokens.calls[1].query.getall("scope") == ["repository:team/app:pull"]
     assert sleeps == []  # an auth renewal is not a backoff
+
+
+@pytest.mark.asyncio
+async def test_concurrent_requests_all_fall_back_when_the_static_token_lacks_a_scope(sleeps: list[float]) -> None:
+    static_url = "http://127.0.0.1:5999/static"
+    challenge = BEARER_CHALLENGE + ',scope="repository:team/app:pull,push",error="insufficient_scope"'
+    tokens = Tokens("pushy")
+
+    async def upload(url, **kwargs) -> CallbackResult:
+        # The pre-configured token only grants pull; the challenge flow's token grants push.
+        if sent_headers(SimpleNamespace(kwargs=kwargs)).get("Authorization") == "Bearer pushy":
+            return CallbackResult(status=202, headers={"Location": f"{BASE}/v2/team/app/blobs/uploads/u1"})
+        await asyncio.sleep(0.01)  # every request is in flight before the first 401 is handled
+        return CallbackResult(status=401, headers={"WWW-Authenticate": challenge})
+
+    with aioresponses() as m:
+        m.get(static_url, payload={"token": "pull-only"}, repeat=True)
+        m.get(PING, status=401, headers={"WWW-Authenticate": BEARER_CHALLENGE}, repeat=True)
+        m.get(REALM_RE, callback=tokens, repeat=True)
+        m.post(f"{BASE}/v2/team/app/blobs/uploads/", callback=upload, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            client = make_client(s, auth={"url": static_url, "basicauth": {"user": "alice", "password": PASSWORD}})
+            # Four blobs start their uploads at once and all meet the same 401.
+            locations = await asyncio.gather(*(client.start_upload("team/app") for _ in range(4)))
+    assert locations == [f"{BASE}/v2/team/app/blobs/uploads/u1"] * 4
 
 
 @pytest.mark.asyncio

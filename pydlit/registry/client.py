@@ -172,6 +172,8 @@ class RegistryClient:
         while True:
             tries += 1
             hdrs = dict(headers or {})
+            # Several requests may meet the same 401 at once: each judges it by what it sent.
+            sent_static = self._auth.uses_static_token
             try:
                 authz = await self._auth.header_for(self.session, scope, self._ssl)
             except AuthError as exc:
@@ -185,7 +187,7 @@ class RegistryClient:
             if resp.status == 401 and tries < 3:
                 challenges = parse_challenges(resp.headers.getall("WWW-Authenticate", []))
                 resp.release()
-                scope = self._on_challenge(challenges, scope, step)
+                scope = self._on_challenge(challenges, scope, step, sent_static)
                 if data is not None and not isinstance(data, bytes) and not callable(body):
                     raise RegistryError(self.name, step, "authentication had to be renewed mid-stream", status=401, transient=True)
                 continue
@@ -245,7 +247,7 @@ class RegistryClient:
                 with contextlib.suppress(BaseException):
                     await task
 
-    def _on_challenge(self, challenges: list, scope: str, step: str) -> str:
+    def _on_challenge(self, challenges: list, scope: str, step: str, sent_static: bool) -> str:
         """Adapt to a 401 and say which scope to ask for next; raise when retrying cannot help."""
         auth = self._auth
         chosen = next((c for c in challenges if c.scheme == "bearer"), None) or next(
@@ -253,8 +255,8 @@ class RegistryClient:
         )
         if chosen is None:
             raise RegistryError(self.name, step, "the registry refused the request and offered no way to authenticate", status=401)
-        if auth.uses_static_token:
-            if chosen.params.get("error") == "invalid_token":
+        if sent_static:
+            if chosen.params.get("error") == "invalid_token" and auth.uses_static_token:
                 auth.forget(scope)
             else:
                 # The pre-configured token lacks this scope (push, mount): use the registry's own flow.

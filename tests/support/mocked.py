@@ -6,6 +6,7 @@ requires; this shim supplies one, for plain answers and for callback answers ali
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,10 +26,19 @@ class aioresponses(_aioresponses):
         if callback is not None:
             inner = callback
 
-            def callback(url: Any, **kw: Any) -> Any:
-                result = inner(url, **kw)
+            def fix(result: Any) -> Any:
                 if isinstance(result, CallbackResult) and result.response_class is None:
                     result.response_class = _Response
                 return result
+
+            if asyncio.iscoroutinefunction(inner):
+
+                async def callback(url: Any, **kw: Any) -> Any:
+                    return fix(await inner(url, **kw))
+
+            else:
+
+                def callback(url: Any, **kw: Any) -> Any:
+                    return fix(inner(url, **kw))
 
         super().add(url, method, callback=callback, response_class=response_class or _Response, **kwargs)
