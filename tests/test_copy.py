@@ -517,3 +517,27 @@ def test_tokens_are_renewed_during_a_long_upload(service_factory, registries, re
     pushers = [r for r in _token_requests_for(ts, repo_name, "/token", since)
                if "push" in _granted_actions(r, repo_name)]
     assert len(pushers) >= 3, f"only {len(pushers)} push token(s) over a ~5 s upload"
+
+
+def test_a_slow_target_holds_the_others_back_by_at_most_the_buffer(service_factory, registries, repo_name, proxy_factory):
+    mib = 1024 * 1024
+    image = push_image(registries.source, repo_name, "v1", "schema2", [16 * mib], seed=_seed())
+    slow = proxy_factory(registries.target_b)
+    slow.rate_limit(4 * mib, download=False, upload=True)
+    svc = service_factory(env={"PYDLIT_CHUNK_MIB": "1", "PYDLIT_BUFFER_MIB": "4"})
+    job = svc.submit(job_body(registries.source, repo_name, "v1", [registries.target_a, slow]))
+
+    leads = []
+    for _ in range(400):
+        status = svc.status(job)
+        fast_done, slow_done = (t["bytes_done"] for t in status["targets"])
+        leads.append(fast_done - slow_done)
+        if job_state(status) in ("FINISHED", "FAILED"):
+            break
+        time.sleep(0.05)
+
+    _assert_all_finished(status, image.total_bytes)
+    # The fast target runs ahead (it is not held in lock step) ...
+    assert max(leads) >= 2 * mib, leads
+    # ... but never further than the buffer plus the chunk each side has in flight.
+    assert max(leads) <= 4 * mib + 2 * mib, leads
