@@ -126,7 +126,7 @@ def split_secrets(req: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     secrets: dict[str, Any] = {"source": public["source"].pop("auth", None), "targets": []}
     for t in public["targets"]:
         secrets["targets"].append(t.pop("auth", None))
-    for side, auth in [(public["source"], secrets["source"]), *zip(public["targets"], secrets["targets"])]:
+    for side, auth in [(public["source"], secrets["source"]), *zip(public["targets"], secrets["targets"], strict=True)]:
         if auth:
             side["auth"] = {key: REDACTED for key in auth}
     return public, secrets

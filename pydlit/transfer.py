@@ -6,6 +6,7 @@ Knows nothing of HTTP handlers or the job store: progress and checkpoints go thr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -144,7 +145,7 @@ class ImageCopy:
             total = sum(b.size for b in self.tree.blobs)
             for t in self.targets:
                 self.events.set_total(t.idx, total)
-            checks = {asyncio.create_task(self._preflight(t, head)): t for t, head in zip(self.targets, heads)}
+            checks = {asyncio.create_task(self._preflight(t, head)): t for t, head in zip(self.targets, heads, strict=True)}
             # Targets that answer promptly share one read of the source; one slow to answer
             # (retrying, unreachable) must not hold them back, so it gets a read of its own later.
             done, pending = await asyncio.wait(checks, timeout=self.tuning.preflight_wait_s)
@@ -231,7 +232,7 @@ class ImageCopy:
 
     async def _copy_blob(self, blob: Blob, targets: list[Target]) -> None:
         present = await asyncio.gather(*(self._already_there(t, blob) for t in targets))
-        need = [t for t, there in zip(targets, present) if not there and not t.failed]
+        need = [t for t, there in zip(targets, present, strict=True) if not there and not t.failed]
         if not need:
             return
         sinks = [_Sink(t) for t in need]
@@ -343,10 +344,8 @@ class ImageCopy:
         finally:
             if not reader.done():
                 reader.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-            except (asyncio.CancelledError, Exception):
-                pass
         if verified.done() and not verified.cancelled() and verified.exception() is None and verified.result() is False:
             raise DigestMismatch()
 
