@@ -439,3 +439,26 @@ def test_retry_policy_uses_retry_after_up_to_max_delay() -> None:
 async def test_docker_hub_library_normalisation(endpoint: str, image: str, repo: str) -> None:
     async with aiohttp.ClientSession() as s:
         assert RegistryClient(s, endpoint).repository(image) == repo
+
+
+@pytest.mark.asyncio
+async def test_a_failing_token_server_is_retried_not_taken_for_refused_credentials(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": BEARER_CHALLENGE}, repeat=True)
+        m.get(REALM_RE, status=503)
+        m.get(REALM_RE, payload={"token": "tok-1", "expires_in": 300})
+        m.get(MANIFEST_URL, status=200, body=MANIFEST, content_type=DOCKER_MANIFEST)
+        async with aiohttp.ClientSession() as s:
+            manifest = await make_client(s).get_manifest("team/app", "v1")
+    assert manifest.media_type == DOCKER_MANIFEST
+    assert len(sleeps) == 1
+
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": BEARER_CHALLENGE}, repeat=True)
+        m.get(REALM_RE, exception=aiohttp.ClientConnectionError("refused"), repeat=True)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError) as caught:
+                await make_client(s).get_manifest("team/app", "v1")
+    assert "could not be reached" in str(caught.value)
+    assert caught.value.status is None  # not an HTTP 401: nobody refused anything
+    assert len(sleeps) == 1 + POLICY.attempts - 1

@@ -100,7 +100,12 @@ class ChallengeCache:
 
 
 class AuthError(Exception):
-    """Credentials were refused or a token could not be had; never carries a secret."""
+    """Credentials were refused or a token could not be had; never carries a secret.
+    `transient` when the token server was unreachable or failing, not refusing."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class Authenticator:
@@ -181,10 +186,10 @@ class Authenticator:
                         else f"the token server {_host(realm)} refused anonymous access (HTTP {resp.status})"
                     )
                 if resp.status != 200:
-                    raise AuthError(f"the token server {_host(realm)} answered HTTP {resp.status}")
+                    raise AuthError(f"the token server {_host(realm)} answered HTTP {resp.status}", transient=resp.status >= 500 or resp.status == 429)
                 body = await resp.json(content_type=None)
         except aiohttp.ClientError as exc:
-            raise AuthError(f"the token server {_host(realm)} could not be reached: {type(exc).__name__}") from None
+            raise AuthError(f"the token server {_host(realm)} could not be reached: {type(exc).__name__}", transient=True) from None
         return _token_from(body, realm)
 
     async def _fetch_static(self, session: aiohttp.ClientSession, ssl: Any) -> Token:
@@ -200,10 +205,10 @@ class Authenticator:
                 ctx = session.get(url, headers=headers, ssl=ssl)
             async with ctx as resp:
                 if resp.status != 200:
-                    raise AuthError(f"the token url {_host(url)} answered HTTP {resp.status}")
+                    raise AuthError(f"the token url {_host(url)} answered HTTP {resp.status}", transient=resp.status >= 500 or resp.status == 429)
                 text = await resp.text()
         except aiohttp.ClientError as exc:
-            raise AuthError(f"the token url {_host(url)} could not be reached: {type(exc).__name__}") from None
+            raise AuthError(f"the token url {_host(url)} could not be reached: {type(exc).__name__}", transient=True) from None
         try:
             body = json.loads(text)
         except ValueError:

@@ -177,6 +177,8 @@ class RegistryClient:
             try:
                 authz = await self._auth.header_for(self.session, scope, self._ssl)
             except AuthError as exc:
+                if exc.transient:
+                    raise RegistryError(self.name, step, str(exc), transient=True) from None
                 raise RegistryError(self.name, step, str(exc), status=401, code="UNAUTHORIZED") from None
             if authz:
                 hdrs["Authorization"] = authz
