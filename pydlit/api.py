@@ -34,14 +34,18 @@ class ApiError(Exception):
 async def distribute(request: web.Request) -> web.Response:
     raw = await request.read()
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
-    try:
-        req = validate_request(body)
-    except RequestError as exc:
-        raise ApiError(400, exc.msg) from None
-    public, secrets = split_secrets(req)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        try:
+            req = validate_request(body)
+        except RequestError as exc:
+            raise ApiError(400, exc.msg) from None
+        public, secrets = split_secrets(req)
+    except RecursionError:
+        # Only a free-form part (an auth `json` payload) or garbage can nest this deep.
+        raise ApiError(400, "the body is nested too deeply") from None
     src = req["source"]
     targets = [
         {"endpoint": t["endpoint"], "image": t.get("image") or src["image"], "ref": t.get("ref") or src["ref"]}

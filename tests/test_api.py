@@ -316,3 +316,16 @@ async def test_redaction_does_not_touch_the_posted_document_shape(client, tmp_pa
     assert "auth" not in stored["source"] and all("auth" not in t for t in stored["targets"])
     assert stored["source"]["endpoint"] == payload["source"]["endpoint"]
     assert secrets == {"source": None, "targets": [None, None]}
+
+
+@pytest.mark.parametrize("depth", [100_000, 900])
+async def test_deeply_nested_bodies_are_a_400(client, tmp_path: Path, depth: int) -> None:
+    # As bare garbage, and inside the one free-form field (an auth `json` payload).
+    payload = body()
+    payload["source"]["auth"] = {"url": "http://127.0.0.1:9/token", "json": {"k": 0}}
+    text = json.dumps(payload).replace('{"k": 0}', '{"k": ' + "[" * depth + "]" * depth + "}")
+    for data in (("[" * depth + "]" * depth).encode(), text.encode()):
+        resp = await client.post("/api/distribute/image", data=data, headers={"Content-Type": "application/json"})
+        assert resp.status == 400, await resp.text()
+        assert (await resp.json())["status"] == "error"
+    assert job_count(tmp_path) == 0
