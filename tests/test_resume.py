@@ -114,6 +114,22 @@ def restart_and_finish(
     return sent
 
 
+def copy_over_slow_link(
+    service: ServiceProcess, source: Any, proxy: FaultProxy, image: Image, registry: Any, repo: str, rate: float, label: str
+) -> int:
+    """Copy from `source` through a throttled proxy in front of `registry`; the blob bytes the
+    proxy saw uploaded, once the copy is proven."""
+    started = time.monotonic()
+    job = service.submit(job_body(source, repo, "v1", [proxy]))
+    finished(service, job, timeout=60)
+    elapsed = time.monotonic() - started
+    assert_copied(image, registry, repo)
+    assert elapsed >= 0.8 * image.total_bytes / rate, "the link was not slow: the test proves nothing"
+    sent = proxy.blob_upload_bytes()
+    report(f"{label}, {elapsed:.1f}s", "uploaded", sent, image.total_bytes)
+    return sent
+
+
 def db_rows(db_path: Path, sql: str, *params: Any) -> list[sqlite3.Row]:
     conn = sqlite3.connect(db_path, timeout=5)
     try:
@@ -296,14 +312,8 @@ def test_slow_link_still_finishes(registries, proxy_factory, service_factory, re
     target.rate_limit(rate)
     service = service_factory(env=service_env())
 
-    started = time.monotonic()
-    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
-    finished(service, job, timeout=60)
-    elapsed = time.monotonic() - started
-    assert_copied(image, registries.target_a, repo_name)
-    assert elapsed >= 0.8 * image.total_bytes / rate, "the link was not slow: the test proves nothing"
-    sent = target.blob_upload_bytes()
-    report(f"slow link ({rate // MiB} MiB/s, {elapsed:.1f}s)", "uploaded", sent, image.total_bytes)
+    label = f"slow link ({rate // MiB} MiB/s)"
+    sent = copy_over_slow_link(service, registries.source, target, image, registries.target_a, repo_name, rate, label)
     assert sent <= 1.05 * image.total_bytes
 
 
@@ -320,15 +330,8 @@ def test_slow_but_moving_upload_is_not_taken_for_a_stall(
     target.rate_limit(rate, download=False)
     service = service_factory(env=service_env(PYDLIT_STALL_TIMEOUT_S=2, PYDLIT_RETRY_ATTEMPTS=3))
 
-    started = time.monotonic()
-    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
-    finished(service, job, timeout=60)
-    elapsed = time.monotonic() - started
-    assert_copied(image, registries.target_a, repo_name)
-    assert elapsed >= 0.8 * image.total_bytes / rate, "the link was not slow: the test proves nothing"
-    sent = target.blob_upload_bytes()
-    report(f"slow upload ({rate / MiB:.1f} MiB/s, stall timeout 2 s, {elapsed:.1f}s)", "uploaded", sent,
-           image.total_bytes)
+    label = f"slow upload ({rate / MiB:.1f} MiB/s, stall timeout 2 s)"
+    sent = copy_over_slow_link(service, registries.source, target, image, registries.target_a, repo_name, rate, label)
     assert sent <= 1.05 * image.total_bytes
 
 
