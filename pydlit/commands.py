@@ -28,7 +28,7 @@ import aiohttp
 from .openapi import JOB_STATES, LIST_LIMIT_MAX, TARGET_STATES
 from .registry.client import RegistryClient
 from .schema import ENDPOINT_PATTERN, IMAGE_MAX_LENGTH, IMAGE_PATTERN, REF_PATTERN
-from .transfer import ImageCopy, Source, SourceError, Target
+from .transfer import ImageCopy, MemoryEvents, Source, SourceError, Target
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the job or copy ran and failed
@@ -487,51 +487,6 @@ def parse_reference(text: str, default: ImageRef | None = None) -> ImageRef:
     if not re.fullmatch(REF_PATTERN, ref):
         raise bad(f"{ref!r} is neither a tag nor a digest (sha256:<64 hex> or sha512:<128 hex>)")
     return ImageRef(scheme, host, path, ref)
-
-
-class MemoryEvents:
-    """transfer.Events for a copy run in this process: everything lives in dicts for the run's
-    length, so a copy interrupted here starts over next time rather than resuming."""
-
-    def __init__(self) -> None:
-        self.states: dict[int, str] = {}
-        self.errors: dict[int, str | None] = {}
-        self.totals: dict[int, int] = {}
-        self.blobs: dict[int, dict[str, int]] = {}
-        self.uploads: dict[tuple[int, str], tuple[str, int]] = {}
-        self.mounts: dict[tuple[str, str], list[str]] = {}  # (registry, digest) -> repositories
-
-    def done(self, idx: int) -> int:
-        """Bytes a target holds so far."""
-        return sum(self.blobs.get(idx, {}).values())
-
-    async def target_state(self, idx: int, state: str, error: str | None = None) -> None:
-        self.states[idx] = state
-        self.errors[idx] = error
-
-    def set_total(self, idx: int, total: int) -> None:
-        self.totals[idx] = total
-
-    def blob_progress(self, idx: int, digest: str, done: int) -> None:
-        self.blobs.setdefault(idx, {})[digest] = done
-
-    def saved_upload(self, idx: int, digest: str) -> tuple[str, int] | None:
-        return self.uploads.get((idx, digest))
-
-    async def save_upload(self, idx: int, digest: str, location: str, offset: int) -> None:
-        self.uploads[(idx, digest)] = (location, offset)
-
-    async def drop_upload(self, idx: int, digest: str) -> None:
-        self.uploads.pop((idx, digest), None)
-
-    async def mount_sources(self, registry: str, digest: str) -> list[str]:
-        # A copy: the engine puts its own candidates in front.
-        return list(self.mounts.get((registry, digest), []))
-
-    async def remember_blob(self, registry: str, repo: str, digest: str) -> None:
-        repos = self.mounts.setdefault((registry, digest), [])
-        if repo not in repos:
-            repos.append(repo)
 
 
 def _copy_view(

@@ -70,6 +70,51 @@ class Events(Protocol):
     async def remember_blob(self, registry: str, repo: str, digest: str) -> None: ...
 
 
+class MemoryEvents:
+    """Events kept in dicts for the copy's length: what `pydlit copy` uses as is, and what the
+    worker's JobEvents builds on to persist (a copy run only in memory starts over next time)."""
+
+    def __init__(self, uploads: dict[tuple[int, str], tuple[str, int]] | None = None) -> None:
+        self.states: dict[int, str] = {}
+        self.errors: dict[int, str | None] = {}
+        self.totals: dict[int, int] = {}
+        self.blobs: dict[int, dict[str, int]] = {}
+        self.uploads: dict[tuple[int, str], tuple[str, int]] = uploads if uploads is not None else {}
+        self.mounts: dict[tuple[str, str], list[str]] = {}  # (registry, digest) -> repositories
+
+    def done(self, idx: int) -> int:
+        """Bytes a target holds so far."""
+        return sum(self.blobs.get(idx, {}).values())
+
+    async def target_state(self, idx: int, state: str, error: str | None = None) -> None:
+        self.states[idx] = state
+        self.errors[idx] = error
+
+    def set_total(self, idx: int, total: int) -> None:
+        self.totals[idx] = total
+
+    def blob_progress(self, idx: int, digest: str, done: int) -> None:
+        self.blobs.setdefault(idx, {})[digest] = done
+
+    def saved_upload(self, idx: int, digest: str) -> tuple[str, int] | None:
+        return self.uploads.get((idx, digest))
+
+    async def save_upload(self, idx: int, digest: str, location: str, offset: int) -> None:
+        self.uploads[(idx, digest)] = (location, offset)
+
+    async def drop_upload(self, idx: int, digest: str) -> None:
+        self.uploads.pop((idx, digest), None)
+
+    async def mount_sources(self, registry: str, digest: str) -> list[str]:
+        # A copy: the engine puts its own candidates in front.
+        return list(self.mounts.get((registry, digest), []))
+
+    async def remember_blob(self, registry: str, repo: str, digest: str) -> None:
+        repos = self.mounts.setdefault((registry, digest), [])
+        if repo not in repos:
+            repos.append(repo)
+
+
 @dataclass
 class Source:
     client: RegistryClient

@@ -18,49 +18,43 @@ from .registry.auth import ChallengeCache
 from .registry.client import RegistryClient
 from .settings import Settings
 from .store import ClaimedJob, LeaseLost, Store
-from .transfer import ImageCopy, Source, SourceError, Stopped, Target
+from .transfer import ImageCopy, MemoryEvents, Source, SourceError, Stopped, Target
 
 log = logging.getLogger(__name__)
 
 
-class JobEvents:
-    """A running job's progress, kept in memory and flushed every heartbeat; checkpoints and
-    target states are written at once, fenced by the job's lease."""
+class JobEvents(MemoryEvents):
+    """A running job's events: progress kept in memory and flushed every heartbeat; checkpoints,
+    target states and blob sightings written to the store at once, fenced by the job's lease."""
 
     def __init__(self, store: Store, job_id: str, owner: str, uploads: dict[tuple[int, str], tuple[str, int]]) -> None:
+        super().__init__(uploads)
         self.store = store
         self.job_id = job_id
         self.owner = owner
-        self.states: dict[int, str] = {}
-        self.uploads = uploads
-        self._totals: dict[int, int] = {}
-        self._blobs: dict[int, dict[str, int]] = {}
         self._dirty = False
 
     async def target_state(self, idx: int, state: str, error: str | None = None) -> None:
-        self.states[idx] = state
+        await super().target_state(idx, state, error)
         log.info("job %s target %d: %s%s", self.job_id, idx, state, f" ({error})" if error else "")
         await self.flush()
         await self.store.target_state(self.job_id, self.owner, idx, state, error)
 
     def set_total(self, idx: int, total: int) -> None:
-        self._totals[idx] = total
+        super().set_total(idx, total)
         self._dirty = True
 
     def blob_progress(self, idx: int, digest: str, done: int) -> None:
-        self._blobs.setdefault(idx, {})[digest] = done
+        super().blob_progress(idx, digest, done)
         self._dirty = True
-
-    def saved_upload(self, idx: int, digest: str) -> tuple[str, int] | None:
-        return self.uploads.get((idx, digest))
 
     async def save_upload(self, idx: int, digest: str, location: str, offset: int) -> None:
         await self.store.save_upload(self.job_id, self.owner, idx, digest, location, offset)
-        self.uploads[(idx, digest)] = (location, offset)
+        await super().save_upload(idx, digest, location, offset)
 
     async def drop_upload(self, idx: int, digest: str) -> None:
         await self.store.drop_upload(self.job_id, idx, digest)
-        self.uploads.pop((idx, digest), None)
+        await super().drop_upload(idx, digest)
 
     async def mount_sources(self, registry: str, digest: str) -> list[str]:
         return await self.store.mount_sources(registry, digest)
@@ -72,8 +66,7 @@ class JobEvents:
         if not self._dirty:
             return
         self._dirty = False
-        counts = {idx: (sum(self._blobs.get(idx, {}).values()), total) for idx, total in self._totals.items()}
-        await self.store.progress(self.job_id, self.owner, counts)
+        await self.store.progress(self.job_id, self.owner, {idx: (self.done(idx), total) for idx, total in self.totals.items()})
 
 
 class Worker:

@@ -20,7 +20,6 @@ from pydlit import commands
 from pydlit.app import create_app
 from pydlit.commands import (
     ImageRef,
-    MemoryEvents,
     ProgressPrinter,
     copy,
     jobs,
@@ -31,6 +30,7 @@ from pydlit.commands import (
 )
 from pydlit.registry.client import RetryPolicy
 from pydlit.settings import Settings
+from pydlit.transfer import MemoryEvents
 
 JOB_ID = "0b7f6d9e-6a0e-4c55-9d33-4a1f0c2b9e11"
 DIGEST = "sha256:" + "ab" * 32
