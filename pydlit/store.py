@@ -124,23 +124,21 @@ class Store:
         """Atomically move the oldest QUEUED job to RUNNING under `owner`'s lease."""
         now = self._clock()
         async with self._tx:
-            cur = await self._db.execute(
+            rows = await self._db.execute_fetchall(
                 """UPDATE jobs SET state = 'RUNNING', attempt = attempt + 1, lease_owner = ?,
                           lease_expires = ?, started_at = coalesce(started_at, ?)
                    WHERE id = (SELECT id FROM jobs WHERE state = 'QUEUED' ORDER BY created_at LIMIT 1)
-                   RETURNING id, request, attempt, cancel_requested""",
+                   RETURNING id, request, attempt, cancel_requested,
+                             (SELECT sealed FROM job_secrets WHERE job_id = jobs.id) AS sealed""",
                 (owner, iso(now + timedelta(seconds=lease_s)), iso(now)),
             )
-            row = await cur.fetchone()
-            await cur.close()
-            if row is None:
-                return None
-            async with self._db.execute("SELECT sealed FROM job_secrets WHERE job_id = ?", (row["id"],)) as c:
-                srow = await c.fetchone()
+        if not rows:
+            return None
+        row = next(iter(rows))
         secrets: dict[str, Any] | None = {}
-        if srow:
+        if row["sealed"]:
             try:
-                secrets = self._box.open(srow["sealed"])
+                secrets = self._box.open(row["sealed"])
             except SecretError:
                 secrets = None
         return ClaimedJob(row["id"], json.loads(row["request"]), secrets, row["attempt"], bool(row["cancel_requested"]))
@@ -148,16 +146,14 @@ class Store:
     async def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
         """Extend the lease; True when someone has asked for the job to be cancelled."""
         async with self._tx:
-            cur = await self._db.execute(
+            rows = await self._db.execute_fetchall(
                 "UPDATE jobs SET lease_expires = ? WHERE id = ? AND state = 'RUNNING' AND lease_owner = ? "
                 "RETURNING cancel_requested",
                 (iso(self._clock() + timedelta(seconds=lease_s)), job_id, owner),
             )
-            row = await cur.fetchone()
-            await cur.close()
-        if row is None:
+        if not rows:
             raise LeaseLost(job_id)
-        return bool(row[0])
+        return bool(next(iter(rows))[0])
 
     async def release(self, job_id: str, owner: str) -> None:
         """Hand a running job back to the queue (a graceful stop); its checkpoints stay."""
@@ -176,17 +172,12 @@ class Store:
         )
 
     async def finish(self, job_id: str, owner: str, state: str, error: str | None) -> None:
-        """End a job; its credentials and checkpoints go with it."""
-        async with self._transaction():
-            cur = await self._db.execute(
-                "UPDATE jobs SET state = ?, error = ?, finished_at = ?, lease_owner = NULL, lease_expires = NULL "
-                "WHERE id = ? AND state = 'RUNNING' AND lease_owner = ?",
-                (state, error, self._now(), job_id, owner),
-            )
-            if cur.rowcount == 0:
-                raise LeaseLost(job_id)
-            await self._db.execute("DELETE FROM job_secrets WHERE job_id = ?", (job_id,))
-            await self._db.execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
+        """End a job; its credentials and checkpoints go with it (the job_ended trigger)."""
+        await self._fenced(
+            "UPDATE jobs SET state = ?, error = ?, finished_at = ?, lease_owner = NULL, lease_expires = NULL "
+            "WHERE id = ? AND state = 'RUNNING' AND lease_owner = ?",
+            (state, error, self._now(), job_id, owner),
+        )
 
     async def _fenced(self, sql: str, params: tuple[Any, ...]) -> None:
         if await self._write(sql, params) == 0:
@@ -196,10 +187,16 @@ class Store:
 
     _LEASED = "EXISTS (SELECT 1 FROM jobs WHERE id = ? AND state = 'RUNNING' AND lease_owner = ?)"
 
-    async def target_state(self, job_id: str, owner: str, idx: int, state: str, error: str | None) -> None:
+    async def target_state(
+        self, job_id: str, owner: str, idx: int, state: str, error: str | None,
+        progress: tuple[int, int | None] | None = None,
+    ) -> None:
+        """A target's new state, with its byte counts as they stand when given (one write, not two)."""
+        done, total = progress or (None, None)
         await self._fenced(
-            f"UPDATE job_targets SET state = ?, error = ?, updated_at = ? WHERE job_id = ? AND idx = ? AND {self._LEASED}",
-            (state, error, self._now(), job_id, idx, job_id, owner),
+            "UPDATE job_targets SET state = ?, error = ?, bytes_done = coalesce(?, bytes_done), "
+            f"bytes_total = coalesce(?, bytes_total), updated_at = ? WHERE job_id = ? AND idx = ? AND {self._LEASED}",
+            (state, error, done, total, self._now(), job_id, idx, job_id, owner),
         )
 
     async def progress(self, job_id: str, owner: str, counts: dict[int, tuple[int, int | None]]) -> None:
@@ -223,32 +220,35 @@ class Store:
         await self._write("DELETE FROM uploads WHERE job_id = ? AND target_idx = ? AND digest = ?", (job_id, idx, digest))
 
     async def uploads(self, job_id: str) -> dict[tuple[int, str], tuple[str, int]]:
-        async with self._db.execute("SELECT target_idx, digest, location, offset FROM uploads WHERE job_id = ?", (job_id,)) as cur:
-            return {(r["target_idx"], r["digest"]): (r["location"], r["offset"]) for r in await cur.fetchall()}
+        rows = await self._db.execute_fetchall("SELECT target_idx, digest, location, offset FROM uploads WHERE job_id = ?", (job_id,))
+        return {(r["target_idx"], r["digest"]): (r["location"], r["offset"]) for r in rows}
 
     # -- where blobs are, for cross-repository mounts ---------------------------------------------
 
     async def mount_sources(self, registry: str, digest: str, limit: int = 5) -> list[str]:
-        async with self._db.execute(
+        rows = await self._db.execute_fetchall(
             "SELECT repository FROM known_blobs WHERE registry = ? AND digest = ? ORDER BY seen_at DESC LIMIT ?",
             (registry, digest, limit),
-        ) as cur:
-            return [r["repository"] for r in await cur.fetchall()]
+        )
+        return [r["repository"] for r in rows]
 
-    async def remember_blob(self, registry: str, repository: str, digest: str) -> None:
+    async def remember_blobs(self, sightings: list[tuple[str, str, str]]) -> None:
+        """(registry, repository, digest) triples now known to hold the blob."""
+        now = self._now()
         await self._write(
             "INSERT INTO known_blobs (registry, repository, digest, seen_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT DO UPDATE SET seen_at = excluded.seen_at",
-            (registry, repository, digest, self._now()),
+            [(*s, now) for s in sightings],
+            many=True,
         )
 
     async def request_cancel(self, job_id: str) -> str | None:
         """Cancel a job: a QUEUED one ends here and now; a RUNNING one is flagged for its worker.
         Returns the state the job was in, or None when there is no such job."""
         async with self._transaction():
-            async with self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)) as cur:
-                row = await cur.fetchone()
-            if row is not None and row["state"] == "QUEUED":
+            rows = await self._db.execute_fetchall("SELECT state FROM jobs WHERE id = ?", (job_id,))
+            state = next(iter(rows))["state"] if rows else None
+            if state == "QUEUED":
                 now = self._now()
                 await self._db.execute(
                     "UPDATE jobs SET state = 'FAILED', error = 'cancelled', finished_at = ?, cancel_requested = 1 WHERE id = ?",
@@ -259,11 +259,9 @@ class Store:
                     "WHERE job_id = ? AND state IN ('PENDING', 'RUNNING')",
                     (now, job_id),
                 )
-                await self._db.execute("DELETE FROM job_secrets WHERE job_id = ?", (job_id,))
-                await self._db.execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
-            elif row is not None and row["state"] == "RUNNING":
+            elif state == "RUNNING":
                 await self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-        return None if row is None else row["state"]
+        return state
 
     async def prune(self, older_than: timedelta) -> int:
         """Delete ended jobs (with their targets) and blob sightings older than `older_than`."""
@@ -273,16 +271,15 @@ class Store:
         return pruned
 
     async def count_by_state(self) -> dict[str, int]:
-        async with self._db.execute("SELECT state, count(*) AS n FROM jobs GROUP BY state") as cur:
-            return {r["state"]: r["n"] for r in await cur.fetchall()}
+        rows = await self._db.execute_fetchall("SELECT state, count(*) AS n FROM jobs GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
 
     # -- views ------------------------------------------------------------------------------------
 
     async def job_view(self, job_id: str) -> dict[str, Any] | None:
         """The API's status document for one job (never any credential)."""
-        async with self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cur:
-            job = await cur.fetchone()
-        return None if job is None else (await self._views([job]))[0]
+        jobs = list(await self._db.execute_fetchall("SELECT * FROM jobs WHERE id = ?", (job_id,)))
+        return (await self._views(jobs))[0] if jobs else None
 
     async def list_jobs(self, state: str | None, limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
         """A page of jobs, newest first; the cursor (the last job's created_at and id) pages on."""
@@ -296,8 +293,7 @@ class Store:
             params += [created, created, job_id]
         sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        async with self._db.execute(sql, (*params, limit + 1)) as cur:
-            rows = list(await cur.fetchall())
+        rows = list(await self._db.execute_fetchall(sql, (*params, limit + 1)))
         more = len(rows) > limit
         rows = rows[:limit]
         next_cursor = f"{rows[-1]['created_at']}|{rows[-1]['id']}" if more else None
@@ -309,9 +305,8 @@ class Store:
         ids = [j["id"] for j in jobs]
         marks = ",".join("?" * len(ids))
         by_job: dict[str, list[sqlite3.Row]] = {i: [] for i in ids}
-        async with self._db.execute(f"SELECT * FROM job_targets WHERE job_id IN ({marks}) ORDER BY job_id, idx", ids) as cur:
-            for t in await cur.fetchall():
-                by_job[t["job_id"]].append(t)
+        for t in await self._db.execute_fetchall(f"SELECT * FROM job_targets WHERE job_id IN ({marks}) ORDER BY job_id, idx", ids):
+            by_job[t["job_id"]].append(t)
         return [_view(job, by_job[job["id"]]) for job in jobs]
 
     async def check_writable(self) -> None:

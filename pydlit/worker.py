@@ -24,29 +24,31 @@ log = logging.getLogger(__name__)
 
 
 class JobEvents(MemoryEvents):
-    """A running job's events: progress kept in memory and flushed every heartbeat; checkpoints,
-    target states and blob sightings written to the store at once, fenced by the job's lease."""
+    """A running job's events. Checkpoints and target states are written to the store at once,
+    fenced by the job's lease; byte counts and blob sightings wait for the next heartbeat or state
+    change (a sighting lost in a crash costs a HEAD, not a wrong answer)."""
 
     def __init__(self, store: Store, job_id: str, owner: str, uploads: dict[tuple[int, str], tuple[str, int]]) -> None:
         super().__init__(uploads)
         self.store = store
         self.job_id = job_id
         self.owner = owner
-        self._dirty = False
+        self._dirty: set[int] = set()  # targets whose byte counts the store has not seen
+        self._sightings: list[tuple[str, str, str]] = []
 
     async def target_state(self, idx: int, state: str, error: str | None = None) -> None:
         await super().target_state(idx, state, error)
         log.info("job %s target %d: %s%s", self.job_id, idx, state, f" ({error})" if error else "")
-        await self.flush()
-        await self.store.target_state(self.job_id, self.owner, idx, state, error)
+        self._dirty.discard(idx)
+        await self.store.target_state(self.job_id, self.owner, idx, state, error, (self.done(idx), self.totals.get(idx)))
 
     def set_total(self, idx: int, total: int) -> None:
         super().set_total(idx, total)
-        self._dirty = True
+        self._dirty.add(idx)
 
     def blob_progress(self, idx: int, digest: str, done: int) -> None:
         super().blob_progress(idx, digest, done)
-        self._dirty = True
+        self._dirty.add(idx)
 
     async def save_upload(self, idx: int, digest: str, location: str, offset: int) -> None:
         await self.store.save_upload(self.job_id, self.owner, idx, digest, location, offset)
@@ -57,16 +59,21 @@ class JobEvents(MemoryEvents):
         await super().drop_upload(idx, digest)
 
     async def mount_sources(self, registry: str, digest: str) -> list[str]:
-        return await self.store.mount_sources(registry, digest)
+        # This job's own sightings first: they may not have reached the store yet.
+        return [*await super().mount_sources(registry, digest), *await self.store.mount_sources(registry, digest)]
 
     async def remember_blob(self, registry: str, repo: str, digest: str) -> None:
-        await self.store.remember_blob(registry, repo, digest)
+        await super().remember_blob(registry, repo, digest)
+        self._sightings.append((registry, repo, digest))
 
     async def flush(self) -> None:
-        if not self._dirty:
-            return
-        self._dirty = False
-        await self.store.progress(self.job_id, self.owner, {idx: (self.done(idx), total) for idx, total in self.totals.items()})
+        if self._dirty:
+            counts = {idx: (self.done(idx), self.totals.get(idx)) for idx in self._dirty}
+            self._dirty = set()
+            await self.store.progress(self.job_id, self.owner, counts)
+        if self._sightings:
+            sightings, self._sightings = self._sightings, []
+            await self.store.remember_blobs(sightings)
 
 
 class Worker:
@@ -265,4 +272,4 @@ class Worker:
         for idx, t in enumerate(req["targets"]):
             c = client(t, auth_for(target_auth[idx] if idx < len(target_auth) else None, t["endpoint"]))
             targets.append(Target(idx, c, c.repository(t.get("image") or src["image"]), t.get("ref") or src["ref"], t.get("overwrite", False)))
-        return ImageCopy(source, targets, events, self._stop, self.settings.tuning)
+        return ImageCopy(source, targets, events, self._stop, self.settings.tuning, first_attempt=job.attempt == 1)

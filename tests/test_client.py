@@ -462,3 +462,72 @@ async def test_a_failing_token_server_is_retried_not_taken_for_refused_credentia
     assert "could not be reached" in str(caught.value)
     assert caught.value.status is None  # not an HTTP 401: nobody refused anything
     assert len(sleeps) == 1 + POLICY.attempts - 1
+
+
+# -- whole blobs and the repository probe ----------------------------------------------------------
+
+TAGS_URL = f"{BASE}/v2/team/app/tags/list?n=1"
+BLOB_URL = f"{BASE}/v2/team/app/blobs/{DIGEST}"
+UPLOADS_URL = f"{BASE}/v2/team/app/blobs/uploads/"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("status", "body", "known"),
+    [
+        (404, errors_body("NAME_UNKNOWN", "repository name not known to registry"), False),
+        (404, "not found", True),  # a 404 that does not say the name is unknown proves nothing
+        (403, errors_body("DENIED", "no listing for you"), True),
+        (500, "boom", True),
+    ],
+)
+async def test_repository_known_is_false_only_on_name_unknown(sleeps: list[float], status: int, body: str, known: bool) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(TAGS_URL, status=status, body=body, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await make_client(s).repository_known("team/app") is known
+        assert len(calls(m, "GET", TAGS_URL)) == 1  # a probe the caller can do without: never retried
+    assert sleeps == []
+
+
+@pytest.mark.asyncio
+async def test_read_blob_cut_short_is_read_again(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(BLOB_URL, status=200, body=b"0123")
+        m.get(BLOB_URL, status=200, body=b"0123456789")
+        async with aiohttp.ClientSession() as s:
+            assert await make_client(s).read_blob("team/app", DIGEST, 10) == b"0123456789"
+        assert len(calls(m, "GET", BLOB_URL)) == 2
+    assert len(sleeps) == 1
+
+
+@pytest.mark.asyncio
+async def test_read_blob_longer_than_its_descriptor_fails_without_retry(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(BLOB_URL, status=200, body=b"0123456789-and-more", repeat=True)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError, match="larger than its descriptor"):
+                await make_client(s).read_blob("team/app", DIGEST, 10)
+        assert len(calls(m, "GET", BLOB_URL)) == 1
+    assert sleeps == []
+
+
+@pytest.mark.asyncio
+async def test_upload_blob_whose_session_is_lost_starts_another(sleeps: list[float]) -> None:
+    put_lost = re.compile(r"^http://127\.0\.0\.1:5000/v2/team/app/blobs/uploads/lost\?.*digest=")
+    put_ok = re.compile(r"^http://127\.0\.0\.1:5000/v2/team/app/blobs/uploads/fresh\?.*digest=")
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.post(UPLOADS_URL, status=202, headers={"Location": "/v2/team/app/blobs/uploads/lost?_state=a"})
+        m.post(UPLOADS_URL, status=202, headers={"Location": "/v2/team/app/blobs/uploads/fresh?_state=b"})
+        m.put(put_lost, status=404, body=errors_body("BLOB_UPLOAD_UNKNOWN", "blob upload unknown"))
+        m.put(put_ok, status=201)
+        async with aiohttp.ClientSession() as s:
+            await make_client(s).upload_blob("team/app", DIGEST, b"data")
+        puts = [(u, c) for (meth, u), cs in m.requests.items() if meth == "PUT" for c in cs]
+    assert [u.path.rsplit("/", 1)[1] for u, _ in puts] == ["lost", "fresh"]
+    assert all(c.kwargs["data"] == b"data" and u.query["digest"] == DIGEST for u, c in puts)
+    assert len(sleeps) == 1

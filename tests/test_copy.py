@@ -337,6 +337,36 @@ def test_identical_tag_finishes_with_nothing_uploaded(
     assert manifest_digest(registries.target_a, repo_name, "v1") == image.digest
 
 
+# -- requests per blob ----------------------------------------------------------------------------
+
+
+def test_a_new_repository_is_not_asked_blob_by_blob(service, registries, repo_name, proxy_factory):
+    image = push_image(registries.source, repo_name, "v1", "oci_index", SMALL_LAYERS, seed=_seed(),
+                       platforms=2)
+    proxy = proxy_factory(registries.target_a)
+
+    status = _run(service, job_body(registries.source, repo_name, "v1", [proxy]))
+
+    _assert_all_finished(status, image.total_bytes)
+    assert_same_tree(image, read_back(registries.target_a, repo_name, "v1"))
+    tag_lists = [r for r in proxy.requests if r.path == f"/v2/{repo_name}/tags/list"]
+    assert [r.status for r in tag_lists] == [404], proxy.requests  # NAME_UNKNOWN: nothing to find
+    assert proxy.count("HEAD", "blob_head") == 0, proxy.requests
+    assert proxy.count("HEAD", "manifest_head") == 1, proxy.requests  # the tag only, no child
+    assert proxy.count("POST", "upload_post") == proxy.count("PUT", "upload_put") == len(image.blobs)
+    assert proxy.count("PUT", "manifest_put") == len(image.manifests)
+
+    # Now the repository exists: another tag of the same image asks for every blob and uploads none.
+    proxy.reset_counters()
+    status = _run(service, job_body(registries.source, repo_name, "v1",
+                                     [(proxy, {"ref": "again"})]))
+    _assert_all_finished(status, image.total_bytes)
+    assert proxy.count("HEAD", "blob_head") == len(image.blobs), proxy.requests
+    assert proxy.blob_upload_bytes() == 0 and proxy.count("POST", "upload_post") == 0, proxy.requests
+    assert proxy.count("PUT", "manifest_put") == 1, proxy.requests  # children are there: the tag only
+    assert manifest_digest(registries.target_a, repo_name, "again") == image.digest
+
+
 # -- shared layers --------------------------------------------------------------------------------
 
 

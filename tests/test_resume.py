@@ -465,23 +465,29 @@ def test_registry_refusing_chunked_uploads_gets_one_monolithic_put(
     assert put_bytes == image.total_bytes
 
 
+@pytest.mark.parametrize(
+    ("layers", "after", "seed"),
+    [(ONE_CHUNKED, 5 * MiB, 42), ((600_001,), 300_000, 44)],
+    ids=["streamed", "read-whole"],
+)
 def test_corrupt_source_bytes_are_read_again_and_never_committed(
-    registries, proxy_factory, service_factory, repo_name
+    registries, proxy_factory, service_factory, repo_name, layers, after, seed
 ):
-    image = push_image(registries.source, repo_name, "v1", "schema2", ONE_CHUNKED, seed=42)
+    image = push_image(registries.source, repo_name, "v1", "schema2", layers, seed=seed)
     big = max(image.blobs, key=image.blobs.get)
+    assert image.blobs[big] > after
     source = proxy_factory(registries.source)
     service = service_factory(env=service_env(PYDLIT_PARALLEL_BLOBS=1))
 
     # Once: the blob is read again and the copy completes.
-    source.corrupt_downloads(after_bytes=5 * MiB, times=1)
+    source.corrupt_downloads(after_bytes=after, times=1)
     finished(service, service.submit(job_body(source, repo_name, "v1", [registries.target_a])))
     assert_copied(image, registries.target_a, repo_name)
     report("one corrupt read", "read from the source", source.downloaded_bytes(), image.total_bytes)
     assert source.downloaded_bytes() >= image.total_bytes + image.blobs[big]
 
     # Every time: the target fails saying so, and the bad bytes were never committed.
-    source.corrupt_downloads(after_bytes=5 * MiB, times=10)
+    source.corrupt_downloads(after_bytes=after, times=10)
     other = f"{repo_name}-bad"
     status = service.wait(service.submit(job_body(source, repo_name, "v1", [(registries.target_b, {"image": other})])), timeout=60)
     assert job_state(status) == "FAILED"

@@ -376,6 +376,17 @@ async def test_job_view_shape_and_no_secret(store: Store) -> None:
     assert "secrets" not in view
 
 
+async def test_target_state_writes_the_byte_counts_given_with_it(store: Store) -> None:
+    job_id = await enqueue(store)
+    await store.claim("node/a", 30)
+    await store.progress(job_id, "node/a", {0: (10, 300), 1: (20, 300)})
+    await store.target_state(job_id, "node/a", 0, "FINISHED", None, (300, 300))
+    await store.target_state(job_id, "node/a", 1, "FAILED", "boom")  # no counts: they stay as they were
+
+    targets = (await store.job_view(job_id))["targets"]
+    assert [(t["state"], t["bytes_done"], t["bytes_total"]) for t in targets] == [("FINISHED", 300, 300), ("FAILED", 20, 300)]
+
+
 async def test_job_view_of_an_unknown_job_is_none(store: Store) -> None:
     assert await store.job_view("no-such-job") is None
 
@@ -434,18 +445,15 @@ async def test_uploads_survive_a_release(store: Store) -> None:
     assert await store.uploads(job_id) == {(0, DIGEST_A): ("http://127.0.0.1:5001/up?_state=s", 8)}
 
 
-async def test_remember_blob_and_mount_sources(store: Store, clock: Clock) -> None:
+async def test_remember_blobs_and_mount_sources(store: Store, clock: Clock) -> None:
     reg, other = "http://127.0.0.1:5001", "http://127.0.0.1:5002"
     assert await store.mount_sources(reg, DIGEST_A) == []
-    await store.remember_blob(reg, "team/a", DIGEST_A)
+    await store.remember_blobs([(reg, "team/a", DIGEST_A)])
     clock.advance(1)
-    await store.remember_blob(reg, "team/b", DIGEST_A)
-    clock.advance(1)
-    await store.remember_blob(reg, "team/c", DIGEST_B)
-    await store.remember_blob(other, "elsewhere", DIGEST_A)
+    await store.remember_blobs([(reg, "team/b", DIGEST_A), (reg, "team/c", DIGEST_B), (other, "elsewhere", DIGEST_A)])
     assert await store.mount_sources(reg, DIGEST_A) == ["team/b", "team/a"]  # newest first
     clock.advance(1)
-    await store.remember_blob(reg, "team/a", DIGEST_A)  # seen again: no duplicate, newer
+    await store.remember_blobs([(reg, "team/a", DIGEST_A)])  # seen again: no duplicate, newer
     assert await store.mount_sources(reg, DIGEST_A) == ["team/a", "team/b"]
     assert await store.mount_sources(reg, DIGEST_A, limit=1) == ["team/a"]
     assert await store.mount_sources(other, DIGEST_A) == ["elsewhere"]

@@ -89,6 +89,10 @@ def ssl_for(verify_tls: bool, ca_cert: str | None) -> ssl.SSLContext | bool:
     return ctx
 
 
+def broken_stream(registry: str, step: str, at: int, exc: BaseException) -> RegistryError:
+    return RegistryError(registry, step, f"connection broke at byte {at}: {type(exc).__name__}", transient=True)
+
+
 def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -390,6 +394,20 @@ class RegistryClient:
 
     # -- blobs ----------------------------------------------------------------------------------
 
+    async def repository_known(self, repo: str) -> bool:
+        """False only when the registry says it has no repository of this name (NAME_UNKNOWN);
+        any other answer, or none, counts as known. Tried once: callers can do without it."""
+        try:
+            resp = await self.request(
+                "GET", self.url(f"{repo}/tags/list").with_query(n="1"), step=f"list tags of {repo}",
+                scope=scope_for(repo, "pull"), expect=(200,),
+            )
+        except RegistryError as exc:
+            return exc.code != "NAME_UNKNOWN"
+        async with resp:
+            await resp.read()  # a body left unread would cost the connection
+        return True
+
     async def head_blob(self, repo: str, digest: str) -> bool:
         async def op() -> bool:
             resp = await self.request(
@@ -440,16 +458,53 @@ class RegistryClient:
 
         return await self._call(op)
 
-    async def start_upload(self, repo: str) -> str:
-        async def op() -> str:
+    async def read_blob(self, repo: str, digest: str, size: int) -> bytes:
+        """A blob small enough to hold in memory, whole: exactly `size` bytes, or an error."""
+        step = f"read blob {digest[:19]} from {repo}"
+
+        async def op() -> bytes:
             resp = await self.request(
-                "POST", self.url(f"{repo}/blobs/uploads/"), step=f"start upload to {repo}",
-                scope=scope_for(repo, "pull,push"), expect=(202,), headers={"Content-Length": "0"},
+                "GET", self.url(f"{repo}/blobs/{digest}"), step=step, scope=scope_for(repo, "pull"), expect=(200,),
             )
+            data = bytearray()
             async with resp:
-                return self._location(resp)
+                try:
+                    async for piece in resp.content.iter_any():
+                        data += piece
+                        if len(data) > size:
+                            raise RegistryError(self.name, step, "the blob is larger than its descriptor says")
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    raise broken_stream(self.name, step, len(data), exc) from None
+            if len(data) < size:
+                raise RegistryError(self.name, step, f"the stream ended at byte {len(data)} of {size}", transient=True)
+            return bytes(data)
 
         return await self._call(op)
+
+    async def start_upload(self, repo: str) -> str:
+        return await self._call(lambda: self._open_upload(repo))
+
+    async def _open_upload(self, repo: str) -> str:
+        resp = await self.request(
+            "POST", self.url(f"{repo}/blobs/uploads/"), step=f"start upload to {repo}",
+            scope=scope_for(repo, "pull,push"), expect=(202,), headers={"Content-Length": "0"},
+        )
+        async with resp:
+            return self._location(resp)
+
+    async def upload_blob(self, repo: str, digest: str, data: bytes) -> None:
+        """A blob held in memory, in two requests: open a session, commit it with the bytes. A
+        failure of either (a lost session too) is retried as the pair."""
+        async def op() -> None:
+            location = await self._open_upload(repo)
+            try:
+                await self.finish_upload(location, repo, digest, data, len(data))
+            except RegistryError as exc:
+                if exc.code in ("BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_INVALID"):
+                    exc.transient = True
+                raise
+
+        await self._call(op)
 
     async def upload_offset(self, location: str, repo: str) -> int | None:
         """How many bytes an upload session holds, or None when the session is gone."""
