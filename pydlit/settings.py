@@ -14,7 +14,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 5001
     db: str = "./pydlit.db"
-    concurrency: int = 4  # jobs running at once
+    concurrency: int = 8  # jobs running at once (their streamed blobs share tuning.max_streams)
     node: str = field(default_factory=socket.gethostname)
     lease_s: float = 30.0
     heartbeat_s: float = 1.0  # progress flush and lease renewal
@@ -42,6 +42,14 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
         raise SystemExit(f"pydlit: {name} must be a number, not {raw!r}") from None
 
 
+def _count(env: dict[str, str], name: str, default: int) -> int:
+    """A setting that must be at least 1: a zero there would make every copy wait forever."""
+    value = _float(env, name, default)
+    if value < 1 or value != int(value):
+        raise SystemExit(f"pydlit: {name} must be a whole number of at least 1, not {env.get(name)!r}")
+    return int(value)
+
+
 def from_env(env: dict[str, str] | None = None) -> Settings:
     """Settings with every PYDLIT_* variable applied."""
     env = dict(os.environ if env is None else env)
@@ -56,7 +64,8 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
     tuning = Tuning(
         chunk_size=int(_float(env, "PYDLIT_CHUNK_MIB", base.tuning.chunk_size / mib) * mib),
         buffer_size=int(_float(env, "PYDLIT_BUFFER_MIB", base.tuning.buffer_size / mib) * mib),
-        parallel_blobs=int(_float(env, "PYDLIT_PARALLEL_BLOBS", base.tuning.parallel_blobs)),
+        parallel_blobs=_count(env, "PYDLIT_PARALLEL_BLOBS", base.tuning.parallel_blobs),
+        max_streams=_count(env, "PYDLIT_MAX_STREAMS", base.tuning.max_streams),
     )
     return Settings(
         host=env.get("PYDLIT_HOST") or base.host,

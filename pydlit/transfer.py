@@ -36,6 +36,9 @@ class Tuning:
     # 3 targets under 150 MiB RSS, and 4 layers in flight leave no lone last layer at the end.
     buffer_size: int = 8 * MiB  # how far a slow target may lag behind the fastest, per blob
     parallel_blobs: int = 4
+    # Streamed blobs in flight across every job of a service: what bounds its memory, at about
+    # max_streams x targets x buffer_size, whatever the job concurrency.
+    max_streams: int = 8
     parallel_manifests: int = 8
     mount_candidates: int = 3
     preflight_wait_s: float = 3.0  # how long targets wait for each other before the shared read
@@ -176,7 +179,7 @@ class ImageCopy:
 
     def __init__(
         self, source: Source, targets: list[Target], events: Events, stop: asyncio.Event, tuning: Tuning = Tuning(),
-        first_attempt: bool = True,
+        first_attempt: bool = True, streams: asyncio.Semaphore | None = None,
     ) -> None:
         self.source = source
         self.targets = targets
@@ -184,6 +187,8 @@ class ImageCopy:
         self.stop = stop
         self.tuning = tuning
         self.first_attempt = first_attempt
+        # A service passes the one all its jobs share; a copy on its own is bounded by parallel_blobs.
+        self.streams = streams or asyncio.Semaphore(tuning.parallel_blobs)
         self.tree: Tree | None = None
 
     async def run(self) -> None:
@@ -297,6 +302,10 @@ class ImageCopy:
         if blob.size <= min(self.tuning.whole_blob_max, self.tuning.chunk_size):
             await self._copy_whole(blob, need)
             return
+        async with self.streams:
+            await self._copy_streamed(blob, need)
+
+    async def _copy_streamed(self, blob: Blob, need: list[Target]) -> None:
         sinks = [_Sink(t) for t in need]
         policy = self.source.client.policy
         mismatches = 0

@@ -86,6 +86,7 @@ class Worker:
         self.credentials = credentials
         self.owner = f"{settings.node}/{uuid.uuid4().hex[:12]}"
         self.challenges = ChallengeCache()
+        self.streams = asyncio.Semaphore(settings.tuning.max_streams)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -272,4 +273,6 @@ class Worker:
         for idx, t in enumerate(req["targets"]):
             c = client(t, auth_for(target_auth[idx] if idx < len(target_auth) else None, t["endpoint"]))
             targets.append(Target(idx, c, c.repository(t.get("image") or src["image"]), t.get("ref") or src["ref"], t.get("overwrite", False)))
-        return ImageCopy(source, targets, events, self._stop, self.settings.tuning, first_attempt=job.attempt == 1)
+        return ImageCopy(
+            source, targets, events, self._stop, self.settings.tuning, first_attempt=job.attempt == 1, streams=self.streams,
+        )

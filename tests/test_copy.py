@@ -571,3 +571,24 @@ def test_a_slow_target_holds_the_others_back_by_at_most_the_buffer(service_facto
     assert max(leads) >= 2 * mib, leads
     # ... but never further than the buffer plus the chunk each side has in flight.
     assert max(leads) <= 4 * mib + 2 * mib, leads
+
+
+@pytest.mark.parametrize(("max_streams", "overlap"), [(1, False), (4, True)])
+def test_streamed_blobs_of_every_job_share_the_service_limit(
+    service_factory, registries, repo_name, proxy_factory, max_streams, overlap
+):
+    mib = 1024 * 1024
+    repos = [f"{repo_name}-{i}" for i in range(2)]
+    images = [push_image(registries.source, repo, "v1", "schema2", [3 * mib, 3 * mib + 1], seed=_seed())
+              for repo in repos]
+    slow = proxy_factory(registries.target_a)
+    slow.rate_limit(8 * mib, download=False, upload=True)  # uploads last long enough to overlap
+    svc = service_factory(env={"PYDLIT_CONCURRENCY": "2", "PYDLIT_MAX_STREAMS": str(max_streams)})
+
+    jobs = [svc.submit(job_body(registries.source, repo, "v1", [slow])) for repo in repos]
+
+    for job, image in zip(jobs, images, strict=True):
+        _assert_all_finished(svc.wait(job, timeout=JOB_TIMEOUT), image.total_bytes)
+    peak = slow.counters().peak_large["upload_put"]
+    # With a limit of 1 the four layers of two jobs go one at a time; with 4 they overlap.
+    assert (peak >= 2) if overlap else (peak == 1), slow.counters()

@@ -202,8 +202,9 @@ class RegistryClient:
             raise await self._error(resp, step)
 
     async def _send(self, method: str, url: URL | str, *, step: str, headers: dict[str, str], data: Any) -> aiohttp.ClientResponse:
-        origin = URL(str(url)).origin()
-        timer = LATENCY.labels(operation(method, URL(str(url)).path))
+        url = url if isinstance(url, URL) else URL(url)
+        origin = url.origin()
+        timer = LATENCY.labels(operation(method, url.path))
         timeout = self._timeout
         if data is not None and not isinstance(data, bytes):
             # The response timer starts once the body is in the kernel's buffers, which a slow

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .registry import Registry
 
 CHUNK = 64 * 1024
+LARGE_BODY = 1024 * 1024  # a request body above this counts in ProxyCounters.peak_large
 KINDS = (
     "blob_get", "blob_head", "upload_post", "upload_patch", "upload_put", "upload_get",
     "manifest_get", "manifest_head", "manifest_put", "other",
@@ -89,6 +90,8 @@ class ProxyCounters:
     upload_bytes: Counter[tuple[str, str]] = field(default_factory=Counter)
     downloaded: int = 0  # body bytes of blob GET responses sent to clients
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # (method, kind)
+    # The most requests of a kind with a body over LARGE_BODY in flight at once.
+    peak_large: Counter[str] = field(default_factory=Counter)
 
     @property
     def uploaded(self) -> dict[str, int]:
@@ -133,6 +136,7 @@ class FaultProxy(BackgroundService):
         self._upload_cuts: list[_Rule] = []
         self._download_cuts: list[_Rule] = []
         self._corruptions: list[_Rule] = []
+        self._inflight_large: Counter[str] = Counter()
         self._stalls: list[_Rule] = []
         self._next_free = {"up": 0.0, "down": 0.0}
         self._session: aiohttp.ClientSession | None = None
@@ -235,7 +239,7 @@ class FaultProxy(BackgroundService):
     def counters(self) -> ProxyCounters:
         with self._lock:
             c = self._counters
-            return ProxyCounters(Counter(c.upload_bytes), c.downloaded, Counter(c.requests))
+            return ProxyCounters(Counter(c.upload_bytes), c.downloaded, Counter(c.requests), Counter(c.peak_large))
 
     def uploaded_bytes(
         self, method: str | None = None, kinds: Iterable[str] | str | None = None
@@ -358,9 +362,23 @@ class FaultProxy(BackgroundService):
             raise _UploadCut()  # a chunked body ended before nbytes: still cut it at its end
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        method, kind = request.method, classify(request.method, request.path)
+        kind = classify(request.method, request.path)
+        large = (request.content_length or 0) > LARGE_BODY
         with self._lock:
-            self._counters.requests[(method, kind)] += 1
+            self._counters.requests[(request.method, kind)] += 1
+            if large:
+                self._inflight_large[kind] += 1
+                peak = self._counters.peak_large
+                peak[kind] = max(peak[kind], self._inflight_large[kind])
+        try:
+            return await self._forward(request, kind)
+        finally:
+            if large:
+                with self._lock:
+                    self._inflight_large[kind] -= 1
+
+    async def _forward(self, request: web.Request, kind: str) -> web.StreamResponse:
+        method = request.method
         rule = self._take(self._fails, method, kind)
         if rule is not None:
             self._record(request, kind, rule.status, "fail")
