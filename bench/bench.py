@@ -491,7 +491,7 @@ class World:
     source: Registry
     env: dict[str, str]
     images: dict[str, Image] = field(default_factory=dict)
-    wait_quiet: float = 0.0  # seconds to wait for other load to go away before each rep
+    wait_quiet: float = 0.0  # seconds to wait for other load to go away before each measured run
     busy_reps: int = 0  # reps that started while the machine was still busy
     watch: CpuWatch | None = None  # other processes' CPU during the reps (not the waits)
     foreign_cpu: float = 0.0
@@ -506,10 +506,12 @@ class World:
             self.watch = None
 
     def quiet(self) -> None:
-        """Wait (bounded) until other processes leave the CPUs alone: on a 2-core machine a
-        neighbour's test run halves whatever is being timed."""
+        """Before each measured run: sync, then wait (bounded) until other processes leave the
+        CPUs alone: on a 2-core machine a neighbour's test run halves whatever is being timed."""
         self.close_watch()
         try:
+            # The previous run's writes reach the disk now, not during the next measurement.
+            os.sync()
             self._wait_quiet()
         finally:
             self.watch = CpuWatch()
@@ -567,9 +569,11 @@ def manifests_bytes(img: Image) -> int:
     return sum(len(b) for _, b in img.manifests.values())
 
 
-def order(rep: int, a: Callable[[], None], b: Callable[[], None]) -> None:
-    """Alternate which tool goes first, so neither always meets a warm (or dirty) page cache."""
+def order(w: World, rep: int, a: Callable[[], None], b: Callable[[], None]) -> None:
+    """Alternate which tool goes first, so neither always meets a warm page cache; each starts on
+    a settled machine (the other's writes flushed, other load gone)."""
     for fn in ((a, b) if rep % 2 == 0 else (b, a)):
+        w.quiet()
         fn()
 
 
@@ -589,8 +593,6 @@ def scenario_fanout(w: World, res: Results) -> None:
     try:
         with w.service("fanout") as svc:
             for rep in range(cfg.reps):
-                w.quiet()
-
                 def run_pydlit(rep: int = rep) -> None:
                     targets = [w.regs.new(f"fan-py{i}") for i in range(n)]
                     try:
@@ -612,6 +614,8 @@ def scenario_fanout(w: World, res: Results) -> None:
 
                 def run_skopeo(rep: int = rep) -> None:
                     for mode, row, par in (("seq", r_seq, 1), ("par", r_par, n)):
+                        if mode == "par":
+                            w.quiet()
                         targets = [w.regs.new(f"fan-sk{mode}{i}") for i in range(n)]
                         try:
                             proxy.reset_counters()
@@ -628,7 +632,7 @@ def scenario_fanout(w: World, res: Results) -> None:
                         finally:
                             w.regs.drop(targets)
 
-                order(rep, run_pydlit, run_skopeo)
+                order(w, rep, run_pydlit, run_skopeo)
     finally:
         proxy.stop()
     best = min(r_seq.median, r_par.median)
@@ -703,8 +707,6 @@ def scenario_single(w: World, res: Results) -> None:
     r_cu = res.row("single", f"ceiling: curl {len(layers)} layer PUTs at once")
     with w.service("single") as svc:
         for rep in range(cfg.reps):
-            w.quiet()
-
             def run_pydlit(rep: int = rep) -> None:
                 t = w.regs.new("single-py")
                 try:
@@ -741,7 +743,7 @@ def scenario_single(w: World, res: Results) -> None:
                 finally:
                     w.regs.drop([t])
 
-            order(rep, run_pydlit, run_others)
+            order(w, rep, run_pydlit, run_others)
     shutil.rmtree(w.root / "layers", ignore_errors=True)
     vs_sk, vs_cu = r_py.median / r_sk.median, r_py.median / r_cu.median
     mibs = img.total_bytes / MiB
@@ -765,8 +767,6 @@ def scenario_small(w: World, res: Results) -> None:
     job_runs: list[float] = []
     with w.service("small") as svc:
         for rep in range(cfg.reps):
-            w.quiet()
-
             def run_pydlit(rep: int = rep) -> None:
                 t = w.regs.new("small-py")
                 try:
@@ -805,7 +805,7 @@ def scenario_small(w: World, res: Results) -> None:
                 finally:
                     w.regs.drop([t])
 
-            order(rep, run_pydlit, run_skopeo)
+            order(w, rep, run_pydlit, run_skopeo)
     ratio = r_py.median / r_sk.median
     r_py.note = (f"{ratio:.2f}x skopeo; {n / r_py.median:.1f} images/s; one job runs "
                  f"{fmt_s(statistics.median(job_runs))} (median)")
@@ -872,8 +872,6 @@ def scenario_resources(w: World, res: Results) -> None:
     rss_idle: list[int] = []
     sk_rss: list[int] = []
     for rep in range(cfg.reps):
-        w.quiet()
-
         def run_pydlit(rep: int = rep) -> None:
             targets = [w.regs.new(f"res-py{i}") for i in range(n)]
             try:
@@ -909,7 +907,7 @@ def scenario_resources(w: World, res: Results) -> None:
             finally:
                 w.regs.drop(targets)
 
-        order(rep, run_pydlit, run_skopeo)
+        order(w, rep, run_pydlit, run_skopeo)
     py_per_gib, sk_per_gib = r_py.cpu_median / moved, r_sk.cpu_median / moved
     peak = max(peaks) / 1024
     r_py.note = (f"peak RSS {peak:.0f} MiB (idle {statistics.median(rss_idle) / 1024:.0f}); "
@@ -1105,7 +1103,7 @@ def main() -> int:
     ap.add_argument("--no-snapshot", action="store_true",
                     help="run the service from the live work tree instead of a copy taken at start")
     ap.add_argument("--wait-quiet", type=float, default=90.0, metavar="S",
-                    help="before each rep wait up to S seconds for other processes to leave the CPUs "
+                    help="before each measured run wait up to S seconds for other processes to leave the CPUs "
                          "alone (default 90; 0: don't wait)")
     ap.add_argument("--summarise-profile", type=Path, default=None, metavar="FILE",
                     help="only summarise an existing py-spy raw file")

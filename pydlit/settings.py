@@ -14,7 +14,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 5001
     db: str = "./pydlit.db"
-    concurrency: int = 8  # jobs running at once (their streamed blobs share tuning.max_streams)
+    concurrency: int = 16  # jobs running at once (their streamed blobs share tuning.max_streams)
     node: str = field(default_factory=socket.gethostname)
     lease_s: float = 30.0
     heartbeat_s: float = 1.0  # progress flush and lease renewal

@@ -12,7 +12,7 @@ MiB = 1024 * 1024
 def test_defaults() -> None:
     s = from_env({})
     assert s == Settings(node=s.node)
-    assert s.port == 5001 and s.db == "./pydlit.db" and s.concurrency == 8
+    assert s.port == 5001 and s.db == "./pydlit.db" and s.concurrency == 16
     assert s.tuning.parallel_blobs == 4 and s.tuning.max_streams == 8
     assert s.tuning.chunk_size == 16 * MiB and s.tuning.buffer_size == 8 * MiB
 

@@ -170,6 +170,34 @@ async def test_enqueue_is_all_or_nothing(store: Store, db_path: Path) -> None:
             assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
 
 
+async def test_jobs_submitted_together_share_a_commit_and_fail_alone(
+    store: Store, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    insert = store._insert_jobs
+
+    async def counting(batch):  # type: ignore[no-untyped-def]
+        batches.append(len(batch))
+        await insert(batch)
+
+    monkeypatch.setattr(store, "_insert_jobs", counting)
+    bad_target = [{"endpoint": None, "image": "app", "ref": "v1"}]  # NOT NULL: refused by SQLite
+    results = await asyncio.gather(
+        enqueue(store), enqueue(store), enqueue(store, targets=bad_target), enqueue(store), enqueue(store),
+        return_exceptions=True,
+    )
+
+    assert isinstance(results[2], sqlite3.IntegrityError), results
+    ids = [r for i, r in enumerate(results) if i != 2]
+    assert all(isinstance(i, str) for i in ids) and len(set(ids)) == 4
+    # One commit for the five; when it failed, each went on its own and only the bad one failed.
+    assert batches == [5, 1, 1, 1, 1, 1]
+    with raw(db_path) as conn:
+        assert sorted(r[0] for r in conn.execute("SELECT id FROM jobs")) == sorted(ids)
+        assert conn.execute("SELECT count(*) FROM job_targets").fetchone()[0] == 4 * len(TARGETS)
+        assert conn.execute("SELECT count(*) FROM job_secrets").fetchone()[0] == 4
+
+
 async def test_claim_on_an_empty_queue_returns_none(store: Store) -> None:
     assert await store.claim("node/a", 30) is None
 

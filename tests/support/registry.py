@@ -173,6 +173,9 @@ class Registry:
             "storage": {
                 "filesystem": {"rootdirectory": str(self.storage_dir)},
                 "delete": {"enabled": True},
+                # As in Debian's packaged config.yml and distribution's example config: without
+                # it every blob HEAD, GET and manifest check reads link files from disk again.
+                "cache": {"blobdescriptor": "inmemory"},
             },
             "http": http_cfg,
             # 2.8 refuses every descriptor `urls` (foreign layers) unless an allow list is set.
