@@ -144,6 +144,9 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         while not self._stop.is_set():
+            # Cleared before looking, not after: a job queued while the claim is on its way to
+            # the DB must wake the next round, not wait for the poll.
+            self._wake.clear()
             job = None
             if len(self._running) < self.settings.concurrency:
                 try:
@@ -155,7 +158,6 @@ class Worker:
                 self._running[job.id] = task
                 task.add_done_callback(lambda _t, jid=job.id: self._job_done(jid))
                 continue
-            self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.poll_s)
 
