@@ -94,6 +94,8 @@ class Store:
         return cls(db, box, clock)
 
     async def close(self) -> None:
+        if self._committer is not None:
+            await self._committer  # submissions already accepted reach the disk first
         await self._db.close()
 
     def _now(self) -> str:
