@@ -569,11 +569,13 @@ def manifests_bytes(img: Image) -> int:
     return sum(len(b) for _, b in img.manifests.values())
 
 
-def order(w: World, rep: int, a: Callable[[], None], b: Callable[[], None]) -> None:
-    """Alternate which tool goes first, so neither always meets a warm page cache; each starts on
-    a settled machine (the other's writes flushed, other load gone)."""
+def order(w: World, rep: int, a: Callable[[], None], b: Callable[[], None], settle: bool = True) -> None:
+    """Alternate which tool goes first, so neither always meets a warm page cache; unless told
+    otherwise (runs of a few ms that write nothing), each starts on a settled machine: the other's
+    writes flushed, other load gone."""
     for fn in ((a, b) if rep % 2 == 0 else (b, a)):
-        w.quiet()
+        if settle:
+            w.quiet()
         fn()
 
 
@@ -847,7 +849,7 @@ def scenario_resync(w: World, res: Results) -> None:
                     r_sk.times.append(run.wall)
                     r_sk.cpu.append(run.cpu)
 
-                order(i, run_pydlit, run_skopeo)
+                order(w, i, run_pydlit, run_skopeo, settle=False)
             log(f"  pydlit {' '.join(fmt_s(x) for x in r_py.times)} (polled: {' '.join(fmt_s(x) for x in polled)})")
             log(f"  skopeo {' '.join(fmt_s(x) for x in r_sk.times)}")
         check_copied(t, "resync/big", "v1", img, "re-sync")
