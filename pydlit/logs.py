@@ -95,7 +95,7 @@ class RedactFilter(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
-    """TEXT_FORMAT, plus ` job=<id>` when the line belongs to a job."""
+    """TEXT_FORMAT, plus ` job=<id>` when the line belongs to a job and does not name it already."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -103,7 +103,7 @@ class TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
         job = getattr(record, "job", None)
-        return f"{line} job={job}" if job else line
+        return f"{line} job={job}" if job and job not in record.message else line
 
 
 class JsonFormatter(logging.Formatter):

@@ -38,7 +38,9 @@ class JobEvents(MemoryEvents):
 
     async def target_state(self, idx: int, state: str, error: str | None = None) -> None:
         await super().target_state(idx, state, error)
-        log.info("job %s target %d: %s%s", self.job_id, idx, state, f" ({error})" if error else "")
+        # A target starting is implied by its job starting: only outcomes are worth a line each.
+        log.log(logging.DEBUG if state == "RUNNING" else logging.INFO,
+                "job %s target %d: %s%s", self.job_id, idx, state, f" ({error})" if error else "")
         self._dirty.discard(idx)
         await self.store.target_state(self.job_id, self.owner, idx, state, error, (self.done(idx), self.totals.get(idx)))
 

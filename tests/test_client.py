@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import email.utils
 import json
 import re
@@ -531,3 +532,17 @@ async def test_upload_blob_whose_session_is_lost_starts_another(sleeps: list[flo
     assert [u.path.rsplit("/", 1)[1] for u, _ in puts] == ["lost", "fresh"]
     assert all(c.kwargs["data"] == b"data" and u.query["digest"] == DIGEST for u, c in puts)
     assert len(sleeps) == 1
+
+
+@pytest.mark.asyncio
+async def test_head_manifest_without_a_digest_header_reads_the_manifest_once(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.head(MANIFEST_URL, status=200, content_type=DOCKER_MANIFEST)
+        m.get(MANIFEST_URL, status=503, body=errors_body("UNAVAILABLE", "busy"))
+        m.get(MANIFEST_URL, status=200, body=MANIFEST, content_type=DOCKER_MANIFEST)
+        async with aiohttp.ClientSession() as s:
+            digest = await make_client(s).head_manifest("team/app", "v1")
+        assert len(calls(m, "HEAD", MANIFEST_URL)) == 1  # one HEAD, then the GET and its own retry
+        assert len(calls(m, "GET", MANIFEST_URL)) == 2
+    assert digest == "sha256:" + hashlib.sha256(MANIFEST).hexdigest()

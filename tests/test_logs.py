@@ -96,6 +96,13 @@ def test_text_format_appends_the_job(capture) -> None:
     assert lines[2].endswith("extra job=job-7")
 
 
+def test_text_format_does_not_repeat_a_job_the_message_names(capture) -> None:
+    buf = capture("INFO", "text")
+    with job_context("job-42"):
+        log.info("job %s: FINISHED", "job-42")
+    assert buf.getvalue().rstrip("\n").endswith("INFO pydlit.test: job job-42: FINISHED")
+
+
 def test_text_traceback_follows_the_job_line(capture) -> None:
     buf = capture("INFO", "text")
     with job_context("job-9"):

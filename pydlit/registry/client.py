@@ -375,12 +375,14 @@ class RegistryClient:
                 expect=(200, 404), headers={"Accept": ACCEPT},
             )
             async with resp:
-                if resp.status == 404:
-                    return None
-                digest = resp.headers.get("Docker-Content-Digest")
-            return digest or (await self.get_manifest(repo, ref)).digest
+                return None if resp.status == 404 else resp.headers.get("Docker-Content-Digest", "")
 
-        return await self._call(op)
+        digest = await self._call(op)
+        if digest == "":
+            # No digest header (it is optional): the bytes say it. Outside op(), so that this
+            # GET's retries are not repeated by the HEAD's.
+            return (await self.get_manifest(repo, ref)).digest
+        return digest
 
     async def put_manifest(self, repo: str, ref: str, manifest: Manifest) -> None:
         async def op() -> None:
