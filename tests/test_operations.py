@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 import pytest
-from support.images import push_image
+from support.images import manifest_digest, push_image
 from support.service import job_body
 
 MiB = 1024 * 1024
@@ -203,3 +203,24 @@ def test_json_logs_carry_the_job_id_and_no_secret(service_factory, registries, r
     assert any("FINISHED" in entry["msg"] for entry in job_lines)
     assert {"ts", "level", "logger", "msg"} <= set(job_lines[0])
     assert tls.password not in svc.log_text()
+
+
+def test_two_services_on_one_database_run_every_job_exactly_once(service_factory, registries, repo_name, tmp_path):
+    db = tmp_path / "shared.db"
+    env = {"PYDLIT_CONCURRENCY": "1"}  # one job at a time each, so that both must take a share
+    services = [service_factory(env={**env, "PYDLIT_NODE": f"node-{n}"}, db_path=db) for n in "ab"]
+    images = [push_image(registries.source, f"{repo_name}-{i}", "v1", "schema2", [2048, 30_000 + i], seed=3900 + i)
+              for i in range(8)]
+
+    ids = [services[i % 2].submit(job_body(registries.source, f"{repo_name}-{i}", "v1", [registries.target_a]))
+           for i in range(len(images))]
+
+    for job_id in ids:
+        status = services[0].wait(job_id, timeout=60)
+        assert status["value"] == "FINISHED" and status["attempt"] == 1, status
+    for i, image in enumerate(images):
+        assert manifest_digest(registries.target_a, f"{repo_name}-{i}", "v1") == image.digest
+    started = [{j for j in ids if f"job {j}: started" in svc.log_text()} for svc in services]
+    assert started[0] | started[1] == set(ids)
+    assert not started[0] & started[1], "a job ran in both services"
+    assert started[0] and started[1], f"one service ran everything: {[len(s) for s in started]}"
