@@ -32,8 +32,8 @@ class Tuning:
     # A blob up to this size is read whole and checked before any target sees it, then sent in
     # one POST and one PUT per target: none of the streaming machinery, no digest-mismatch round.
     whole_blob_max: int = 1 * MiB
-    # Memory per job is about parallel_blobs x buffer_size: 4 x 8 MiB keeps a 512 MiB copy to
-    # 3 targets under 150 MiB RSS, and 4 layers in flight leave no lone last layer at the end.
+    # Memory per job is about parallel_blobs x targets x buffer_size: 4 x 8 MiB keeps a 512 MiB
+    # copy to 3 targets under 150 MiB RSS, and 4 layers in flight leave no lone last layer at the end.
     buffer_size: int = 8 * MiB  # how far a slow target may lag behind the fastest, per blob
     parallel_blobs: int = 4
     # Streamed blobs in flight across every job of a service: what bounds its memory, at about

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class JobEvents(MemoryEvents):
     """A running job's events. Checkpoints and target states are written to the store at once,
     fenced by the job's lease; byte counts and blob sightings wait for the next heartbeat or state
-    change (a sighting lost in a crash costs a HEAD, not a wrong answer)."""
+    change (a sighting lost in a crash costs at most an upload where a mount would have done)."""
 
     def __init__(self, store: Store, job_id: str, owner: str, uploads: dict[tuple[int, str], tuple[str, int]]) -> None:
         super().__init__(uploads)
