@@ -318,10 +318,7 @@ class ImageCopy:
             except DigestMismatch:
                 mismatches += 1
                 if mismatches >= 2:
-                    err = SourceError(
-                        f"{self.source.client.name}: source blob {blob.digest} does not match its digest "
-                        "(read twice); nothing was committed"
-                    )
+                    err = self._read_twice_wrong(blob)
                     for s in sinks:
                         if not s.done:
                             await self._fail(s.target, err)
@@ -350,6 +347,12 @@ class ImageCopy:
         for s in sinks:
             await self._fail(s.target, s.error or RegistryError(s.target.client.name, "upload", "gave up"))
 
+    def _read_twice_wrong(self, blob: Blob) -> SourceError:
+        return SourceError(
+            f"{self.source.client.name}: source blob {blob.digest} does not match its digest (read twice); "
+            "nothing was committed"
+        )
+
     async def _copy_whole(self, blob: Blob, targets: list[Target]) -> None:
         src = self.source
         try:
@@ -359,10 +362,7 @@ class ImageCopy:
                 if _digest_matches(blob.digest, data):
                     break
             else:
-                raise SourceError(
-                    f"{src.client.name}: source blob {blob.digest} does not match its digest (read twice); "
-                    "nothing was committed"
-                )
+                raise self._read_twice_wrong(blob)
         except (RegistryError, SourceError) as exc:
             err = exc if isinstance(exc, SourceError) else SourceError(str(exc))
             for t in targets:
