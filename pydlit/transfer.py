@@ -15,7 +15,7 @@ from typing import Protocol
 
 import aiohttp
 
-from .metrics import BYTES
+from .metrics import DOWNLOADED, UPLOADED
 from .pipe import Pipe, PipeClosed
 from .registry.client import RegistryClient, RegistryError, broken_stream, retrying
 from .registry.manifests import Blob, Manifest, Tree
@@ -358,7 +358,7 @@ class ImageCopy:
         try:
             for _ in range(2):
                 data = await src.client.read_blob(src.repo, blob.digest, blob.size)
-                BYTES.labels("download").inc(len(data))
+                DOWNLOADED.inc(len(data))
                 if _digest_matches(blob.digest, data):
                     break
             else:
@@ -375,7 +375,7 @@ class ImageCopy:
             except RegistryError as exc:
                 await self._fail(t, exc)
                 return
-            BYTES.labels("upload").inc(blob.size)
+            UPLOADED.inc(blob.size)
             await self._blob_done(t, blob)
 
         await asyncio.gather(*(put(t) for t in targets))
@@ -473,7 +473,7 @@ class ImageCopy:
                             raise RegistryError(src.client.name, f"read blob {blob.digest[:19]}", "the blob is larger than its descriptor says")
                         if hasher:
                             await hasher.update(piece)
-                        BYTES.labels("download").inc(len(piece))
+                        DOWNLOADED.inc(len(piece))
                         await self._deliver(piece, pos, sinks)
                         pos += len(piece)
                         if all(s.pipe is None or s.pipe.closed for s in sinks):
@@ -516,7 +516,7 @@ class ImageCopy:
                 # not hash to the digest, so a bad read is never committed.
                 body = _read_exact(s.pipe, blob.size)
                 await t.client.finish_upload(s.location, t.repo, blob.digest, body, blob.size)
-                BYTES.labels("upload").inc(blob.size)
+                UPLOADED.inc(blob.size)
                 s.done = True
                 await self._blob_done(t, blob)
                 return
@@ -525,7 +525,7 @@ class ImageCopy:
                 length = min(self.tuning.chunk_size, blob.size - s.offset)
                 s.location = await t.client.patch_chunk(s.location, t.repo, _read_exact(s.pipe, length), s.offset, length)
                 s.offset += length
-                BYTES.labels("upload").inc(length)
+                UPLOADED.inc(length)
                 await self.events.save_upload(t.idx, blob.digest, s.location, s.offset)
                 self.events.blob_progress(t.idx, blob.digest, s.offset)
             if not await asyncio.shield(verified):

@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 import aiohttp
 from yarl import URL
 
-from ..metrics import LATENCY, RETRIES, operation
+from ..metrics import RETRIES, request_timer
 from .auth import AuthError, Authenticator, ChallengeCache, merge_scopes, parse_challenges, scope_for
 from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
 from .manifests import ACCEPT, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
@@ -204,7 +204,7 @@ class RegistryClient:
     async def _send(self, method: str, url: URL | str, *, step: str, headers: dict[str, str], data: Any) -> aiohttp.ClientResponse:
         url = url if isinstance(url, URL) else URL(url)
         origin = url.origin()
-        timer = LATENCY.labels(operation(method, url.path))
+        timer = request_timer(method, url.path)
         timeout = self._timeout
         if data is not None and not isinstance(data, bytes):
             # The response timer starts once the body is in the kernel's buffers, which a slow
@@ -469,18 +469,20 @@ class RegistryClient:
             resp = await self.request(
                 "GET", self.url(f"{repo}/blobs/{digest}"), step=step, scope=scope_for(repo, "pull"), expect=(200,),
             )
-            data = bytearray()
+            pieces: list[bytes] = []
+            held = 0
             async with resp:
                 try:
                     async for piece in resp.content.iter_any():
-                        data += piece
-                        if len(data) > size:
+                        held += len(piece)
+                        if held > size:
                             raise RegistryError(self.name, step, "the blob is larger than its descriptor says")
+                        pieces.append(piece)
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                    raise broken_stream(self.name, step, len(data), exc) from None
-            if len(data) < size:
-                raise RegistryError(self.name, step, f"the stream ended at byte {len(data)} of {size}", transient=True)
-            return bytes(data)
+                    raise broken_stream(self.name, step, held, exc) from None
+            if held < size:
+                raise RegistryError(self.name, step, f"the stream ended at byte {held} of {size}", transient=True)
+            return b"".join(pieces)  # the one copy: the pieces are joined, never grown
 
         return await self._call(op)
 
