@@ -186,17 +186,27 @@ class CpuWatch:
 
 class Busy:
     """The machine's CPU use (all processes) over a block, as a share of all cores: near 100%
-    the run is CPU-bound on this machine, whoever's CPU it is."""
+    the run is CPU-bound on this machine, whoever's CPU it is. Also the CPU seconds the given
+    registries spent in it: on 2 cores they take most of it, so the tool that asks less of them
+    is faster."""
 
     share = float("nan")
+    registries = float("nan")
+
+    def __init__(self, regs: list[Registry]) -> None:
+        self._pids = [r.pid for r in regs if r.pid is not None]
+
+    def _registry_cpu(self) -> float:
+        return sum(map(_cpu_or_0, self._pids))
 
     def __enter__(self) -> "Busy":
-        self.b0, self.t0 = CpuWatch._busy(), time.perf_counter()
+        self.b0, self.r0, self.t0 = CpuWatch._busy(), self._registry_cpu(), time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         wall = time.perf_counter() - self.t0
         self.share = (CpuWatch._busy() - self.b0) / (wall * (os.cpu_count() or 1)) if wall > 0 else float("nan")
+        self.registries = self._registry_cpu() - self.r0
 
 
 def live_children() -> list[int]:
@@ -440,7 +450,13 @@ class Row:
     times: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     busy: list[float] = field(default_factory=list)  # machine CPU use during each run, 0..1
+    reg_cpu: list[float] = field(default_factory=list)  # the registries' CPU seconds in each run
     note: str = ""
+
+    def machine(self, b: Busy) -> None:
+        """What the whole machine and the registries spent during one run."""
+        self.busy.append(b.share)
+        self.reg_cpu.append(b.registries)
 
     @property
     def median(self) -> float:
@@ -601,9 +617,9 @@ def scenario_fanout(w: World, res: Results) -> None:
                         proxy.reset_counters()
                         body = body_for(proxy, "bench/fanout", "v1", [(t, f"fan/py-r{rep}") for t in targets])
                         c0 = proc_cpu(svc.pid)
-                        with Busy() as b:
+                        with Busy([w.source, *targets]) as b:
                             wall, _ = svc.run_jobs([body])
-                        r_py.busy.append(b.share)
+                        r_py.machine(b)
                         r_py.cpu.append(proc_cpu(svc.pid) - c0)
                         got = proxy.downloaded_bytes()
                         for t in targets:
@@ -622,9 +638,9 @@ def scenario_fanout(w: World, res: Results) -> None:
                         try:
                             proxy.reset_counters()
                             copies = [(proxy.host, "bench/fanout:v1", t.host, f"fan/sk{mode}-r{rep}:v1") for t in targets]
-                            with Busy() as b:
+                            with Busy([w.source, *targets]) as b:
                                 wall, cpu = skopeo_many(copies, par)
-                            row.busy.append(b.share)
+                            row.machine(b)
                             for t in targets:
                                 check_copied(t, f"fan/sk{mode}-r{rep}", "v1", img, "skopeo")
                             row.times.append(wall)
@@ -713,9 +729,9 @@ def scenario_single(w: World, res: Results) -> None:
                 t = w.regs.new("single-py")
                 try:
                     c0 = proc_cpu(svc.pid)
-                    with Busy() as b:
+                    with Busy([w.source, t]) as b:
                         wall, _ = svc.run_jobs([body_for(w.source, "bench/big", "v1", [(t, f"single/py-r{rep}")])])
-                    r_py.busy.append(b.share)
+                    r_py.machine(b)
                     r_py.cpu.append(proc_cpu(svc.pid) - c0)
                     check_copied(t, f"single/py-r{rep}", "v1", img, "pydlit")
                     r_py.times.append(wall)
@@ -726,9 +742,9 @@ def scenario_single(w: World, res: Results) -> None:
             def run_others(rep: int = rep) -> None:
                 t = w.regs.new("single-sk")
                 try:
-                    with Busy() as b:
+                    with Busy([w.source, t]) as b:
                         run = skopeo_copy(w.source.host, "bench/big:v1", t.host, f"single/sk-r{rep}:v1")
-                    r_sk.busy.append(b.share)
+                    r_sk.machine(b)
                     check_copied(t, f"single/sk-r{rep}", "v1", img, "skopeo")
                     r_sk.times.append(run.wall)
                     r_sk.cpu.append(run.cpu)
@@ -737,9 +753,9 @@ def scenario_single(w: World, res: Results) -> None:
                     w.regs.drop([t])
                 t = w.regs.new("single-curl")
                 try:
-                    with Busy() as b:
+                    with Busy([t]) as b:
                         wall = curl_ingest(t, f"single/curl-r{rep}", layers)
-                    r_cu.busy.append(b.share)
+                    r_cu.machine(b)
                     r_cu.times.append(wall)
                     log(f"  rep {rep + 1} curl ceiling {fmt_s(wall)}")
                 finally:
@@ -775,9 +791,9 @@ def scenario_small(w: World, res: Results) -> None:
                     bodies = [body_for(w.source, f"bench/small{i:02d}", "v1", [(t, f"small/py-r{rep}-{i:02d}")])
                               for i in range(n)]
                     c0 = proc_cpu(svc.pid)
-                    with Busy() as b:
+                    with Busy([w.source, t]) as b:
                         wall, statuses = svc.run_jobs(bodies)
-                    r_py.busy.append(b.share)
+                    r_py.machine(b)
                     r_py.cpu.append(proc_cpu(svc.pid) - c0)
                     runs = [_span(st, "started_at", "finished_at") for st in statuses]
                     waits = [_span(st, "created_at", "started_at") for st in statuses]
@@ -796,9 +812,9 @@ def scenario_small(w: World, res: Results) -> None:
                 try:
                     copies = [(w.source.host, f"bench/small{i:02d}:v1", t.host, f"small/sk-r{rep}-{i:02d}:v1")
                               for i in range(n)]
-                    with Busy() as b:
+                    with Busy([w.source, t]) as b:
                         wall, cpu = skopeo_many(copies, cfg.small_skopeo_parallel)
-                    r_sk.busy.append(b.share)
+                    r_sk.machine(b)
                     for i, img in enumerate(imgs):
                         check_copied(t, f"small/sk-r{rep}-{i:02d}", "v1", img, "skopeo")
                     r_sk.times.append(wall)
@@ -880,9 +896,9 @@ def scenario_resources(w: World, res: Results) -> None:
                 with w.service(f"res{rep}") as svc:
                     rss_idle.append(proc_status_kib(svc.pid, "VmRSS"))
                     c0 = proc_cpu(svc.pid)
-                    with Busy() as b:
+                    with Busy([w.source, *targets]) as b:
                         wall, _ = svc.run_jobs([body_for(w.source, "bench/big", "v1", [(t, f"res/py-r{rep}") for t in targets])])
-                    r_py.busy.append(b.share)
+                    r_py.machine(b)
                     cpu = proc_cpu(svc.pid) - c0
                     peak = proc_status_kib(svc.pid, "VmHWM")
                 for t in targets:
@@ -897,9 +913,9 @@ def scenario_resources(w: World, res: Results) -> None:
         def run_skopeo(rep: int = rep) -> None:
             targets = [w.regs.new(f"res-sk{i}") for i in range(n)]
             try:
-                with Busy() as b:
+                with Busy([w.source, *targets]) as b:
                     runs = [skopeo_copy(w.source.host, "bench/big:v1", t.host, f"res/sk-r{rep}:v1") for t in targets]
-                r_sk.busy.append(b.share)
+                r_sk.machine(b)
                 for t in targets:
                     check_copied(t, f"res/sk-r{rep}", "v1", img, "skopeo")
                 r_sk.times.append(sum(r.wall for r in runs))
@@ -938,13 +954,14 @@ GOAL_NAMES = {
 
 
 def print_table(res: Results) -> None:
-    headers = ("scenario", "variant", "median", "runs", "cpu s", "mach%", "notes")
+    headers = ("scenario", "variant", "median", "runs", "cpu s", "reg cpu s", "mach%", "notes")
     lines = []
     for r in res.rows:
         runs = " ".join(fmt_s(t).replace(" ", "") for t in r.times)
         cpu = f"{r.cpu_median:.2f}" if r.cpu else "-"
+        reg_cpu = f"{statistics.median(r.reg_cpu):.2f}" if r.reg_cpu else "-"
         busy = f"{100 * statistics.median(r.busy):.0f}%" if r.busy else "-"
-        lines.append((r.scenario, r.variant, fmt_s(r.median), runs, cpu, busy, r.note))
+        lines.append((r.scenario, r.variant, fmt_s(r.median), runs, cpu, reg_cpu, busy, r.note))
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
     widths[-1] = 0
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -1191,7 +1208,8 @@ def main() -> int:
     print()
     print_table(res)
     print("cpu s: CPU seconds of the pydlit service (/proc/PID/stat delta) or of the skopeo processes "
-          "(wait4 rusage), median\nmach%: the whole machine's CPU use during the run (registries, proxy, "
+          "(wait4 rusage), median\nreg cpu s: CPU seconds of the registries the run used (source and "
+          "targets), median\nmach%: the whole machine's CPU use during the run (registries, proxy, "
           "everything) as a share of all cores, median")
     print()
     if args.quick:

@@ -104,6 +104,10 @@ class Registry:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def ssl_context(self) -> ssl.SSLContext | None:
         if self.ca_pem is None:
             return None
