@@ -30,14 +30,24 @@ class Pipe:
     def error(self) -> BaseException | None:
         return self._error
 
-    async def put(self, piece: bytes) -> None:
+    @property
+    def held(self) -> int:
+        """Bytes put and not yet taken: 0 means the writer is waiting for the reader."""
+        return self._held
+
+    async def put(self, piece: bytes, timeout: float | None = None) -> bool:
+        """Queue the piece once there is room; False if `timeout` passed first (nothing queued)."""
         async with self._cond:
-            await self._cond.wait_for(lambda: self._held < self._limit or self.closed)
-            if self.closed:
-                return
-            self._items.append(piece)
-            self._held += len(piece)
-            self._cond.notify_all()
+            if self._held >= self._limit and not self.closed:
+                try:
+                    await asyncio.wait_for(self._cond.wait_for(lambda: self._held < self._limit or self.closed), timeout)
+                except asyncio.TimeoutError:
+                    return False
+            if not self.closed:
+                self._items.append(piece)
+                self._held += len(piece)
+                self._cond.notify_all()
+            return True
 
     async def finish(self, error: BaseException | None = None) -> None:
         """No more pieces will come: the end of the blob, or the reader's failure."""

@@ -66,6 +66,7 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         buffer_size=int(_float(env, "PYDLIT_BUFFER_MIB", base.tuning.buffer_size / mib) * mib),
         parallel_blobs=_count(env, "PYDLIT_PARALLEL_BLOBS", base.tuning.parallel_blobs),
         max_streams=_count(env, "PYDLIT_MAX_STREAMS", base.tuning.max_streams),
+        detach_after_s=_float(env, "PYDLIT_DETACH_AFTER_S", base.tuning.detach_after_s),
     )
     return Settings(
         host=env.get("PYDLIT_HOST") or base.host,

@@ -23,6 +23,7 @@ from .registry.manifests import Blob, Manifest, Tree
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+_IDLE_CHECK_S = 0.1  # how often a read held up by one full buffer looks whether the others sit idle
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class Tuning:
     parallel_manifests: int = 8
     mount_candidates: int = 3
     preflight_wait_s: float = 3.0  # how long targets wait for each other before the shared read
+    # A target that has held the shared read back this long while another target sat idle, and
+    # for over half the read, takes the rest of that blob from a read of its own: the others go
+    # on at their own pace, at the cost of reading that part of the source again. 0: never.
+    detach_after_s: float = 2.0
 
 
 class Stopped(Exception):
@@ -151,6 +156,8 @@ class _Sink:
     pipe: Pipe | None = None
     done: bool = False
     monolithic: bool = False  # the registry refused PATCH: one PUT with the whole blob
+    verified: asyncio.Future[bool] | None = None  # the verdict on the bytes this sink was fed
+    held_back: float = 0.0  # seconds the shared read waited on this sink while another sat idle
 
 
 async def read_tree(client: RegistryClient, repo: str, ref: str, parallel: int = 8) -> Tree:
@@ -190,6 +197,9 @@ class ImageCopy:
         # A service passes the one all its jobs share; a copy on its own is bounded by parallel_blobs.
         self.streams = streams or asyncio.Semaphore(tuning.parallel_blobs)
         self.tree: Tree | None = None
+        # Per target: the blobs it still lacks, and what wakes its manifest push (see _copy_to).
+        self._lacking: dict[int, set[str]] = {}
+        self._complete: dict[int, asyncio.Event] = {}
 
     async def run(self) -> None:
         # The targets' tags are looked up while the source tree is read: one round trip less.
@@ -220,17 +230,35 @@ class ImageCopy:
             await self._copy_to([target])
 
     async def _copy_to(self, targets: list[Target]) -> None:
+        """Every blob to every target; each target's manifests as soon as it holds all its blobs,
+        so that a fast target is finished while a slow one is still uploading."""
         assert self.tree is not None
         blobs = sorted(self.tree.blobs, key=lambda b: -b.size)
         sem = asyncio.Semaphore(self.tuning.parallel_blobs)
+        for t in targets:
+            self._lacking[t.idx] = {b.digest for b in blobs}
+            self._complete[t.idx] = asyncio.Event()
+            if not blobs:
+                self._complete[t.idx].set()
 
         async def one(blob: Blob) -> None:
             async with sem:
                 self._check_stop()
                 await self._copy_blob(blob, [t for t in targets if not t.failed])
 
-        await _gather_all(one(b) for b in blobs)
-        await asyncio.gather(*(self._push_manifests(t) for t in targets if not t.failed))
+        async def every_blob() -> None:
+            try:
+                await _gather_all(one(b) for b in blobs)
+            finally:
+                for t in targets:  # also wakes the targets left incomplete by a stop or a failure
+                    self._complete[t.idx].set()
+
+        async def manifests(t: Target) -> None:
+            await self._complete[t.idx].wait()
+            if not t.failed and not self._lacking[t.idx]:
+                await self._push_manifests(t)
+
+        await _gather_all([every_blob(), *(manifests(t) for t in targets)])
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -239,6 +267,8 @@ class ImageCopy:
     async def _fail(self, target: Target, error: BaseException) -> None:
         if not target.failed:
             target.failed = True
+            if target.idx in self._complete:
+                self._complete[target.idx].set()
             log.warning("target %s/%s failed: %s", target.client.name, target.repo, error)
             await self.events.target_state(target.idx, "FAILED", str(error))
 
@@ -401,6 +431,11 @@ class ImageCopy:
 
     async def _blob_done(self, t: Target, blob: Blob) -> None:
         self.events.blob_progress(t.idx, blob.digest, blob.size)
+        lacking = self._lacking.get(t.idx)
+        if lacking is not None:
+            lacking.discard(blob.digest)
+            if not lacking:
+                self._complete[t.idx].set()
         if self.events.saved_upload(t.idx, blob.digest):
             await self.events.drop_upload(t.idx, blob.digest)
         await self.events.remember_blob(t.client.key, t.repo, blob.digest)
@@ -429,33 +464,41 @@ class ImageCopy:
     async def _fan_out(self, blob: Blob, sinks: list[_Sink]) -> None:
         """Read the blob once from the lowest offset any sink needs; every sink takes its part."""
         start = min(s.offset for s in sinks)
-        verified: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        verified = _verdict()
         for s in sinks:
             s.pipe = Pipe(self.tuning.buffer_size)
             s.start = s.offset
+            s.verified = verified
+            s.held_back = 0.0
         if start == blob.size:
             # Every session holds the whole blob (a commit failed, or a crash came just before
             # it): nothing to read, and the registry checks the digest as it commits.
             verified.set_result(True)
-            await _gather_all(self._write_target(blob, s, verified) for s in sinks)
+            await _gather_all(self._write_target(blob, s) for s in sinks)
             return
-        reader = asyncio.create_task(self._read_source(blob, start, sinks, verified))
+        # The shared read, then the reads of any sinks that leave it (see _put).
+        readers: list[asyncio.Task[None]] = []
+        readers.append(asyncio.create_task(self._read_source(blob, start, list(sinks), verified, readers)))
         try:
-            await _gather_all(self._write_target(blob, s, verified) for s in sinks)
+            await _gather_all(self._write_target(blob, s) for s in sinks)
         finally:
-            if not reader.done():
-                reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            for reader in readers:
+                if not reader.done():
+                    reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
         if verified.done() and not verified.cancelled() and verified.exception() is None and verified.result() is False:
             raise DigestMismatch()
 
-    async def _read_source(self, blob: Blob, start: int, sinks: list[_Sink], verified: asyncio.Future[bool]) -> None:
+    async def _read_source(
+        self, blob: Blob, start: int, sinks: list[_Sink], verified: asyncio.Future[bool], readers: list[asyncio.Task[None]]
+    ) -> None:
         # Only a read from byte 0 can be hashed here; a resumed one is checked by the registry,
         # which refuses to commit bytes that do not hash to the digest.
         hasher = _OffLoopHash() if start == 0 and blob.digest.startswith("sha256:") else None
         pos = start
         src = self.source
+        began = asyncio.get_running_loop().time()
 
         async def stream() -> None:
             nonlocal pos
@@ -474,7 +517,7 @@ class ImageCopy:
                         if hasher:
                             await hasher.update(piece)
                         DOWNLOADED.inc(len(piece))
-                        await self._deliver(piece, pos, sinks)
+                        await self._deliver(blob, piece, pos, sinks, readers, began)
                         pos += len(piece)
                         if all(s.pipe is None or s.pipe.closed for s in sinks):
                             return
@@ -498,16 +541,40 @@ class ImageCopy:
         for s in sinks:
             await s.pipe.finish(None if ok else DigestMismatch())  # type: ignore[union-attr]
 
-    async def _deliver(self, piece: bytes, pos: int, sinks: list[_Sink]) -> None:
-        for s in sinks:
+    async def _deliver(
+        self, blob: Blob, piece: bytes, pos: int, sinks: list[_Sink], readers: list[asyncio.Task[None]], began: float
+    ) -> None:
+        for s in list(sinks):
             if s.pipe is None or s.pipe.closed:
                 continue
             if pos + len(piece) <= s.start:
                 continue
             cut = max(0, s.start - pos)
-            await s.pipe.put(piece[cut:] if cut else piece)
+            if not await self._put(s, piece[cut:] if cut else piece, sinks, began):
+                # This sink goes on alone from this piece; the shared read no longer waits for it.
+                sinks.remove(s)
+                s.verified = _verdict()
+                log.info("%s held the read of %s back for %.1f s; it reads the rest, from byte %d, on its own",
+                         s.target.client.name, blob.digest[:19], s.held_back, pos + cut)
+                readers.append(asyncio.create_task(self._read_source(blob, pos + cut, [s], s.verified, readers)))
 
-    async def _write_target(self, blob: Blob, s: _Sink, verified: asyncio.Future[bool]) -> None:
+    async def _put(self, s: _Sink, piece: bytes, sinks: list[_Sink], began: float) -> bool:
+        """Queue the piece for the sink, waiting while its buffer is full; False when the sink should
+        leave the shared read: it has kept another sink idle long enough, and for over half the read."""
+        assert s.pipe is not None
+        after = self.tuning.detach_after_s
+        if after <= 0 or len(sinks) < 2:
+            await s.pipe.put(piece)
+            return True
+        loop = asyncio.get_running_loop()
+        while not await s.pipe.put(piece, timeout=_IDLE_CHECK_S):
+            if any(o is not s and o.pipe is not None and not o.pipe.closed and o.pipe.held == 0 for o in sinks):
+                s.held_back += _IDLE_CHECK_S
+                if s.held_back >= after and s.held_back * 2 > loop.time() - began:
+                    return False
+        return True
+
+    async def _write_target(self, blob: Blob, s: _Sink) -> None:
         t = s.target
         assert s.pipe is not None and s.location is not None
         try:
@@ -528,7 +595,9 @@ class ImageCopy:
                 UPLOADED.inc(length)
                 await self.events.save_upload(t.idx, blob.digest, s.location, s.offset)
                 self.events.blob_progress(t.idx, blob.digest, s.offset)
-            if not await asyncio.shield(verified):
+            # Read now, not at the start: a sink that left the shared read has a verdict of its own.
+            assert s.verified is not None
+            if not await asyncio.shield(s.verified):
                 await t.client.cancel_upload(s.location, t.repo)
                 await self.events.drop_upload(t.idx, blob.digest)
                 s.location = None
@@ -564,6 +633,14 @@ class _OffLoopHash:
         if self._last is not None:
             await self._last
         return self._sha.hexdigest()
+
+
+def _verdict() -> asyncio.Future[bool]:
+    """Whether a read's bytes matched the digest. A failed read also reaches its writers through
+    their pipes, so a failure nobody awaited here is not worth an asyncio warning."""
+    fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return fut
 
 
 def _digest_matches(digest: str, data: bytes) -> bool:

@@ -554,7 +554,8 @@ def test_a_slow_target_holds_the_others_back_by_at_most_the_buffer(service_facto
     image = push_image(registries.source, repo_name, "v1", "schema2", [16 * mib], seed=_seed())
     slow = proxy_factory(registries.target_b)
     slow.rate_limit(4 * mib, download=False, upload=True)
-    svc = service_factory(env={"PYDLIT_CHUNK_MIB": "1", "PYDLIT_BUFFER_MIB": "4"})
+    # Detaching off: this is the bound of the shared read itself.
+    svc = service_factory(env={"PYDLIT_CHUNK_MIB": "1", "PYDLIT_BUFFER_MIB": "4", "PYDLIT_DETACH_AFTER_S": "0"})
     job = svc.submit(job_body(registries.source, repo_name, "v1", [registries.target_a, slow]))
 
     leads = []
@@ -571,6 +572,38 @@ def test_a_slow_target_holds_the_others_back_by_at_most_the_buffer(service_facto
     assert max(leads) >= 2 * mib, leads
     # ... but never further than the buffer plus the chunk each side has in flight.
     assert max(leads) <= 4 * mib + 2 * mib, leads
+
+
+def test_a_target_that_keeps_the_others_waiting_reads_on_its_own(service_factory, registries, repo_name, proxy_factory):
+    mib = 1024 * 1024
+    image = push_image(registries.source, repo_name, "v1", "schema2", [12 * mib], seed=_seed())
+    source = proxy_factory(registries.source)
+    slow = proxy_factory(registries.target_b)
+    slow.rate_limit(3 * mib, download=False, upload=True)  # ~4 s; the other target takes well under 1 s
+    svc = service_factory(env={"PYDLIT_CHUNK_MIB": "1", "PYDLIT_BUFFER_MIB": "2", "PYDLIT_DETACH_AFTER_S": "0.5"})
+    job = svc.submit(job_body(source, repo_name, "v1", [registries.target_a, slow]))
+
+    fast_finished_while_slow_had = None
+    for _ in range(600):
+        status = svc.status(job)
+        fast, slow_t = status["targets"]
+        if fast["state"] == "FINISHED" and fast_finished_while_slow_had is None:
+            fast_finished_while_slow_had = slow_t["bytes_done"]
+        if job_state(status) in ("FINISHED", "FAILED"):
+            break
+        time.sleep(0.05)
+
+    _assert_all_finished(status, image.total_bytes)
+    for target in registries.targets:
+        assert_same_tree(image, read_back(target, repo_name, "v1"))
+    # The fast target got its tag while the slow one was still far from done (held in step by
+    # the shared read, it would have had all but the buffer and a chunk: about 8 of 12 MiB) ...
+    assert fast_finished_while_slow_had is not None and fast_finished_while_slow_had < image.total_bytes // 2, (
+        fast_finished_while_slow_had, _dump(status))
+    assert "on its own" in svc.log_text()
+    # ... and the source was read again only for what the slow target had not yet been fed.
+    read = source.downloaded_bytes()
+    assert image.total_bytes < read < 2 * image.total_bytes, read
 
 
 @pytest.mark.parametrize(("max_streams", "overlap"), [(1, False), (4, True)])

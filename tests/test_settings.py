@@ -15,16 +15,19 @@ def test_defaults() -> None:
     assert s.port == 5001 and s.db == "./pydlit.db" and s.concurrency == 16
     assert s.tuning.parallel_blobs == 4 and s.tuning.max_streams == 8
     assert s.tuning.chunk_size == 16 * MiB and s.tuning.buffer_size == 8 * MiB
+    assert s.tuning.detach_after_s == 2.0
 
 
 def test_variables_override_the_defaults() -> None:
     s = from_env({
         "PYDLIT_PORT": "6000", "PYDLIT_CONCURRENCY": "2", "PYDLIT_PARALLEL_BLOBS": "3", "PYDLIT_MAX_STREAMS": "5",
         "PYDLIT_CHUNK_MIB": "1", "PYDLIT_BUFFER_MIB": "0.5", "PYDLIT_LOG_FORMAT": "JSON", "PYDLIT_NODE": "n1",
+        "PYDLIT_DETACH_AFTER_S": "0",
     })
     assert (s.port, s.concurrency, s.node, s.log_format) == (6000, 2, "n1", "json")
     assert (s.tuning.parallel_blobs, s.tuning.max_streams) == (3, 5)
     assert (s.tuning.chunk_size, s.tuning.buffer_size) == (MiB, MiB // 2)
+    assert s.tuning.detach_after_s == 0
 
 
 @pytest.mark.parametrize("name", ["PYDLIT_PARALLEL_BLOBS", "PYDLIT_MAX_STREAMS"])
