@@ -538,11 +538,11 @@ async def copy(src: str, targets: list[str], *, overwrite: bool, verify_tls: boo
     error = None
     async with aiohttp.ClientSession(auto_decompress=False, headers={"User-Agent": USER_AGENT}) as session:
 
-        def client(ref: ImageRef) -> RegistryClient:
-            return RegistryClient(session, ref.endpoint, verify_tls=verify_tls)
+        def client(ref: ImageRef, push: bool = False) -> RegistryClient:
+            return RegistryClient(session, ref.endpoint, verify_tls=verify_tls, push=push)
 
         def target(idx: int, ref: ImageRef) -> Target:
-            c = client(ref)
+            c = client(ref, push=True)
             return Target(idx, c, c.repository(ref.repository), ref.ref, overwrite)
 
         source_client = client(source_ref)

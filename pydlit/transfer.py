@@ -11,7 +11,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import aiohttp
 
@@ -385,30 +385,47 @@ class ImageCopy:
 
     async def _copy_whole(self, blob: Blob, targets: list[Target]) -> None:
         src = self.source
+        # Each target's upload session opens while the source is read: a round trip less per blob.
+        sessions = {t.idx: _unwatched(asyncio.create_task(t.client.start_upload(t.repo))) for t in targets}
         try:
-            for _ in range(2):
-                data = await src.client.read_blob(src.repo, blob.digest, blob.size)
-                DOWNLOADED.inc(len(data))
-                if _digest_matches(blob.digest, data):
-                    break
-            else:
-                raise self._read_twice_wrong(blob)
-        except (RegistryError, SourceError) as exc:
-            err = exc if isinstance(exc, SourceError) else SourceError(str(exc))
-            for t in targets:
-                await self._fail(t, err)
-            return
-
-        async def put(t: Target) -> None:
             try:
-                await t.client.upload_blob(t.repo, blob.digest, data)
-            except RegistryError as exc:
-                await self._fail(t, exc)
+                for _ in range(2):
+                    data = await src.client.read_blob(src.repo, blob.digest, blob.size)
+                    DOWNLOADED.inc(len(data))
+                    if _digest_matches(blob.digest, data):
+                        break
+                else:
+                    raise self._read_twice_wrong(blob)
+            except (RegistryError, SourceError) as exc:
+                err = exc if isinstance(exc, SourceError) else SourceError(str(exc))
+                for t in targets:
+                    await self._give_back(t, sessions[t.idx])
+                    await self._fail(t, err)
                 return
-            UPLOADED.inc(blob.size)
-            await self._blob_done(t, blob)
 
-        await asyncio.gather(*(put(t) for t in targets))
+            async def put(t: Target) -> None:
+                try:
+                    location = await sessions[t.idx]
+                    await t.client.upload_blob(t.repo, blob.digest, data, location)
+                except RegistryError as exc:
+                    await self._fail(t, exc)
+                    return
+                UPLOADED.inc(blob.size)
+                await self._blob_done(t, blob)
+
+            await asyncio.gather(*(put(t) for t in targets))
+        finally:
+            for session in sessions.values():
+                session.cancel()
+
+    @staticmethod
+    async def _give_back(t: Target, session: asyncio.Task[str]) -> None:
+        """An upload session opened for bytes that never came: the registry may drop it now."""
+        try:
+            location = await session
+        except RegistryError:
+            return
+        await t.client.cancel_upload(location, t.repo)
 
     async def _already_there(self, t: Target, blob: Blob) -> bool:
         """Present at the target, or mounted there from a repository known to hold it."""
@@ -638,7 +655,15 @@ class _OffLoopHash:
 def _verdict() -> asyncio.Future[bool]:
     """Whether a read's bytes matched the digest. A failed read also reaches its writers through
     their pipes, so a failure nobody awaited here is not worth an asyncio warning."""
-    fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    return _unwatched(asyncio.get_running_loop().create_future())
+
+
+_Fut = TypeVar("_Fut", bound=asyncio.Future)  # type: ignore[type-arg]
+
+
+def _unwatched(fut: _Fut) -> _Fut:
+    """A future whose failure may go unawaited (its outcome reaches the caller another way, or
+    no longer matters): asyncio is told it was seen."""
     fut.add_done_callback(lambda f: f.cancelled() or f.exception())
     return fut
 

@@ -257,11 +257,11 @@ class Worker:
         src = req["source"]
         secrets = job.secrets or {}
 
-        def client(side: dict[str, Any], auth: dict[str, Any] | None) -> RegistryClient:
+        def client(side: dict[str, Any], auth: dict[str, Any] | None, push: bool = False) -> RegistryClient:
             return RegistryClient(
                 self.session, side["endpoint"], auth=auth, verify_tls=side.get("verify_tls", False),
                 ca_cert=side.get("ca_cert"), policy=self.settings.retry, stall_timeout=self.settings.stall_timeout_s,
-                challenges=self.challenges,
+                challenges=self.challenges, push=push,
             )
 
         def auth_for(given: dict[str, Any] | None, endpoint: str) -> dict[str, Any] | None:
@@ -275,7 +275,7 @@ class Worker:
         target_auth = secrets.get("targets") or []
         targets = []
         for idx, t in enumerate(req["targets"]):
-            c = client(t, auth_for(target_auth[idx] if idx < len(target_auth) else None, t["endpoint"]))
+            c = client(t, auth_for(target_auth[idx] if idx < len(target_auth) else None, t["endpoint"]), push=True)
             targets.append(Target(idx, c, c.repository(t.get("image") or src["image"]), t.get("ref") or src["ref"], t.get("overwrite", False)))
         return ImageCopy(
             source, targets, events, self._stop, self.settings.tuning, first_attempt=job.attempt == 1, streams=self.streams,

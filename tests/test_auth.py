@@ -219,6 +219,59 @@ async def test_forget_drops_the_cached_token(fake_time: FakeTime) -> None:
             assert await a.header_for(s, SCOPE, False) == "Bearer t2"
 
 
+def pusher() -> Authenticator:
+    a = Authenticator({"basicauth": {"user": "alice", "password": "pw"}}, push=True)
+    a.challenge = Challenge("bearer", {"realm": REALM, "service": "reg.local"})
+    return a
+
+
+@pytest.mark.asyncio
+async def test_a_pushing_client_asks_its_first_token_with_push(fake_time: FakeTime) -> None:
+    server = TokenServer({"token": "t1", "expires_in": 300}, {"token": "t2", "expires_in": 300})
+    a = pusher()
+    with aioresponses() as m:
+        m.get(REALM_RE, callback=server, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await a.header_for(s, SCOPE, False) == "Bearer t1"
+            assert await a.header_for(s, "repository:team/app:pull,push", False) == "Bearer t1"
+            # A scope of several repositories (a mount) is asked as it is.
+            mount = "repository:team/app:pull,push repository:base:pull"
+            assert await a.header_for(s, mount, False) == "Bearer t2"
+    assert [set(c[0].query.getall("scope")) for c in server.calls] == [
+        {"repository:team/app:pull,push"}, {"repository:team/app:pull,push", "repository:base:pull"}]
+
+
+@pytest.mark.asyncio
+async def test_a_token_server_refusing_push_is_asked_for_pull_alone(fake_time: FakeTime) -> None:
+    asked: list[list[str]] = []
+
+    def server(url: URL, **kwargs) -> CallbackResult:
+        asked.append(url.query.getall("scope"))
+        if any(scope.endswith("push") for scope in asked[-1]):
+            return CallbackResult(status=403, payload={"details": "no push for you"})
+        return CallbackResult(status=200, payload={"token": f"t{len(asked)}", "expires_in": 300})
+
+    a = pusher()
+    with aioresponses() as m:
+        m.get(REALM_RE, callback=server, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await a.header_for(s, SCOPE, False) == "Bearer t2"
+            assert await a.header_for(s, "repository:other:pull", False) == "Bearer t3"
+    assert asked == [["repository:team/app:pull,push"], [SCOPE], ["repository:other:pull"]]
+
+
+@pytest.mark.asyncio
+async def test_forget_drops_a_token_under_every_scope_it_served(fake_time: FakeTime) -> None:
+    server = TokenServer({"token": "t1", "expires_in": 300}, {"token": "t2", "expires_in": 300})
+    a = pusher()
+    with aioresponses() as m:
+        m.get(REALM_RE, callback=server, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await a.header_for(s, SCOPE, False) == "Bearer t1"
+            a.forget("repository:team/app:pull,push")  # the registry called it invalid
+            assert await a.header_for(s, SCOPE, False) == "Bearer t2"
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "status, body, words",

@@ -489,11 +489,15 @@ def test_corrupt_source_bytes_are_read_again_and_never_committed(
     # Every time: the target fails saying so, and the bad bytes were never committed.
     source.corrupt_downloads(after_bytes=after, times=10)
     other = f"{repo_name}-bad"
-    status = service.wait(service.submit(job_body(source, repo_name, "v1", [(registries.target_b, {"image": other})])), timeout=60)
+    target = proxy_factory(registries.target_b)
+    status = service.wait(service.submit(job_body(source, repo_name, "v1", [(target, {"image": other})])), timeout=60)
     assert job_state(status) == "FAILED"
     error = status["targets"][0]["error"]
     assert "does not match its digest" in error and big in error, error
     assert RegistryHTTP.for_endpoint(registries.target_b).blob_size(other, big) is None
+    # Every upload session opened for the bad blob was given back to the registry.
+    sessions, commits = target.count("POST", "upload_post"), target.count("PUT", "upload_put")
+    assert target.count("DELETE") == sessions - commits > 0, target.requests
 
 
 def test_a_target_out_of_retries_fails_alone(registries, proxy_factory, service_factory, repo_name):

@@ -70,6 +70,13 @@ def merge_scopes(scopes: list[str]) -> str:
     return " ".join(f"{head}:{','.join(sorted(merged[head]))}" for head in order)
 
 
+def with_push(scope: str) -> str:
+    """One repository's scope with push added; a scope of several repositories as it is."""
+    if len(scope.split()) != 1 or not scope.startswith("repository:"):
+        return scope
+    return merge_scopes([scope, f"{scope.rpartition(':')[0]}:push"])
+
+
 @dataclass
 class Token:
     value: str
@@ -111,8 +118,11 @@ class AuthError(Exception):
 class Authenticator:
     """Holds one registry's credentials and the tokens it has been granted, per scope."""
 
-    def __init__(self, auth: dict[str, Any] | None) -> None:
+    def __init__(self, auth: dict[str, Any] | None, push: bool = False) -> None:
         auth = auth or {}
+        # A target's first token is asked with push: the pull-only requests that come before
+        # its first upload (the tag, the blob checks) then cost no token of their own.
+        self.push = push
         basic = auth.get("basicauth") or {}
         self.user: str | None = basic.get("user")
         self.password: str | None = basic.get("password")
@@ -143,7 +153,9 @@ class Authenticator:
         self._static_failed = True
 
     def forget(self, scope: str) -> None:
-        self._tokens.pop(scope, None)
+        gone = self._tokens.pop(scope, None)
+        if gone is not None:  # the same token may stand for a narrower scope too
+            self._tokens = {s: t for s, t in self._tokens.items() if t is not gone}
         self._static = None
 
     async def header_for(self, session: aiohttp.ClientSession, scope: str, ssl: Any) -> str | None:
@@ -163,9 +175,26 @@ class Authenticator:
         async with self._lock:
             token = self._tokens.get(scope)
             if token is None or not token.fresh(now):
-                token = await self._fetch_bearer(session, scope, ssl)
-                self._tokens[scope] = token
+                token = await self._fetch_for(session, scope, ssl)
         return f"Bearer {token.value}"
+
+    async def _fetch_for(self, session: aiohttp.ClientSession, scope: str, ssl: Any) -> Token:
+        wider = with_push(scope) if self.push else scope
+        if wider != scope:
+            try:
+                token = await self._fetch_bearer(session, wider, ssl)
+            except AuthError as exc:
+                if exc.transient:
+                    raise
+                # A token server that refuses what it will not grant, instead of granting less:
+                # from now on ask for what each request needs.
+                self.push = False
+            else:
+                self._tokens[scope] = self._tokens[wider] = token
+                return token
+        token = await self._fetch_bearer(session, scope, ssl)
+        self._tokens[scope] = token
+        return token
 
     async def _fetch_bearer(self, session: aiohttp.ClientSession, scope: str, ssl: Any) -> Token:
         assert self.challenge is not None

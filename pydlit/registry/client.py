@@ -126,11 +126,13 @@ class RegistryClient:
         policy: RetryPolicy = RetryPolicy(),
         stall_timeout: float = 60.0,
         challenges: ChallengeCache | None = None,
+        push: bool = False,
     ) -> None:
+        """`push`: the client uploads (a target), so its tokens are asked with push from the first."""
         self.session = session
         self.base, self.name = split_endpoint(endpoint)
         self.policy = policy
-        self._auth = Authenticator(auth)
+        self._auth = Authenticator(auth, push=push)
         self._ssl = ssl_for(verify_tls, ca_cert)
         self._stall = stall_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=stall_timeout)
@@ -497,13 +499,16 @@ class RegistryClient:
         async with resp:
             return self._location(resp)
 
-    async def upload_blob(self, repo: str, digest: str, data: bytes) -> None:
+    async def upload_blob(self, repo: str, digest: str, data: bytes, location: str | None = None) -> None:
         """A blob held in memory, in two requests: open a session, commit it with the bytes. A
-        failure of either (a lost session too) is retried as the pair."""
+        failure of either (a lost session too) is retried as the pair. `location`: a session
+        opened already, which the first try commits to."""
+        opened = [location] if location else []
+
         async def op() -> None:
-            location = await self._open_upload(repo)
+            session = opened.pop() if opened else await self._open_upload(repo)
             try:
-                await self.finish_upload(location, repo, digest, data, len(data))
+                await self.finish_upload(session, repo, digest, data, len(data))
             except RegistryError as exc:
                 if exc.code in ("BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_INVALID"):
                     exc.transient = True

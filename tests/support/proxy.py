@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ _HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade", "host", "expect",
 })
+_ARRIVED = "fault-proxy-arrived"  # request storage key: when the request reached the proxy
 _UPLOAD = re.compile(r"^/v2/.+/blobs/uploads/[^/]*$")
 _BLOB = re.compile(r"^/v2/.+/blobs/[a-z0-9+._-]+:[a-zA-Z0-9=_-]+$")
 _MANIFEST = re.compile(r"^/v2/.+/manifests/[^/]+$")
@@ -82,6 +84,7 @@ class ProxyRequest:
     path: str
     status: int  # 0: the connection was cut before a status was sent
     fault: str | None = None
+    arrived: float = 0.0  # time.monotonic() when the request reached the proxy
 
 
 @dataclass
@@ -129,6 +132,8 @@ class FaultProxy(BackgroundService):
         self.ca_pem: str | None = None
         self.download_rate: float | None = None  # bytes/s over all responses, None = unlimited
         self.upload_rate: float | None = None  # bytes/s over all request bodies
+        # Seconds every request waits before it is forwarded: a long link's round trip.
+        self.latency_s = 0.0
         self._lock = threading.Lock()
         self._counters = ProxyCounters()
         self._log: deque[ProxyRequest] = deque(maxlen=10_000)
@@ -302,7 +307,7 @@ class FaultProxy(BackgroundService):
         self, request: web.Request, kind: str, status: int, fault: str | None = None
     ) -> None:
         with self._lock:
-            self._log.append(ProxyRequest(request.method, kind, request.path, status, fault))
+            self._log.append(ProxyRequest(request.method, kind, request.path, status, fault, request[_ARRIVED]))
 
     async def _throttle(self, direction: str, nbytes: int) -> None:
         rate = self.download_rate if direction == "down" else self.upload_rate
@@ -362,6 +367,7 @@ class FaultProxy(BackgroundService):
             raise _UploadCut()  # a chunked body ended before nbytes: still cut it at its end
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        request[_ARRIVED] = time.monotonic()
         kind = classify(request.method, request.path)
         large = (request.content_length or 0) > LARGE_BODY
         with self._lock:
@@ -371,6 +377,8 @@ class FaultProxy(BackgroundService):
                 peak = self._counters.peak_large
                 peak[kind] = max(peak[kind], self._inflight_large[kind])
         try:
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
             return await self._forward(request, kind)
         finally:
             if large:
