@@ -12,8 +12,8 @@ The file is one of:
   also covers the other two names, unless the file names them itself. An `identitytoken` is
   the refresh token `docker login` keeps instead of a password for registries whose token
   server speaks OAuth2; Docker reports it as user `<token>` with the token as password, and so
-  does this store: pydlit then sends those as Basic credentials to the registry's token server,
-  which works where that server takes a refresh token as the password of user `<token>`.
+  does this store: pydlit then trades it for access tokens with OAuth2's refresh_token grant, as
+  Docker does (and sends it as Basic credentials where the token server has no OAuth2 endpoint).
   Entries pydlit cannot use (empty ones, whose credentials a `credsStore`/`credHelpers` helper
   keeps, and `registrytoken` ones) are skipped with a warning.
 

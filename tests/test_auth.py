@@ -272,6 +272,66 @@ async def test_forget_drops_a_token_under_every_scope_it_served(fake_time: FakeT
             assert await a.header_for(s, SCOPE, False) == "Bearer t2"
 
 
+def identity(token: str = "refresh-me") -> Authenticator:
+    a = Authenticator({"basicauth": {"user": "<token>", "password": token}})
+    a.challenge = Challenge("bearer", {"realm": REALM, "service": "reg.local"})
+    return a
+
+
+class FormServer:
+    """Records each POSTed form and answers with (status, body)."""
+
+    def __init__(self, status: int, body: dict) -> None:
+        self.status, self.body = status, body
+        self.forms: list[tuple[dict, CIMultiDict]] = []
+
+    def __call__(self, url: URL, **kwargs) -> CallbackResult:
+        self.forms.append((dict(kwargs.get("data") or {}), CIMultiDict(kwargs.get("headers") or {})))
+        return CallbackResult(status=self.status, payload=self.body)
+
+
+@pytest.mark.asyncio
+async def test_an_identity_token_is_traded_with_the_oauth2_refresh_grant(fake_time: FakeTime) -> None:
+    server = FormServer(200, {"access_token": "acc", "expires_in": 300})
+    a = identity()
+    with aioresponses() as m:
+        m.post(REALM_RE, callback=server, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await a.header_for(s, SCOPE, False) == "Bearer acc"
+    [(form, headers)] = server.forms
+    assert form == {"grant_type": "refresh_token", "refresh_token": "refresh-me", "client_id": "pydlit",
+                    "scope": SCOPE, "service": "reg.local"}
+    assert "Authorization" not in headers
+
+
+@pytest.mark.asyncio
+async def test_without_an_oauth2_endpoint_the_identity_token_goes_as_basic(fake_time: FakeTime) -> None:
+    form = FormServer(404, {"errors": []})
+    server = TokenServer({"token": "t1", "expires_in": 300}, {"token": "t2", "expires_in": 300})
+    a = identity()
+    with aioresponses() as m:
+        m.post(REALM_RE, callback=form, repeat=True)
+        m.get(REALM_RE, callback=server, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            assert await a.header_for(s, SCOPE, False) == "Bearer t1"
+            assert await a.header_for(s, "repository:other:pull", False) == "Bearer t2"
+    assert len(form.forms) == 1  # asked once, then known to be absent
+    assert server.calls[0][1]["Authorization"] == "Basic " + base64.b64encode(b"<token>:refresh-me").decode()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("status", [400, 401, 403])
+async def test_a_refused_identity_token_is_an_auth_error_that_does_not_show_it(fake_time: FakeTime, status: int) -> None:
+    a = identity("s3cret-refresh")
+    with aioresponses() as m:
+        m.post(REALM_RE, callback=FormServer(status, {"error": "invalid_grant"}), repeat=True)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(AuthError) as err:
+                await a.header_for(s, SCOPE, False)
+    assert f"refused the identity token (HTTP {status})" in str(err.value)
+    assert "s3cret-refresh" not in str(err.value) and not err.value.transient
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "status, body, words",

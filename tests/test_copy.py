@@ -238,6 +238,26 @@ def test_token_auth_target_with_basicauth(service, registries, repo_name):
     assert reg.password not in json.dumps(status)
 
 
+def test_an_identity_token_is_traded_through_oauth2(service, registries, repo_name):
+    reg, ts = registries.token, registries.token_server
+    image = push_image(registries.source, repo_name, "v1", "schema2", SMALL_LAYERS, seed=_seed())
+    identity = ts.issue_refresh_token(reg.user)  # what `docker login` keeps for such a registry
+    body = job_body(registries.source, repo_name, "v1", [reg])
+    body["targets"][0]["auth"] = {"basicauth": {"user": "<token>", "password": identity}}
+    ts.oauth2 = True
+    try:
+        since = len(ts.requests)
+        status = _run(service, body)
+        asked = _token_requests_for(ts, repo_name, since=since)
+    finally:
+        ts.oauth2 = False
+
+    _assert_all_finished(status, image.total_bytes)
+    assert_same_tree(image, read_back(reg, repo_name, "v1"))
+    assert [(r.method, r.user, r.status) for r in asked] == [("POST", reg.user, 200)], asked
+    assert identity not in json.dumps(status) and identity not in service.log_text()
+
+
 @pytest.mark.parametrize("mode", ["no_verify", "verify_unknown_ca", "verify_with_ca_cert"])
 def test_tls_htpasswd_target(service, registries, repo_name, mode):
     tls = registries.tls

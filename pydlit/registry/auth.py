@@ -17,6 +17,10 @@ from yarl import URL
 # that dies on the wire (Docker Hub's live 300 s; a multi-GB upload outlives several).
 REFRESH_MARGIN_S = 30.0
 DEFAULT_TOKEN_TTL_S = 60.0
+# Docker's name for a user whose password is an identity token: an OAuth2 refresh token that
+# `docker login` keeps (and credential helpers hand out) instead of a password.
+IDENTITY_TOKEN_USER = "<token>"
+OAUTH2_CLIENT_ID = "pydlit"
 
 _SCHEME = re.compile(r"\s*,?\s*([A-Za-z][A-Za-z0-9_-]*)\s*")
 _PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
@@ -135,6 +139,7 @@ class Authenticator:
         self._static_failed = False
         self._tokens: dict[str, Token] = {}
         self._lock = asyncio.Lock()
+        self._oauth2 = self.user == IDENTITY_TOKEN_USER and bool(self.password)
 
     @property
     def has_credentials(self) -> bool:
@@ -201,24 +206,36 @@ class Authenticator:
         realm = self.challenge.params.get("realm")
         if not realm:
             raise AuthError("the registry's Bearer challenge names no realm")
+        service = self.challenge.params.get("service")
+        if self._oauth2:
+            token = await self._fetch_oauth2(session, realm, service, scope, ssl)
+            if token is not None:
+                return token
         query: list[tuple[str, str]] = []
-        if "service" in self.challenge.params:
-            query.append(("service", self.challenge.params["service"]))
+        if service is not None:
+            query.append(("service", service))
         query.extend(("scope", s) for s in scope.split())
         headers = {"Authorization": self.basic_header()} if self.has_credentials else {}
-        try:
-            async with session.get(realm, params=query, headers=headers, ssl=ssl) as resp:
-                if resp.status in (401, 403):
-                    raise AuthError(
-                        f"the token server {_host(realm)} refused the credentials (HTTP {resp.status})"
-                        if self.has_credentials
-                        else f"the token server {_host(realm)} refused anonymous access (HTTP {resp.status})"
-                    )
-                if resp.status != 200:
-                    raise AuthError(f"the token server {_host(realm)} answered HTTP {resp.status}", transient=resp.status >= 500 or resp.status == 429)
-                body = await resp.json(content_type=None)
-        except aiohttp.ClientError as exc:
-            raise AuthError(f"the token server {_host(realm)} could not be reached: {type(exc).__name__}", transient=True) from None
+        refused = "refused the credentials" if self.has_credentials else "refused anonymous access"
+        body = await _ask(session.get(realm, params=query, headers=headers, ssl=ssl), realm, refused, (401, 403))
+        return _token_from(body, realm)
+
+    async def _fetch_oauth2(
+        self, session: aiohttp.ClientSession, realm: str, service: str | None, scope: str, ssl: Any
+    ) -> Token | None:
+        """Trade the identity token for an access token (OAuth2 refresh_token grant, POSTed as
+        a form). None when the token server has no such endpoint: Docker then falls back to the
+        GET flow with the identity token as Basic credentials, and so does this."""
+        form = {"grant_type": "refresh_token", "refresh_token": self.password or "", "client_id": OAUTH2_CLIENT_ID,
+                "scope": scope}
+        if service is not None:
+            form["service"] = service
+        # RFC 6749 answers a bad grant with 400 invalid_grant.
+        body = await _ask(session.post(realm, data=form, ssl=ssl), realm, "refused the identity token", (400, 401, 403),
+                          absent=(404, 405))
+        if body is None:
+            self._oauth2 = False
+            return None
         return _token_from(body, realm)
 
     async def _fetch_static(self, session: aiohttp.ClientSession, ssl: Any) -> Token:
@@ -244,6 +261,24 @@ class Authenticator:
             # Some token endpoints answer the bare token.
             body = {"token": text.strip()}
         return _token_from(body, url)
+
+
+async def _ask(
+    request: Any, realm: str, refused: str, refusals: tuple[int, ...], absent: tuple[int, ...] = ()
+) -> Any:
+    """A token server's JSON answer to `request` (an aiohttp request context); None when it
+    answers one of the `absent` statuses: it has no such endpoint."""
+    try:
+        async with request as resp:
+            if resp.status in absent:
+                return None
+            if resp.status in refusals:
+                raise AuthError(f"the token server {_host(realm)} {refused} (HTTP {resp.status})")
+            if resp.status != 200:
+                raise AuthError(f"the token server {_host(realm)} answered HTTP {resp.status}", transient=resp.status >= 500 or resp.status == 429)
+            return await resp.json(content_type=None)
+    except aiohttp.ClientError as exc:
+        raise AuthError(f"the token server {_host(realm)} could not be reached: {type(exc).__name__}", transient=True) from None
 
 
 def _token_from(body: Any, url: str) -> Token:

@@ -140,6 +140,13 @@ class TokenServer(BackgroundService):
         with self._lock:
             self._acl.setdefault(user or ANONYMOUS, []).append((pattern, frozenset(actions)))
 
+    def issue_refresh_token(self, user: str) -> str:
+        """An OAuth2 refresh token for `user`: what `docker login` keeps as an identity token."""
+        refresh = secrets.token_urlsafe(16)
+        with self._lock:
+            self._refresh_tokens[refresh] = user
+        return refresh
+
     def allowed_actions(self, user: str | None, repo: str) -> frozenset[str]:
         with self._lock:
             if not user:
@@ -299,10 +306,7 @@ class TokenServer(BackgroundService):
         del body["token"]
         body["scope"] = " ".join(scopes)
         if form.get("access_type") == "offline":
-            refresh = secrets.token_urlsafe(16)
-            with self._lock:
-                self._refresh_tokens[refresh] = user
-            body["refresh_token"] = refresh
+            body["refresh_token"] = self.issue_refresh_token(user)
         self._record(request, user, scopes, granted, 200, service)
         return web.json_response(body)
 
