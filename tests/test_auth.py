@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
 import aiohttp
@@ -119,8 +121,23 @@ def fake_time(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
     return t
 
 
-def bearer(auth: dict | None = None, **params: str) -> Authenticator:
-    a = Authenticator(auth)
+@contextlib.asynccontextmanager
+async def answering(
+    url: re.Pattern[str] = REALM_RE, *, get: Callable[..., CallbackResult] | None = None,
+    post: Callable[..., CallbackResult] | None = None,
+) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session whose GETs and POSTs to `url` the given callbacks answer."""
+    with aioresponses() as m:
+        if get is not None:
+            m.get(url, callback=get, repeat=True)
+        if post is not None:
+            m.post(url, callback=post, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            yield s
+
+
+def bearer(auth: dict | None = None, push: bool = False, **params: str) -> Authenticator:
+    a = Authenticator(auth, push=push)
     a.challenge = Challenge("bearer", {"realm": REALM, "service": "reg.local", **params})
     return a
 
@@ -143,10 +160,8 @@ class TokenServer:
 async def test_bearer_token_is_fetched_with_service_scope_and_basic_credentials(fake_time: FakeTime) -> None:
     server = TokenServer({"token": "t1", "expires_in": 300})
     a = bearer({"basicauth": {"user": "alice", "password": "pw"}})
-    with aioresponses() as m:
-        m.get(REALM_RE, callback=server, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await a.header_for(s, "repository:dst:pull,push repository:src:pull", False) == "Bearer t1"
+    async with answering(get=server) as s:
+        assert await a.header_for(s, "repository:dst:pull,push repository:src:pull", False) == "Bearer t1"
     [(url, headers)] = server.calls
     assert url.query.get("service") == "reg.local"
     assert url.query.getall("scope") == ["repository:dst:pull,push", "repository:src:pull"]
@@ -156,10 +171,8 @@ async def test_bearer_token_is_fetched_with_service_scope_and_basic_credentials(
 @pytest.mark.asyncio
 async def test_anonymous_token_request_carries_no_authorization(fake_time: FakeTime) -> None:
     server = TokenServer({"token": "anon"})
-    with aioresponses() as m:
-        m.get(REALM_RE, callback=server, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await bearer().header_for(s, SCOPE, False) == "Bearer anon"
+    async with answering(get=server) as s:
+        assert await bearer().header_for(s, SCOPE, False) == "Bearer anon"
     assert "Authorization" not in server.calls[0][1]
 
 
@@ -167,76 +180,71 @@ async def test_anonymous_token_request_carries_no_authorization(fake_time: FakeT
 async def test_token_is_cached_per_scope_and_refreshed_before_expiry(fake_time: FakeTime) -> None:
     server = TokenServer({"token": "t1", "expires_in": 300}, {"token": "t2", "expires_in": 300}, {"token": "t3", "expires_in": 300})
     a = bearer()
-    with aioresponses() as m:
-        m.get(REALM_RE, callback=server, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await a.header_for(s, SCOPE, False) == "Bearer t1"
-            fake_time.now += 200
-            assert await a.header_for(s, SCOPE, False) == "Bearer t1"  # cached
-            assert len(server.calls) == 1
-            # Another scope is another token.
-            assert await a.header_for(s, "repository:other:pull", False) == "Bearer t2"
-            assert len(server.calls) == 2
-            # 300 s tokens are renewed 30 s before they expire: at 271 s of age, not at 300.
-            fake_time.now += 71
-            assert await a.header_for(s, SCOPE, False) == "Bearer t3"
-            assert len(server.calls) == 3
+    async with answering(get=server) as s:
+        assert await a.header_for(s, SCOPE, False) == "Bearer t1"
+        fake_time.now += 200
+        assert await a.header_for(s, SCOPE, False) == "Bearer t1"  # cached
+        assert len(server.calls) == 1
+        # Another scope is another token.
+        assert await a.header_for(s, "repository:other:pull", False) == "Bearer t2"
+        assert len(server.calls) == 2
+        # 300 s tokens are renewed 30 s before they expire: at 271 s of age, not at 300.
+        fake_time.now += 71
+        assert await a.header_for(s, SCOPE, False) == "Bearer t3"
+        assert len(server.calls) == 3
 
 
 @pytest.mark.asyncio
 async def test_expires_in_defaults_to_60_seconds(fake_time: FakeTime) -> None:
     server = TokenServer({"token": "t1"}, {"token": "t2"})
     a = bearer()
-    with aioresponses() as m:
-        m.get(REALM_RE, callback=server, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await a.header_for(s, SCOPE, False) == "Bearer t1"
-            fake_time.now += 29  # a 60 s token is renewed at half its life (30 s)
-            assert await a.header_for(s, SCOPE, False) == "Bearer t1"
-            fake_time.now += 2
-            assert await a.header_for(s, SCOPE, False) == "Bearer t2"
+    async with answering(get=server) as s:
+        assert await a.header_for(s, SCOPE, False) == "Bearer t1"
+        fake_time.now += 29  # a 60 s token is renewed at half its life (30 s)
+        assert await a.header_for(s, SCOPE, False) == "Bearer t1"
+        fake_time.now += 2
+        assert await a.header_for(s, SCOPE, False) == "Bearer t2"
     assert len(server.calls) == 2
 
 
 @pytest.mark.asyncio
 async def test_access_token_is_preferred_over_token(fake_time: FakeTime) -> None:
     server = TokenServer({"token": "legacy", "access_token": "oauth2", "expires_in": 120})
-    with aioresponses() as m:
-        m.get(REALM_RE, callback=server, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await bearer().header_for(s, SCOPE, False) == "Bearer oauth2"
-
-
-@pytest.mark.asyncio
-async def test_forget_drops_the_cached_token(fake_time: FakeTime) -> None:
-    server = TokenServer({"token": "t1", "expires_in": 300}, {"token": "t2", "expires_in": 300})
-    a = bearer()
-    with aioresponses() as m:
-        m.get(REALM_RE, callback=server, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await a.header_for(s, SCOPE, False) == "Bearer t1"
-            a.forget(SCOPE)
-            assert await a.header_for(s, SCOPE, False) == "Bearer t2"
+    async with answering(get=server) as s:
+        assert await bearer().header_for(s, SCOPE, False) == "Bearer oauth2"
 
 
 def pusher() -> Authenticator:
-    a = Authenticator({"basicauth": {"user": "alice", "password": "pw"}}, push=True)
-    a.challenge = Challenge("bearer", {"realm": REALM, "service": "reg.local"})
-    return a
+    return bearer({"basicauth": {"user": "alice", "password": "pw"}}, push=True)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "make, forgotten",
+    # A pushing client's token, asked with push, also stands for the pull scope: forgetting it
+    # under the push scope (the registry called it invalid) forgets it under both.
+    [(bearer, SCOPE), (pusher, "repository:team/app:pull,push")],
+    ids=["same scope", "wider scope"],
+)
+async def test_forget_drops_the_cached_token(fake_time: FakeTime, make, forgotten: str) -> None:
+    server = TokenServer({"token": "t1", "expires_in": 300}, {"token": "t2", "expires_in": 300})
+    a = make()
+    async with answering(get=server) as s:
+        assert await a.header_for(s, SCOPE, False) == "Bearer t1"
+        a.forget(forgotten)
+        assert await a.header_for(s, SCOPE, False) == "Bearer t2"
 
 
 @pytest.mark.asyncio
 async def test_a_pushing_client_asks_its_first_token_with_push(fake_time: FakeTime) -> None:
     server = TokenServer({"token": "t1", "expires_in": 300}, {"token": "t2", "expires_in": 300})
     a = pusher()
-    with aioresponses() as m:
-        m.get(REALM_RE, callback=server, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await a.header_for(s, SCOPE, False) == "Bearer t1"
-            assert await a.header_for(s, "repository:team/app:pull,push", False) == "Bearer t1"
-            # A scope of several repositories (a mount) is asked as it is.
-            mount = "repository:team/app:pull,push repository:base:pull"
-            assert await a.header_for(s, mount, False) == "Bearer t2"
+    async with answering(get=server) as s:
+        assert await a.header_for(s, SCOPE, False) == "Bearer t1"
+        assert await a.header_for(s, "repository:team/app:pull,push", False) == "Bearer t1"
+        # A scope of several repositories (a mount) is asked as it is.
+        mount = "repository:team/app:pull,push repository:base:pull"
+        assert await a.header_for(s, mount, False) == "Bearer t2"
     assert [set(c[0].query.getall("scope")) for c in server.calls] == [
         {"repository:team/app:pull,push"}, {"repository:team/app:pull,push", "repository:base:pull"}]
 
@@ -252,30 +260,14 @@ async def test_a_token_server_refusing_push_is_asked_for_pull_alone(fake_time: F
         return CallbackResult(status=200, payload={"token": f"t{len(asked)}", "expires_in": 300})
 
     a = pusher()
-    with aioresponses() as m:
-        m.get(REALM_RE, callback=server, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await a.header_for(s, SCOPE, False) == "Bearer t2"
-            assert await a.header_for(s, "repository:other:pull", False) == "Bearer t3"
+    async with answering(get=server) as s:
+        assert await a.header_for(s, SCOPE, False) == "Bearer t2"
+        assert await a.header_for(s, "repository:other:pull", False) == "Bearer t3"
     assert asked == [["repository:team/app:pull,push"], [SCOPE], ["repository:other:pull"]]
 
 
-@pytest.mark.asyncio
-async def test_forget_drops_a_token_under_every_scope_it_served(fake_time: FakeTime) -> None:
-    server = TokenServer({"token": "t1", "expires_in": 300}, {"token": "t2", "expires_in": 300})
-    a = pusher()
-    with aioresponses() as m:
-        m.get(REALM_RE, callback=server, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await a.header_for(s, SCOPE, False) == "Bearer t1"
-            a.forget("repository:team/app:pull,push")  # the registry called it invalid
-            assert await a.header_for(s, SCOPE, False) == "Bearer t2"
-
-
 def identity(token: str = "refresh-me") -> Authenticator:
-    a = Authenticator({"basicauth": {"user": "<token>", "password": token}})
-    a.challenge = Challenge("bearer", {"realm": REALM, "service": "reg.local"})
-    return a
+    return bearer({"basicauth": {"user": "<token>", "password": token}})
 
 
 class FormServer:
@@ -294,10 +286,8 @@ class FormServer:
 async def test_an_identity_token_is_traded_with_the_oauth2_refresh_grant(fake_time: FakeTime) -> None:
     server = FormServer(200, {"access_token": "acc", "expires_in": 300})
     a = identity()
-    with aioresponses() as m:
-        m.post(REALM_RE, callback=server, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await a.header_for(s, SCOPE, False) == "Bearer acc"
+    async with answering(post=server) as s:
+        assert await a.header_for(s, SCOPE, False) == "Bearer acc"
     [(form, headers)] = server.forms
     assert form == {"grant_type": "refresh_token", "refresh_token": "refresh-me", "client_id": "pydlit",
                     "scope": SCOPE, "service": "reg.local"}
@@ -309,12 +299,9 @@ async def test_without_an_oauth2_endpoint_the_identity_token_goes_as_basic(fake_
     form = FormServer(404, {"errors": []})
     server = TokenServer({"token": "t1", "expires_in": 300}, {"token": "t2", "expires_in": 300})
     a = identity()
-    with aioresponses() as m:
-        m.post(REALM_RE, callback=form, repeat=True)
-        m.get(REALM_RE, callback=server, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await a.header_for(s, SCOPE, False) == "Bearer t1"
-            assert await a.header_for(s, "repository:other:pull", False) == "Bearer t2"
+    async with answering(post=form, get=server) as s:
+        assert await a.header_for(s, SCOPE, False) == "Bearer t1"
+        assert await a.header_for(s, "repository:other:pull", False) == "Bearer t2"
     assert len(form.forms) == 1  # asked once, then known to be absent
     assert server.calls[0][1]["Authorization"] == "Basic " + base64.b64encode(b"<token>:refresh-me").decode()
 
@@ -323,11 +310,9 @@ async def test_without_an_oauth2_endpoint_the_identity_token_goes_as_basic(fake_
 @pytest.mark.parametrize("status", [400, 401, 403])
 async def test_a_refused_identity_token_is_an_auth_error_that_does_not_show_it(fake_time: FakeTime, status: int) -> None:
     a = identity("s3cret-refresh")
-    with aioresponses() as m:
-        m.post(REALM_RE, callback=FormServer(status, {"error": "invalid_grant"}), repeat=True)
-        async with aiohttp.ClientSession() as s:
-            with pytest.raises(AuthError) as err:
-                await a.header_for(s, SCOPE, False)
+    async with answering(post=FormServer(status, {"error": "invalid_grant"})) as s:
+        with pytest.raises(AuthError) as err:
+            await a.header_for(s, SCOPE, False)
     assert f"refused the identity token (HTTP {status})" in str(err.value)
     assert "s3cret-refresh" not in str(err.value) and not err.value.transient
 
@@ -345,11 +330,9 @@ async def test_a_refused_identity_token_is_an_auth_error_that_does_not_show_it(f
 async def test_token_server_failures_are_auth_errors_without_secrets(fake_time: FakeTime, status: int, body, words: str) -> None:
     server = TokenServer(body, status=status)
     a = bearer({"basicauth": {"user": "alice", "password": "s3cr3t-PASSWORD"}})
-    with aioresponses() as m:
-        m.get(REALM_RE, callback=server, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            with pytest.raises(AuthError) as caught:
-                await a.header_for(s, SCOPE, False)
+    async with answering(get=server) as s:
+        with pytest.raises(AuthError) as caught:
+            await a.header_for(s, SCOPE, False)
     assert words in str(caught.value)
     assert "127.0.0.1:5999" in str(caught.value)
     assert "s3cr3t-PASSWORD" not in str(caught.value)
@@ -398,11 +381,9 @@ async def test_url_flow_posts_the_json_payload_with_headers(fake_time: FakeTime)
     rec = Recorder({"token": "static-1", "expires_in": 600})
     a = Authenticator({"url": STATIC, "header": {"X-Api-Key": "k-123"}, "json": {"user": "svc", "scopes": ["pull"]}})
     assert a.uses_static_token
-    with aioresponses() as m:
-        m.post(STATIC_RE, callback=rec, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await a.header_for(s, SCOPE, False) == "Bearer static-1"
-            assert await a.header_for(s, "repository:other:pull,push", False) == "Bearer static-1"  # one token for all
+    async with answering(STATIC_RE, post=rec) as s:
+        assert await a.header_for(s, SCOPE, False) == "Bearer static-1"
+        assert await a.header_for(s, "repository:other:pull,push", False) == "Bearer static-1"  # one token for all
     assert len(rec.calls) == 1
     url, kwargs = rec.calls[0]
     assert url == STATIC
@@ -414,10 +395,8 @@ async def test_url_flow_posts_the_json_payload_with_headers(fake_time: FakeTime)
 async def test_url_flow_gets_without_json_and_sends_basic_credentials(fake_time: FakeTime) -> None:
     rec = Recorder({"access_token": "static-2"})
     a = Authenticator({"url": STATIC, "basicauth": {"user": "svc", "password": "pw"}})
-    with aioresponses() as m:
-        m.get(STATIC_RE, callback=rec, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await a.header_for(s, SCOPE, False) == "Bearer static-2"
+    async with answering(STATIC_RE, get=rec) as s:
+        assert await a.header_for(s, SCOPE, False) == "Bearer static-2"
     [(_, kwargs)] = rec.calls
     assert CIMultiDict(kwargs["headers"])["Authorization"] == "Basic " + base64.b64encode(b"svc:pw").decode()
     assert kwargs.get("json") is None
@@ -428,10 +407,8 @@ async def test_url_flow_gets_without_json_and_sends_basic_credentials(fake_time:
 async def test_url_flow_jwt_token_type(fake_time: FakeTime, token_type: str) -> None:
     rec = Recorder("eyJhbGciOi.bare.token\n")  # some token endpoints answer the bare token
     a = Authenticator({"url": STATIC, "token_type": token_type})
-    with aioresponses() as m:
-        m.get(STATIC_RE, callback=rec, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await a.header_for(s, SCOPE, False) == "JWT eyJhbGciOi.bare.token"
+    async with answering(STATIC_RE, get=rec) as s:
+        assert await a.header_for(s, SCOPE, False) == "JWT eyJhbGciOi.bare.token"
 
 
 @pytest.mark.asyncio
@@ -442,24 +419,20 @@ async def test_url_flow_token_is_refreshed_before_expiry(fake_time: FakeTime) ->
         return CallbackResult(payload={"token": next(tokens), "expires_in": 100})
 
     a = Authenticator({"url": STATIC})
-    with aioresponses() as m:
-        m.get(STATIC_RE, callback=answer, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            assert await a.header_for(s, SCOPE, False) == "Bearer s1"
-            fake_time.now += 69  # renewed at 70 s of a 100 s life
-            assert await a.header_for(s, SCOPE, False) == "Bearer s1"
-            fake_time.now += 2
-            assert await a.header_for(s, SCOPE, False) == "Bearer s2"
+    async with answering(STATIC_RE, get=answer) as s:
+        assert await a.header_for(s, SCOPE, False) == "Bearer s1"
+        fake_time.now += 69  # renewed at 70 s of a 100 s life
+        assert await a.header_for(s, SCOPE, False) == "Bearer s1"
+        fake_time.now += 2
+        assert await a.header_for(s, SCOPE, False) == "Bearer s2"
 
 
 @pytest.mark.asyncio
 async def test_url_flow_failure_names_the_host_only(fake_time: FakeTime) -> None:
     a = Authenticator({"url": "http://127.0.0.1:5998/api/token?key=QUERY-SECRET", "header": {"X-Api-Key": "HDR-SECRET"}})
-    with aioresponses() as m:
-        m.get(STATIC_RE, status=403, repeat=True)
-        async with aiohttp.ClientSession() as s:
-            with pytest.raises(AuthError) as caught:
-                await a.header_for(s, SCOPE, False)
+    async with answering(STATIC_RE, get=lambda url, **kw: CallbackResult(status=403)) as s:
+        with pytest.raises(AuthError) as caught:
+            await a.header_for(s, SCOPE, False)
     msg = str(caught.value)
     assert "127.0.0.1:5998" in msg and "HTTP 403" in msg
     assert "QUERY-SECRET" not in msg and "HDR-SECRET" not in msg
