@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Two measurements behind the README's performance notes that bench.py's scenarios do not make.
+
+    python bench/probes.py registry-cost [--calls 400]
+        CPU seconds the registry's own process spends per request, by kind of request: what any
+        client's requests cost it, whoever sends them.
+    python bench/probes.py long-link [--latency-ms 25] [--jobs 12] [--rev REV]
+        One small image per job (3 x 256 KiB, a new repository each) through proxies that hold
+        every request for the given time: the median of the jobs' own run time (started_at to
+        finished_at), which counts the round trips that come one after another.
+
+Everything runs on 127.0.0.1, with the registries and the service of bench.py.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+from bench import Registries, Service, body_for, proc_cpu, snapshot_code  # also puts tests/ on sys.path
+from support.images import push_image
+from support.proxy import FaultProxy
+from support.registry import Registry
+
+SMALL = 256 * 1024
+
+
+async def _registry_cost(reg: Registry, calls: int) -> None:
+    base = f"{reg.url}/v2/"
+    pid = reg.pid
+    blobs = [os.urandom(SMALL) for _ in range(calls)]
+    digests = ["sha256:" + hashlib.sha256(b).hexdigest() for b in blobs]
+    configs = [json.dumps({"architecture": "amd64", "os": "linux", "n": i}).encode() for i in range(calls)]
+    config_digests = ["sha256:" + hashlib.sha256(c).hexdigest() for c in configs]
+    sessions: list[str] = [""] * calls
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=8)) as s:
+
+        async def measure(what: str, one: Callable[[int], Awaitable[None]]) -> None:
+            gate = asyncio.Semaphore(8)
+
+            async def gated(i: int) -> None:
+                async with gate:
+                    await one(i)
+
+            before = proc_cpu(pid)
+            await asyncio.gather(*(gated(i) for i in range(calls)))
+            await asyncio.sleep(0.3)  # what the registry still does after its answers
+            print(f"  {what:36s} {1000 * (proc_cpu(pid) - before) / calls:5.2f} ms", flush=True)
+
+        async def call(method: str, url: str, expect: int, **kw: object) -> aiohttp.ClientResponse:
+            async with s.request(method, url, **kw) as resp:  # type: ignore[arg-type]
+                await resp.read()
+                if resp.status != expect:
+                    raise SystemExit(f"{method} {url}: HTTP {resp.status}, expected {expect}")
+                return resp
+
+        async def post(i: int) -> None:
+            resp = await call("POST", base + f"r/n{i}/blobs/uploads/", 202)
+            sessions[i] = resp.headers["Location"]
+
+        async def put(i: int) -> None:
+            await call("PUT", sessions[i], 201, params={"digest": digests[i]}, data=blobs[i])
+
+        async def config(i: int) -> None:
+            resp = await call("POST", base + f"r/n{i}/blobs/uploads/", 202)
+            await call("PUT", resp.headers["Location"], 201, params={"digest": config_digests[i]}, data=configs[i])
+
+        async def manifest(i: int) -> None:
+            body = json.dumps({
+                "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digests[i], "size": len(configs[i])},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digests[i], "size": SMALL}],
+            }).encode()
+            await call("PUT", base + f"r/n{i}/manifests/v1", 201, data=body,
+                       headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+
+        print(f"registry CPU per request ({calls} calls, 8 at a time):")
+        await measure("HEAD tag, repository unknown", lambda i: call("HEAD", base + f"q/n{i}/manifests/v1", 404))
+        await measure("GET tags/list, repository unknown", lambda i: call("GET", base + f"q/n{i}/tags/list", 404))
+        await measure("POST upload session", post)
+        await measure("PUT 256 KiB (commit with the bytes)", put)
+        await measure("POST + PUT of a small config blob", config)
+        await measure("HEAD blob, present", lambda i: call("HEAD", base + f"r/n{i}/blobs/{digests[i]}", 200))
+        await measure("GET blob, 256 KiB", lambda i: call("GET", base + f"r/n{i}/blobs/{digests[i]}", 200))
+        await measure("PUT manifest", manifest)
+        await measure("GET manifest", lambda i: call(
+            "GET", base + f"r/n{i}/manifests/v1", 200, headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}))
+
+
+def registry_cost(root: Path, calls: int) -> None:
+    regs = Registries(root)
+    reg = regs.new("cost")
+    try:
+        asyncio.run(_registry_cost(reg, calls))
+    finally:
+        regs.drop([reg])
+        regs.sweep()
+
+
+def long_link(root: Path, latency_s: float, jobs: int, rev: str | None) -> None:
+    Service.code_dir, described = snapshot_code(root, rev)
+    regs = Registries(root)
+    source, target = regs.new("source"), regs.new("target")
+    proxies = [FaultProxy(source).start(), FaultProxy(target).start()]
+    try:
+        for i in range(jobs):
+            push_image(source, f"link/img{i:02d}", "v1", layer_sizes=(SMALL,) * 3, seed=5000 + i)
+        for proxy in proxies:
+            proxy.latency_s = latency_s
+        runs = []
+        with Service(root, {}, "long-link") as svc:
+            for i in range(jobs):
+                _, [status] = svc.run_jobs([body_for(proxies[0], f"link/img{i:02d}", "v1", [(proxies[1], f"link/out{i:02d}")])])
+                started, finished = (datetime.fromisoformat(status[k]).timestamp() for k in ("started_at", "finished_at"))
+                runs.append(finished - started)
+        print(f"pydlit: {described}")
+        print(f"{jobs} jobs, one after another, every request held {latency_s * 1000:.0f} ms: job run median "
+              f"{statistics.median(runs) * 1000:.0f} ms (min {min(runs) * 1000:.0f}, max {max(runs) * 1000:.0f}); "
+              f"requests: source {proxies[0].count()}, target {proxies[1].count()}")
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        regs.drop([source, target])
+        regs.sweep()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="probe", required=True)
+    cost = sub.add_parser("registry-cost")
+    cost.add_argument("--calls", type=int, default=400)
+    link = sub.add_parser("long-link")
+    link.add_argument("--latency-ms", type=float, default=25.0)
+    link.add_argument("--jobs", type=int, default=12)
+    link.add_argument("--rev", default=None, help="a git revision's pydlit/ instead of the work tree")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="pydlit-probe-") as tmp:
+        if args.probe == "registry-cost":
+            registry_cost(Path(tmp), args.calls)
+        else:
+            long_link(Path(tmp), args.latency_ms / 1000, args.jobs, args.rev)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
