@@ -13,7 +13,7 @@ The file is one of:
   the refresh token `docker login` keeps instead of a password for registries whose token
   server speaks OAuth2; Docker reports it as user `<token>` with the token as password, and so
   does this store: pydlit then trades it for access tokens with OAuth2's refresh_token grant, as
-  Docker does (and sends it as Basic credentials where the token server has no OAuth2 endpoint).
+  Docker and containerd do, and sends it as Basic credentials where that grant does not work.
   Entries pydlit cannot use (empty ones, whose credentials a `credsStore`/`credHelpers` helper
   keeps, and `registrytoken` ones) are skipped with a warning.
 

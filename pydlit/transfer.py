@@ -384,48 +384,44 @@ class ImageCopy:
         )
 
     async def _copy_whole(self, blob: Blob, targets: list[Target]) -> None:
-        src = self.source
         # Each target's upload session opens while the source is read: a round trip less per blob.
         sessions = {t.idx: _unwatched(asyncio.create_task(t.client.start_upload(t.repo))) for t in targets}
         try:
-            try:
-                for _ in range(2):
-                    data = await src.client.read_blob(src.repo, blob.digest, blob.size)
-                    DOWNLOADED.inc(len(data))
-                    if _digest_matches(blob.digest, data):
-                        break
-                else:
-                    raise self._read_twice_wrong(blob)
-            except (RegistryError, SourceError) as exc:
-                err = exc if isinstance(exc, SourceError) else SourceError(str(exc))
-                for t in targets:
-                    await self._give_back(t, sessions[t.idx])
-                    await self._fail(t, err)
-                return
-
-            async def put(t: Target) -> None:
-                try:
-                    location = await sessions[t.idx]
-                    await t.client.upload_blob(t.repo, blob.digest, data, location)
-                except RegistryError as exc:
-                    await self._fail(t, exc)
-                    return
-                UPLOADED.inc(blob.size)
-                await self._blob_done(t, blob)
-
-            await asyncio.gather(*(put(t) for t in targets))
-        finally:
-            for session in sessions.values():
-                session.cancel()
-
-    @staticmethod
-    async def _give_back(t: Target, session: asyncio.Task[str]) -> None:
-        """An upload session opened for bytes that never came: the registry may drop it now."""
-        try:
-            location = await session
-        except RegistryError:
+            data = await self._read_whole(blob)
+        except SourceError as err:
+            await _give_back(targets, sessions)
+            for t in targets:
+                await self._fail(t, err)
             return
-        await t.client.cancel_upload(location, t.repo)
+        except BaseException:
+            # Cancelled (a user's DELETE, a shutdown): the sessions are given back all the same.
+            await asyncio.shield(_give_back(targets, sessions, wait=False))
+            raise
+
+        async def put(t: Target) -> None:
+            try:
+                location = await sessions[t.idx]
+                await t.client.upload_blob(t.repo, blob.digest, data, location)
+            except RegistryError as exc:
+                await self._fail(t, exc)
+                return
+            UPLOADED.inc(blob.size)
+            await self._blob_done(t, blob)
+
+        await asyncio.gather(*(put(t) for t in targets))
+
+    async def _read_whole(self, blob: Blob) -> bytes:
+        """A blob small enough to hold, read and checked against its digest (twice at most)."""
+        src = self.source
+        try:
+            for _ in range(2):
+                data = await src.client.read_blob(src.repo, blob.digest, blob.size)
+                DOWNLOADED.inc(len(data))
+                if _digest_matches(blob.digest, data):
+                    return data
+        except RegistryError as exc:
+            raise SourceError(str(exc)) from None
+        raise self._read_twice_wrong(blob)
 
     async def _already_there(self, t: Target, blob: Blob) -> bool:
         """Present at the target, or mounted there from a repository known to hold it."""
@@ -650,6 +646,23 @@ class _OffLoopHash:
         if self._last is not None:
             await self._last
         return self._sha.hexdigest()
+
+
+async def _give_back(targets: list[Target], sessions: dict[int, asyncio.Task[str]], wait: bool = True) -> None:
+    """Upload sessions opened for bytes that will not come: the registry may drop them now. One
+    still being opened is waited for, or, when the copy is being cancelled, abandoned."""
+
+    async def one(t: Target) -> None:
+        session = sessions[t.idx]
+        if not session.done():
+            if not wait:
+                session.cancel()
+                return
+            await asyncio.wait([session])
+        if not session.cancelled() and session.exception() is None:
+            await t.client.cancel_upload(session.result(), t.repo)
+
+    await asyncio.gather(*(one(t) for t in targets))
 
 
 def _verdict() -> asyncio.Future[bool]:

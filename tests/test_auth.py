@@ -250,6 +250,24 @@ async def test_a_pushing_client_asks_its_first_token_with_push(fake_time: FakeTi
 
 
 @pytest.mark.asyncio
+async def test_a_token_server_failing_for_a_while_is_still_asked_for_push(fake_time: FakeTime) -> None:
+    answers = [CallbackResult(status=503, payload={}), CallbackResult(status=200, payload={"token": "t1", "expires_in": 300})]
+    asked: list[list[str]] = []
+
+    def server(url: URL, **kwargs) -> CallbackResult:
+        asked.append(url.query.getall("scope"))
+        return answers[len(asked) - 1]
+
+    a = pusher()
+    async with answering(get=server) as s:
+        with pytest.raises(AuthError) as err:
+            await a.header_for(s, SCOPE, False)
+        assert err.value.transient
+        assert await a.header_for(s, SCOPE, False) == "Bearer t1"
+    assert asked == [["repository:team/app:pull,push"]] * 2
+
+
+@pytest.mark.asyncio
 async def test_a_token_server_refusing_push_is_asked_for_pull_alone(fake_time: FakeTime) -> None:
     asked: list[list[str]] = []
 
@@ -295,26 +313,37 @@ async def test_an_identity_token_is_traded_with_the_oauth2_refresh_grant(fake_ti
 
 
 @pytest.mark.asyncio
-async def test_without_an_oauth2_endpoint_the_identity_token_goes_as_basic(fake_time: FakeTime) -> None:
-    form = FormServer(404, {"errors": []})
+@pytest.mark.parametrize("status", [404, 405, 400, 401, 403, 307])
+async def test_where_the_oauth2_grant_fails_the_identity_token_goes_as_basic(fake_time: FakeTime, status: int) -> None:
+    # No OAuth2 endpoint (404, 405), or one that refuses what the GET flow takes (ACR answers 400,
+    # Artifactory 401), or a redirect that would carry the refresh token elsewhere.
+    form = FormServer(status, {"errors": []})
     server = TokenServer({"token": "t1", "expires_in": 300}, {"token": "t2", "expires_in": 300})
     a = identity()
     async with answering(post=form, get=server) as s:
         assert await a.header_for(s, SCOPE, False) == "Bearer t1"
         assert await a.header_for(s, "repository:other:pull", False) == "Bearer t2"
-    assert len(form.forms) == 1  # asked once, then known to be absent
+    assert len(form.forms) == 1  # once the GET has worked, the POST is not tried again
     assert server.calls[0][1]["Authorization"] == "Basic " + base64.b64encode(b"<token>:refresh-me").decode()
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("status", [400, 401, 403])
-async def test_a_refused_identity_token_is_an_auth_error_that_does_not_show_it(fake_time: FakeTime, status: int) -> None:
+async def test_an_identity_token_refused_both_ways_is_an_auth_error_that_does_not_show_it(fake_time: FakeTime) -> None:
     a = identity("s3cret-refresh")
-    async with answering(post=FormServer(status, {"error": "invalid_grant"})) as s:
+    async with answering(post=FormServer(400, {"error": "invalid_grant"}), get=TokenServer({}, status=401)) as s:
         with pytest.raises(AuthError) as err:
             await a.header_for(s, SCOPE, False)
-    assert f"refused the identity token (HTTP {status})" in str(err.value)
+    assert "refused the credentials (HTTP 401)" in str(err.value)
     assert "s3cret-refresh" not in str(err.value) and not err.value.transient
+
+
+@pytest.mark.asyncio
+async def test_a_failing_oauth2_endpoint_is_retried_not_abandoned(fake_time: FakeTime) -> None:
+    a = identity()
+    async with answering(post=FormServer(503, {})) as s:
+        with pytest.raises(AuthError) as err:
+            await a.header_for(s, SCOPE, False)
+    assert err.value.transient and "answered HTTP 503" in str(err.value)
 
 
 @pytest.mark.asyncio
@@ -336,6 +365,14 @@ async def test_token_server_failures_are_auth_errors_without_secrets(fake_time: 
     assert words in str(caught.value)
     assert "127.0.0.1:5999" in str(caught.value)
     assert "s3cr3t-PASSWORD" not in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_a_token_answer_that_is_not_json_is_an_auth_error(fake_time: FakeTime) -> None:
+    async with answering(get=lambda url, **kw: CallbackResult(status=200, body="<html>sign in</html>")) as s:
+        with pytest.raises(AuthError) as err:
+            await bearer().header_for(s, SCOPE, False)
+    assert "answered something that is not a token" in str(err.value)
 
 
 @pytest.mark.asyncio

@@ -391,6 +391,7 @@ def test_small_blobs_upload_sessions_open_while_the_source_is_read(service, regi
     image = push_image(registries.source, repo_name, "v1", "schema2", SMALL_LAYERS, seed=_seed())
     source, target = proxy_factory(registries.source), proxy_factory(registries.target_a)
     source.latency_s = 0.4  # every source answer is this late: a far-away source
+    assert len(image.blobs) <= 4  # PYDLIT_PARALLEL_BLOBS: every blob's read and session at once
 
     status = _run(service, job_body(source, repo_name, "v1", [target]))
 

@@ -107,6 +107,22 @@ def test_cancel_queued_running_and_ended_jobs(service_factory, proxy_factory, re
     assert image.total_bytes > 0
 
 
+def test_cancel_during_a_small_blob_read_gives_its_upload_session_back(service, proxy_factory, registries, repo_name):
+    image = push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[20_000, 30_000], seed=34)
+    blobs = len(image.blobs)
+    source, target = proxy_factory(registries.source), proxy_factory(registries.target_a)
+    source.stall_next_download(10.0, after_bytes=0)  # one blob's read hangs; its session is open
+    job_id = service.submit(job_body(source, repo_name, "v1", [target]))
+    wait_for(lambda: (target.count("POST", "upload_post"), target.count("PUT", "upload_put")) == (blobs, blobs - 1))
+
+    status, _ = call(service, "DELETE", f"/api/distribute/image/{job_id}")
+    view = service.wait(job_id, timeout=10)
+
+    assert status == 200 and view["value"] == "FAILED" and view["error"] == "cancelled", view
+    wait_for(lambda: target.count("DELETE") == 1, timeout=5)
+    assert (target.count("POST", "upload_post"), target.count("PUT", "upload_put")) == (blobs, blobs - 1), target.requests
+
+
 def call_url(method, url):
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as resp:

@@ -217,26 +217,28 @@ class Authenticator:
         query.extend(("scope", s) for s in scope.split())
         headers = {"Authorization": self.basic_header()} if self.has_credentials else {}
         refused = "refused the credentials" if self.has_credentials else "refused anonymous access"
-        body = await _ask(session.get(realm, params=query, headers=headers, ssl=ssl), realm, refused, (401, 403))
-        return _token_from(body, realm)
+        body = await _ask(session.get(realm, params=query, headers=headers, ssl=ssl), realm, refusals=(401, 403), refused=refused)
+        token = _token_from(body, realm)
+        # Where the POST did not work, this token server takes the identity token as Basic
+        # credentials: ask it this way from now on.
+        self._oauth2 = False
+        return token
 
     async def _fetch_oauth2(
         self, session: aiohttp.ClientSession, realm: str, service: str | None, scope: str, ssl: Any
     ) -> Token | None:
         """Trade the identity token for an access token (OAuth2 refresh_token grant, POSTed as
-        a form). None when the token server has no such endpoint: Docker then falls back to the
-        GET flow with the identity token as Basic credentials, and so does this."""
+        a form), or None where that did not work and the GET flow, with the identity token as
+        Basic credentials, is worth a try. Some token servers have no OAuth2 endpoint (404, 405),
+        and some refuse the POST (ACR with 400, Artifactory with 401) but take the GET."""
         form = {"grant_type": "refresh_token", "refresh_token": self.password or "", "client_id": OAUTH2_CLIENT_ID,
                 "scope": scope}
         if service is not None:
             form["service"] = service
-        # RFC 6749 answers a bad grant with 400 invalid_grant.
-        body = await _ask(session.post(realm, data=form, ssl=ssl), realm, "refused the identity token", (400, 401, 403),
-                          absent=(404, 405))
-        if body is None:
-            self._oauth2 = False
-            return None
-        return _token_from(body, realm)
+        # No redirects: a 307/308 would carry the form, refresh token and all, to another host.
+        request = session.post(realm, data=form, ssl=ssl, allow_redirects=False)
+        body = await _ask(request, realm, absent=(301, 302, 303, 307, 308, 400, 401, 403, 404, 405))
+        return None if body is None else _token_from(body, realm)
 
     async def _fetch_static(self, session: aiohttp.ClientSession, ssl: Any) -> Token:
         assert self.static_url is not None
@@ -264,10 +266,11 @@ class Authenticator:
 
 
 async def _ask(
-    request: Any, realm: str, refused: str, refusals: tuple[int, ...], absent: tuple[int, ...] = ()
+    request: Any, realm: str, *, refusals: tuple[int, ...] = (), refused: str = "", absent: tuple[int, ...] = ()
 ) -> Any:
-    """A token server's JSON answer to `request` (an aiohttp request context); None when it
-    answers one of the `absent` statuses: it has no such endpoint."""
+    """A token server's JSON answer to `request` (an aiohttp request context): an AuthError
+    saying `refused` for a status in `refusals`, None for one in `absent` (another way to ask
+    may work)."""
     try:
         async with request as resp:
             if resp.status in absent:
@@ -276,7 +279,10 @@ async def _ask(
                 raise AuthError(f"the token server {_host(realm)} {refused} (HTTP {resp.status})")
             if resp.status != 200:
                 raise AuthError(f"the token server {_host(realm)} answered HTTP {resp.status}", transient=resp.status >= 500 or resp.status == 429)
-            return await resp.json(content_type=None)
+            try:
+                return await resp.json(content_type=None)
+            except ValueError:
+                raise AuthError(f"the token server {_host(realm)} answered something that is not a token") from None
     except aiohttp.ClientError as exc:
         raise AuthError(f"the token server {_host(realm)} could not be reached: {type(exc).__name__}", transient=True) from None
 
