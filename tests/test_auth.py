@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
@@ -212,6 +213,33 @@ async def test_access_token_is_preferred_over_token(fake_time: FakeTime) -> None
     server = TokenServer({"token": "legacy", "access_token": "oauth2", "expires_in": 120})
     async with answering(get=server) as s:
         assert await bearer().header_for(s, SCOPE, False) == "Bearer oauth2"
+
+
+@pytest.mark.asyncio
+async def test_authenticators_share_a_token_cache_by_credentials(fake_time: FakeTime) -> None:
+    server = TokenServer({"token": "t1", "expires_in": 300}, {"token": "t2", "expires_in": 300})
+    shared = auth_mod.TokenCache()
+    alice = {"basicauth": {"user": "alice", "password": "pw"}}
+
+    def made(auth: dict | None) -> Authenticator:
+        a = Authenticator(auth, tokens=shared)
+        a.challenge = Challenge("bearer", {"realm": REALM, "service": "reg.local"})
+        return a
+
+    async with answering(get=server) as s:
+        assert await made(alice).header_for(s, SCOPE, False) == "Bearer t1"
+        assert await made(dict(alice)).header_for(s, SCOPE, False) == "Bearer t1"  # another job, same user
+        assert await made(None).header_for(s, SCOPE, False) == "Bearer t2"  # anonymous: its own
+    assert len(server.calls) == 2
+
+
+def test_token_cache_keeps_the_newest_entries() -> None:
+    cache = auth_mod.TokenCache(max_entries=2)
+    tokens = [auth_mod.Token(f"t{i}", time.monotonic() + 300, 300) for i in range(3)]
+    for i, token in enumerate(tokens):
+        cache.put(("realm", "svc", "who", f"scope{i}"), token)
+    assert cache.get(("realm", "svc", "who", "scope0")) is None
+    assert [cache.get(("realm", "svc", "who", f"scope{i}")) for i in (1, 2)] == tokens[1:]
 
 
 def pusher() -> Authenticator:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import re
 import time
@@ -92,6 +93,36 @@ class Token:
         return now < self.expires_at - min(REFRESH_MARGIN_S, self.ttl / 2)
 
 
+class TokenCache:
+    """Bearer tokens shared by every job of a service. A token is found by the token server that
+    granted it (realm and service), a digest of the credentials it was asked with (never the
+    secret itself) and its scope: jobs that copy the same repositories with the same credentials
+    ask for a token once in its lifetime, and a job never holds a token asked with other
+    credentials than its own."""
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        self._max = max_entries
+        self._tokens: dict[tuple[str, ...], Token] = {}
+
+    def get(self, key: tuple[str, ...]) -> Token | None:
+        return self._tokens.get(key)
+
+    def put(self, key: tuple[str, ...], token: Token) -> None:
+        self._tokens.pop(key, None)  # re-inserted last: the oldest entries go first
+        self._tokens[key] = token
+        if len(self._tokens) > self._max:
+            now = time.monotonic()
+            self._tokens = {k: t for k, t in self._tokens.items() if t.expires_at > now}
+            while len(self._tokens) > self._max:
+                del self._tokens[next(iter(self._tokens))]
+
+    def drop(self, key: tuple[str, ...]) -> None:
+        """Forget the token under `key`, and under every other key it also stands for."""
+        gone = self._tokens.pop(key, None)
+        if gone is not None:
+            self._tokens = {k: t for k, t in self._tokens.items() if t is not gone}
+
+
 class ChallengeCache:
     """What each registry answered to GET /v2/, shared by every job, so that a registry is
     pinged once in a while rather than once per job. A stale entry only costs a 401 round trip."""
@@ -122,7 +153,7 @@ class AuthError(Exception):
 class Authenticator:
     """Holds one registry's credentials and the tokens it has been granted, per scope."""
 
-    def __init__(self, auth: dict[str, Any] | None, push: bool = False) -> None:
+    def __init__(self, auth: dict[str, Any] | None, push: bool = False, tokens: TokenCache | None = None) -> None:
         auth = auth or {}
         # A target's first token is asked with push: the pull-only requests that come before
         # its first upload (the tag, the blob checks) then cost no token of their own.
@@ -137,7 +168,8 @@ class Authenticator:
         self.challenge: Challenge | None = None
         self._static: Token | None = None
         self._static_failed = False
-        self._tokens: dict[str, Token] = {}
+        self._tokens = tokens if tokens is not None else TokenCache()
+        self._who = hashlib.sha256(json.dumps([self.user, self.password]).encode()).hexdigest()
         self._lock = asyncio.Lock()
         self._oauth2 = self.user == IDENTITY_TOKEN_USER and bool(self.password)
 
@@ -158,10 +190,14 @@ class Authenticator:
         self._static_failed = True
 
     def forget(self, scope: str) -> None:
-        gone = self._tokens.pop(scope, None)
-        if gone is not None:  # the same token may stand for a narrower scope too
-            self._tokens = {s: t for s, t in self._tokens.items() if t is not gone}
+        if self.challenge is not None:
+            self._tokens.drop(self._key(scope))
         self._static = None
+
+    def _key(self, scope: str) -> tuple[str, ...]:
+        assert self.challenge is not None
+        params = self.challenge.params
+        return (params.get("realm", ""), params.get("service", ""), self._who, scope)
 
     async def header_for(self, session: aiohttp.ClientSession, scope: str, ssl: Any) -> str | None:
         """The Authorization value for a request needing `scope`, fetching a token if need be."""
@@ -178,7 +214,7 @@ class Authenticator:
                 raise AuthError("the registry asks for Basic credentials and the request has none")
             return self.basic_header()
         async with self._lock:
-            token = self._tokens.get(scope)
+            token = self._tokens.get(self._key(scope))
             if token is None or not token.fresh(now):
                 token = await self._fetch_for(session, scope, ssl)
         return f"Bearer {token.value}"
@@ -195,10 +231,11 @@ class Authenticator:
                 # from now on ask for what each request needs.
                 self.push = False
             else:
-                self._tokens[scope] = self._tokens[wider] = token
+                self._tokens.put(self._key(scope), token)
+                self._tokens.put(self._key(wider), token)
                 return token
         token = await self._fetch_bearer(session, scope, ssl)
-        self._tokens[scope] = token
+        self._tokens.put(self._key(scope), token)
         return token
 
     async def _fetch_bearer(self, session: aiohttp.ClientSession, scope: str, ssl: Any) -> Token:

@@ -18,7 +18,7 @@ import aiohttp
 from yarl import URL
 
 from ..metrics import RETRIES, request_timer
-from .auth import AuthError, Authenticator, ChallengeCache, merge_scopes, parse_challenges, scope_for
+from .auth import AuthError, Authenticator, ChallengeCache, TokenCache, merge_scopes, parse_challenges, scope_for
 from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
 from .manifests import ACCEPT, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 
@@ -126,13 +126,15 @@ class RegistryClient:
         policy: RetryPolicy = RetryPolicy(),
         stall_timeout: float = 60.0,
         challenges: ChallengeCache | None = None,
+        tokens: TokenCache | None = None,
         push: bool = False,
     ) -> None:
-        """`push`: the client uploads (a target), so its tokens are asked with push from the first."""
+        """`challenges`, `tokens`: what a service's clients share; `push`: the client uploads (a
+        target), so its tokens are asked with push from the first."""
         self.session = session
         self.base, self.name = split_endpoint(endpoint)
         self.policy = policy
-        self._auth = Authenticator(auth, push=push)
+        self._auth = Authenticator(auth, push=push, tokens=tokens)
         self._ssl = ssl_for(verify_tls, ca_cert)
         self._stall = stall_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=stall_timeout)
