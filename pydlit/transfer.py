@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 _IDLE_CHECK_S = 0.1  # how often a read held up by one full buffer looks whether the others sit idle
+_GIVE_BACK_S = 2.0  # how long a cancelled copy spends giving its unused upload sessions back
 
 
 @dataclass(frozen=True)
@@ -394,8 +395,12 @@ class ImageCopy:
                 await self._fail(t, err)
             return
         except BaseException:
-            # Cancelled (a user's DELETE, a shutdown): the sessions are given back all the same.
-            await asyncio.shield(_give_back(targets, sessions, wait=False))
+            # Cancelled (a user's DELETE, a shutdown): the sessions are given back all the same,
+            # for a moment at most and whatever that meets (a session closed at shutdown, say):
+            # the cancellation goes on.
+            giving = _unwatched(asyncio.ensure_future(_give_back(targets, sessions, wait=False)))
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(giving), _GIVE_BACK_S)
             raise
 
         async def put(t: Target) -> None:

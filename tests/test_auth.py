@@ -216,21 +216,23 @@ async def test_access_token_is_preferred_over_token(fake_time: FakeTime) -> None
 
 
 @pytest.mark.asyncio
-async def test_authenticators_share_a_token_cache_by_credentials(fake_time: FakeTime) -> None:
-    server = TokenServer({"token": "t1", "expires_in": 300}, {"token": "t2", "expires_in": 300})
+async def test_only_anonymous_tokens_are_shared(fake_time: FakeTime) -> None:
+    server = TokenServer(*({"token": f"t{i}", "expires_in": 300} for i in range(1, 5)))
     shared = auth_mod.TokenCache()
     alice = {"basicauth": {"user": "alice", "password": "pw"}}
 
-    def made(auth: dict | None) -> Authenticator:
-        a = Authenticator(auth, tokens=shared)
-        a.challenge = Challenge("bearer", {"realm": REALM, "service": "reg.local"})
+    def made(auth: dict | None, service: str = "reg.local") -> Authenticator:
+        a = Authenticator(auth, shared=shared)
+        a.challenge = Challenge("bearer", {"realm": REALM, "service": service})
         return a
 
     async with answering(get=server) as s:
-        assert await made(alice).header_for(s, SCOPE, False) == "Bearer t1"
-        assert await made(dict(alice)).header_for(s, SCOPE, False) == "Bearer t1"  # another job, same user
-        assert await made(None).header_for(s, SCOPE, False) == "Bearer t2"  # anonymous: its own
-    assert len(server.calls) == 2
+        assert await made(None).header_for(s, SCOPE, False) == "Bearer t1"
+        assert await made(None).header_for(s, SCOPE, False) == "Bearer t1"  # another job
+        assert await made(None, "other.registry").header_for(s, SCOPE, False) == "Bearer t2"
+        assert await made(alice).header_for(s, SCOPE, False) == "Bearer t3"
+        assert await made(dict(alice)).header_for(s, SCOPE, False) == "Bearer t4"  # asked again
+    assert [c[1].get("Authorization") is not None for c in server.calls] == [False, False, True, True]
 
 
 def test_token_cache_keeps_the_newest_entries() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import re
 import time
@@ -94,11 +93,10 @@ class Token:
 
 
 class TokenCache:
-    """Bearer tokens shared by every job of a service. A token is found by the token server that
-    granted it (realm and service), a digest of the credentials it was asked with (never the
-    secret itself) and its scope: jobs that copy the same repositories with the same credentials
-    ask for a token once in its lifetime, and a job never holds a token asked with other
-    credentials than its own."""
+    """Bearer tokens by token server (realm and service) and scope. A service's jobs share one
+    for their anonymous tokens (public images: Docker Hub's anonymous pulls), which any job could
+    ask for alike; a token asked with credentials stays with its job, so that the token server
+    judges every job's credentials as they are now."""
 
     def __init__(self, max_entries: int = 1024) -> None:
         self._max = max_entries
@@ -153,7 +151,8 @@ class AuthError(Exception):
 class Authenticator:
     """Holds one registry's credentials and the tokens it has been granted, per scope."""
 
-    def __init__(self, auth: dict[str, Any] | None, push: bool = False, tokens: TokenCache | None = None) -> None:
+    def __init__(self, auth: dict[str, Any] | None, push: bool = False, shared: TokenCache | None = None) -> None:
+        """`shared`: where anonymous tokens are kept, for every job to use."""
         auth = auth or {}
         # A target's first token is asked with push: the pull-only requests that come before
         # its first upload (the tag, the blob checks) then cost no token of their own.
@@ -168,8 +167,7 @@ class Authenticator:
         self.challenge: Challenge | None = None
         self._static: Token | None = None
         self._static_failed = False
-        self._tokens = tokens if tokens is not None else TokenCache()
-        self._who = hashlib.sha256(json.dumps([self.user, self.password]).encode()).hexdigest()
+        self._tokens = shared if shared is not None and not self.has_credentials else TokenCache()
         self._lock = asyncio.Lock()
         self._oauth2 = self.user == IDENTITY_TOKEN_USER and bool(self.password)
 
@@ -197,7 +195,7 @@ class Authenticator:
     def _key(self, scope: str) -> tuple[str, ...]:
         assert self.challenge is not None
         params = self.challenge.params
-        return (params.get("realm", ""), params.get("service", ""), self._who, scope)
+        return (params.get("realm", ""), params.get("service", ""), scope)
 
     async def header_for(self, session: aiohttp.ClientSession, scope: str, ssl: Any) -> str | None:
         """The Authorization value for a request needing `scope`, fetching a token if need be."""

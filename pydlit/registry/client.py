@@ -129,12 +129,12 @@ class RegistryClient:
         tokens: TokenCache | None = None,
         push: bool = False,
     ) -> None:
-        """`challenges`, `tokens`: what a service's clients share; `push`: the client uploads (a
-        target), so its tokens are asked with push from the first."""
+        """`challenges`, `tokens` (anonymous ones): what a service's clients share; `push`: the
+        client uploads (a target), so its tokens are asked with push from the first."""
         self.session = session
         self.base, self.name = split_endpoint(endpoint)
         self.policy = policy
-        self._auth = Authenticator(auth, push=push, tokens=tokens)
+        self._auth = Authenticator(auth, push=push, shared=tokens)
         self._ssl = ssl_for(verify_tls, ca_cert)
         self._stall = stall_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=stall_timeout)
