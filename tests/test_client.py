@@ -19,6 +19,7 @@ from support.mocked import aioresponses
 from yarl import URL
 
 from pydlit.registry import client as client_mod
+from pydlit.registry.auth import ChallengeCache
 from pydlit.registry.client import (
     RegistryClient,
     RegistryError,
@@ -83,6 +84,26 @@ def sent_headers(call) -> CIMultiDict:
 
 def make_client(session: aiohttp.ClientSession, auth: dict | None = None, policy: RetryPolicy = POLICY) -> RegistryClient:
     return RegistryClient(session, f"{BASE}/v2/", auth=auth, policy=policy)
+
+
+# -- the shared challenge cache ----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_challenge_learned_without_verifying_tls_is_not_trusted_by_a_verifying_client() -> None:
+    # Over unverified TLS anyone in the middle can name the token realm; a job that verifies
+    # must ask the registry itself before it sends credentials anywhere.
+    base, shared = "https://registry.test", ChallengeCache()
+    with aioresponses() as m:
+        m.get(f"{base}/v2/", status=401, repeat=True,
+              headers={"WWW-Authenticate": 'Bearer realm="https://auth.test/token",service="registry.test"'})
+        m.head(f"{base}/v2/team/app/manifests/v1", status=404, repeat=True)
+        m.get(re.compile(r"^https://auth\.test/token"), payload={"token": "t"}, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            for verify in (False, False, True, True):
+                client = RegistryClient(s, f"{base}/v2/", verify_tls=verify, challenges=shared, policy=POLICY)
+                assert await client.head_manifest("team/app", "v1") is None
+        assert len(calls(m, "GET", f"{base}/v2/")) == 2  # once per way of trusting the registry
 
 
 # -- retries ---------------------------------------------------------------------------------------

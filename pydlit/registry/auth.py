@@ -123,7 +123,8 @@ class TokenCache:
 
 class ChallengeCache:
     """What each registry answered to GET /v2/, shared by every job, so that a registry is
-    pinged once in a while rather than once per job. A stale entry only costs a 401 round trip."""
+    pinged once in a while rather than once per job. A stale entry only costs a 401 round trip.
+    The key names the registry and how its TLS was trusted (see RegistryClient)."""
 
     def __init__(self, ttl_s: float = 300.0) -> None:
         self._ttl = ttl_s

@@ -139,6 +139,9 @@ class RegistryClient:
         self._stall = stall_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=stall_timeout)
         self._challenges = challenges or ChallengeCache()
+        # A challenge learned over TLS nobody verified must not tell a verifying job where to
+        # send its credentials: the cache is per endpoint and per way of trusting it.
+        self._challenge_key = f"{self.base} {'verify' if verify_tls else 'no-verify'} {ca_cert or ''}"
         self._pinged = False
         self._ping_lock = asyncio.Lock()
 
@@ -296,7 +299,7 @@ class RegistryClient:
         async with self._ping_lock:
             if self._pinged:
                 return
-            known, challenge = self._challenges.get(self.base)
+            known, challenge = self._challenges.get(self._challenge_key)
             if known:
                 self._auth.challenge = challenge
                 self._pinged = True
@@ -315,7 +318,7 @@ class RegistryClient:
 
             # No retry loop of its own: every caller of request() runs inside one already.
             await ping()
-            self._challenges.put(self.base, self._auth.challenge)
+            self._challenges.put(self._challenge_key, self._auth.challenge)
             self._pinged = True
 
     async def _error(self, resp: aiohttp.ClientResponse, step: str) -> RegistryError:
