@@ -57,6 +57,7 @@ def client_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="+")
     p.add_argument("--overwrite", action="store_true", help="replace a target tag that holds another digest")
     p.add_argument("--verify-tls", action="store_true", help="verify registry certificates")
+    p.add_argument("--referrers", action="store_true", help="also copy the image's signatures, SBOMs and attestations (OCI referrers)")
     return parser
 
 
@@ -69,7 +70,7 @@ def run_client(argv: list[str]) -> int:
         return commands.status(args.server, args.job_id, token, sys.stdout, as_json=args.json)
     if args.command == "jobs":
         return commands.jobs(args.server, args.state, args.limit, token, sys.stdout)
-    return asyncio.run(commands.copy(args.source, args.targets, overwrite=args.overwrite, verify_tls=args.verify_tls, out=sys.stdout))
+    return asyncio.run(commands.copy(args.source, args.targets, overwrite=args.overwrite, verify_tls=args.verify_tls, referrers=args.referrers, out=sys.stdout))
 
 
 def main(argv: list[str] | None = None) -> None:

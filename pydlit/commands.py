@@ -520,7 +520,9 @@ async def _refresh(printer: ProgressPrinter, view: Callable[[], dict[str, Any]])
         await asyncio.sleep(COPY_REFRESH_S)
 
 
-async def copy(src: str, targets: list[str], *, overwrite: bool, verify_tls: bool, out: TextIO = sys.stdout) -> int:
+async def copy(
+    src: str, targets: list[str], *, overwrite: bool, verify_tls: bool, referrers: bool = False, out: TextIO = sys.stdout,
+) -> int:
     """Copy the image `src` to every reference in `targets` with the service's engine, here.
 
     Exit 0 when every target finished or was skipped, 1 when the source could not be read or a
@@ -551,6 +553,7 @@ async def copy(src: str, targets: list[str], *, overwrite: bool, verify_tls: boo
             [target(idx, ref) for idx, ref in enumerate(target_refs)],
             events,
             asyncio.Event(),
+            referrers=referrers,
         )
         ticker = asyncio.create_task(_refresh(printer, lambda: _copy_view("RUNNING", source_ref, target_refs, events)))
         try:

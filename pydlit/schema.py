@@ -94,6 +94,14 @@ REQUEST_SCHEMA: dict = {
             "maxItems": MAX_TARGETS,
             "items": {"$ref": "#/$defs/target"},
         },
+        "referrers": {
+            "description": (
+                "Also copy the image's referrers (OCI 1.1: signatures, SBOMs, attestations whose"
+                " subject is one of the image's manifests), and theirs, before the target's tag."
+            ),
+            "type": "boolean",
+            "default": False,
+        },
     },
     "$defs": {
         "endpoint": {
@@ -357,7 +365,7 @@ def validate_request(body: object) -> dict:
     """Validate a distribute request and return a normalised deep copy.
 
     In the copy, the source and every target have verify_tls (default False);
-    every target has overwrite (False), image and ref (None: same as the
+    referrers is set (False); every target has overwrite (False), image and ref (None: same as the
     source); auth token_type is spelled "Bearer" or "JWT"; a "Name: value"
     auth header is an object. Endpoints are kept exactly as given.
 
@@ -378,6 +386,7 @@ def validate_request(body: object) -> dict:
         location.setdefault("verify_tls", False)
         if "auth" in location:
             _normalise_auth(location["auth"])
+    request.setdefault("referrers", False)
     for target in request["targets"]:
         target.setdefault("overwrite", False)
         target.setdefault("image", None)

@@ -10,15 +10,17 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import aiohttp
 
 from .metrics import DOWNLOADED, UPLOADED
 from .pipe import Pipe, PipeClosed
+from .referrers import ReferrerPusher, Referrers, find_referrers
 from .registry.client import RegistryClient, RegistryError, broken_stream, retrying
 from .registry.manifests import Blob, Manifest, Tree
+from .registry.trees import read_tree
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,8 @@ class Target:
     overwrite: bool = False
     failed: bool = False
     fresh: bool = False  # the registry had no repository of this name when the copy began
+    current: bool = False  # the tag already holds the image: only its referrers are copied
+    held: set[str] = field(default_factory=set)  # digests (blobs, manifests) known to be there already
 
 
 @dataclass
@@ -161,33 +165,12 @@ class _Sink:
     held_back: float = 0.0  # seconds the shared read waited on this sink while another sat idle
 
 
-async def read_tree(client: RegistryClient, repo: str, ref: str, parallel: int = 8) -> Tree:
-    """The top manifest and every manifest below it, as pulled."""
-    top = await client.get_manifest(repo, ref)
-    tree = Tree(top)
-    sem = asyncio.Semaphore(parallel)
-
-    async def fetch(digest: str) -> Manifest:
-        async with sem:
-            return await client.get_manifest(repo, digest)
-
-    level = list(top.children)
-    seen: set[str] = set()
-    while level:
-        level = [d for d in dict.fromkeys(level) if d not in seen]
-        seen.update(level)
-        found = await asyncio.gather(*(fetch(d) for d in level))
-        tree.children.extend(found)
-        level = [c for m in found for c in m.children]
-    return tree
-
-
 class ImageCopy:
     """One job's copy of one image to its targets."""
 
     def __init__(
         self, source: Source, targets: list[Target], events: Events, stop: asyncio.Event, tuning: Tuning = Tuning(),
-        first_attempt: bool = True, streams: asyncio.Semaphore | None = None,
+        first_attempt: bool = True, streams: asyncio.Semaphore | None = None, referrers: bool = False,
     ) -> None:
         self.source = source
         self.targets = targets
@@ -198,6 +181,9 @@ class ImageCopy:
         # A service passes the one all its jobs share; a copy on its own is bounded by parallel_blobs.
         self.streams = streams or asyncio.Semaphore(tuning.parallel_blobs)
         self.tree: Tree | None = None
+        self.copy_referrers = referrers
+        self.referrers: list[Referrers] = []
+        self.blobs: list[Blob] = []  # the image's and its referrers', each once
         # Per target: the blobs it still lacks, and what wakes its manifest push (see _copy_to).
         self._lacking: dict[int, set[str]] = {}
         self._complete: dict[int, asyncio.Event] = {}
@@ -209,9 +195,13 @@ class ImageCopy:
         try:
             try:
                 self.tree = await read_tree(self.source.client, self.source.repo, self.source.ref)
+                if self.copy_referrers:
+                    self.referrers = await find_referrers(self.source.client, self.source.repo, self.tree)
             except RegistryError as exc:
                 raise SourceError(str(exc)) from None
-            total = sum(b.size for b in self.tree.blobs)
+            found = [*self.tree.blobs, *(b for r in self.referrers for b in r.blobs)]
+            self.blobs = list({b.digest: b for b in found}.values())
+            total = sum(b.size for b in self.blobs)
             for t in self.targets:
                 self.events.set_total(t.idx, total)
             checks = {asyncio.create_task(self._preflight(t, head)): t for t, head in zip(self.targets, heads, strict=True)}
@@ -234,7 +224,7 @@ class ImageCopy:
         """Every blob to every target; each target's manifests as soon as it holds all its blobs,
         so that a fast target is finished while a slow one is still uploading."""
         assert self.tree is not None
-        blobs = sorted(self.tree.blobs, key=lambda b: -b.size)
+        blobs = sorted(self.blobs, key=lambda b: -b.size)
         sem = asyncio.Semaphore(self.tuning.parallel_blobs)
         for t in targets:
             self._lacking[t.idx] = {b.digest for b in blobs}
@@ -295,15 +285,33 @@ class ImageCopy:
         if current == self.tree.top.digest:
             for b in self.tree.blobs:
                 self.events.blob_progress(t.idx, b.digest, b.size)
-            await self.events.target_state(t.idx, "FINISHED")
-            return False
-        if current is not None and not t.overwrite:
+            if not self.referrers:
+                await self.events.target_state(t.idx, "FINISHED")
+                return False
+            t.current = True
+            t.held.update(b.digest for b in self.tree.blobs)
+            try:
+                await self._held_referrers(t)
+            except RegistryError as exc:
+                await self._fail(t, exc)
+                return False
+        elif current is not None and not t.overwrite:
             await self.events.target_state(
                 t.idx, "SKIPPED", f"{t.repo}:{t.ref} already exists with digest {current} and overwrite is false"
             )
             return False
         await self.events.target_state(t.idx, "RUNNING")
         return True
+
+    async def _held_referrers(self, t: Target) -> None:
+        """The referrers a target holds already, and so their blobs: a manifest is only taken
+        once every blob it names is there."""
+        trees = [tree for r in self.referrers for tree in r.trees]
+        heads = await asyncio.gather(*(t.client.head_manifest(t.repo, tree.top.digest) for tree in trees))
+        for tree, head in zip(trees, heads, strict=True):
+            if head == tree.top.digest:
+                t.held.update(m.digest for m in (tree.top, *tree.children))
+                t.held.update(b.digest for b in tree.blobs)
 
     async def _push_manifests(self, t: Target) -> None:
         assert self.tree is not None
@@ -314,10 +322,17 @@ class ImageCopy:
                 if t.fresh or await t.client.head_manifest(t.repo, m.digest) != m.digest:
                     await t.client.put_manifest(t.repo, m.digest, m)
 
+        top = self.tree.top
         try:
-            # Children by digest first: an index naming an unknown manifest is refused.
-            await _gather_all(child(m) for m in reversed(self.tree.children))
-            await t.client.put_manifest(t.repo, t.ref, self.tree.top)
+            if not t.current:
+                # Children by digest first: an index naming an unknown manifest is refused.
+                await _gather_all(child(m) for m in reversed(self.tree.children))
+            if self.referrers:
+                if not t.current and t.ref != top.digest:
+                    await t.client.put_manifest(t.repo, top.digest, top)  # their subject, before them
+                await ReferrerPusher(t.client, t.repo, t.held).push(self.referrers)
+            if not t.current:
+                await t.client.put_manifest(t.repo, t.ref, top)
         except RegistryError as exc:
             await self._fail(t, exc)
             return
@@ -430,6 +445,9 @@ class ImageCopy:
 
     async def _already_there(self, t: Target, blob: Blob) -> bool:
         """Present at the target, or mounted there from a repository known to hold it."""
+        if blob.digest in t.held:
+            await self._blob_done(t, blob)
+            return True
         try:
             if not t.fresh and await t.client.head_blob(t.repo, blob.digest):
                 await self._blob_done(t, blob)

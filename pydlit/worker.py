@@ -280,4 +280,5 @@ class Worker:
             targets.append(Target(idx, c, c.repository(t.get("image") or src["image"]), t.get("ref") or src["ref"], t.get("overwrite", False)))
         return ImageCopy(
             source, targets, events, self._stop, self.settings.tuning, first_attempt=job.attempt == 1, streams=self.streams,
+            referrers=req.get("referrers", False),
         )

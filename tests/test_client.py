@@ -567,3 +567,47 @@ async def test_head_manifest_without_a_digest_header_reads_the_manifest_once(sle
         assert len(calls(m, "HEAD", MANIFEST_URL)) == 1  # one HEAD, then the GET and its own retry
         assert len(calls(m, "GET", MANIFEST_URL)) == 2
     assert digest == "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
+
+
+# -- the referrers API: answers the test registries cannot give ---------------------------------------
+
+REFERRERS_URL = f"{BASE}/v2/team/app/referrers/{DIGEST}"
+
+
+def _index_of(*digests: str) -> dict:
+    return {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d, "size": 9} for d in digests]}
+
+
+@pytest.mark.asyncio
+async def test_a_referrers_page_on_another_host_is_not_asked_with_the_registrys_credentials(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": 'Basic realm="Registry"'}, repeat=True)
+        m.get(REFERRERS_URL, payload=_index_of("sha256:" + "b" * 64),
+              headers={"Link": '<http://127.0.0.2:9000/v2/team/app/referrers/x?page=2>; rel="next"'})
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError, match="the next page is on another host"):
+                await make_client(s, auth={"basicauth": {"user": "alice", "password": PASSWORD}}).list_referrers("team/app", DIGEST)
+        assert not [u for (_, u) in m.requests if u.host == "127.0.0.2"]
+
+
+@pytest.mark.asyncio
+async def test_a_referrers_listing_that_breaks_off_is_an_error_not_a_registry_without_the_api(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(REFERRERS_URL, payload=_index_of("sha256:" + "b" * 64), headers={"Link": f'<{REFERRERS_URL}?page=2>; rel="next"'})
+        m.get(f"{REFERRERS_URL}?page=2", status=404)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError, match="the next page of the listing is gone"):
+                await make_client(s).list_referrers("team/app", DIGEST)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("body", [b"<html>sign in</html>", b'{"manifests": [{"digest": "../../x", "size": 1}]}'])
+async def test_a_referrers_listing_that_is_no_index_is_refused(sleeps: list[float], body: bytes) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(REFERRERS_URL, body=body, content_type="application/vnd.oci.image.index.v1+json")
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError, match="the referrers listing is not a valid index"):
+                await make_client(s).list_referrers("team/app", DIGEST)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from pydlit.referrers import fallback_tag
 from pydlit.registry.manifests import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -197,3 +198,9 @@ def test_malformed_index_descriptors_are_refused(entry) -> None:
     doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
     with pytest.raises(ManifestError, match="malformed descriptor in manifests"):
         parse_manifest(json.dumps(doc).encode(), OCI_INDEX)
+
+
+def test_the_referrers_tag_of_a_sha512_digest_is_cut_to_the_longest_tag() -> None:
+    assert fallback_tag("sha256:" + "a" * 64) == "sha256-" + "a" * 64
+    tag = fallback_tag("sha512:" + "b" * 128)
+    assert tag == ("sha512-" + "b" * 128)[:128] and len(tag) == 128

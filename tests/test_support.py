@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import ssl
 import textwrap
 import urllib.error
@@ -16,14 +17,16 @@ import pytest
 from support import mediatypes as mt
 from support.images import (
     KINDS,
+    Image,
     assert_same_tree,
     manifest_digest,
     push_image,
     read_back,
+    sha256_digest,
     shared_layer_images,
 )
 from support.jose import decode_jwt_unverified
-from support.regclient import RegistryError, RegistryHTTP
+from support.regclient import RegistryError, RegistryHTTP, Response
 from support.service import ServiceProcess, job_body, job_state
 
 
@@ -174,6 +177,153 @@ def test_proxy_counts_bytes_rewrites_location_and_injects_faults(
         client.read_blob(repo_name, layer)
     assert client.read_blob(repo_name, layer) == image.blobs[layer]
     assert proxy.downloaded_bytes() == 1000 + image.blobs[layer]
+
+
+SIG = "application/vnd.example.sig"
+SBOM = "application/vnd.example.sbom"
+EMPTY_CONFIG_TYPE = "application/vnd.oci.empty.v1+json"
+
+
+def _push_referrer(
+    client: RegistryHTTP, repo: str, subject: Image, payload: bytes, *,
+    artifact_type: str | None = SIG, config_type: str = EMPTY_CONFIG_TYPE,
+    annotations: dict[str, str] | None = None,
+) -> tuple[Response, bytes]:
+    """PUT (by digest) an OCI artifact manifest of one `payload` layer naming `subject`.
+
+    Returns the PUT's response and the manifest's bytes."""
+    for blob in (b"{}", payload):
+        client.upload_monolithic(repo, blob, sha256_digest(blob))
+    manifest: dict[str, object] = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST}
+    if artifact_type is not None:
+        manifest["artifactType"] = artifact_type
+    manifest |= {
+        "config": {"mediaType": config_type, "digest": sha256_digest(b"{}"), "size": 2},
+        "layers": [{"mediaType": artifact_type or "application/octet-stream",
+                    "digest": sha256_digest(payload), "size": len(payload)}],
+        "subject": {"mediaType": subject.media_type, "digest": subject.digest,
+                    "size": len(subject.manifest_bytes)},
+    }
+    if annotations is not None:
+        manifest["annotations"] = annotations
+    data = json.dumps(manifest).encode()
+    put = client.request("PUT", f"/v2/{repo}/manifests/{sha256_digest(data)}",
+                         headers={"Content-Type": mt.OCI_MANIFEST}, body=data, expect=(201,))
+    return put, data
+
+
+def _referrer_pages(client: RegistryHTTP, url: str) -> tuple[list[list[str]], list[str]]:
+    """GET url and every `Link: rel="next"` after it: (digests listed by page, links followed)."""
+    pages, links = [], []
+    while True:
+        resp = client.request("GET", url, expect=(200,))
+        pages.append([d["digest"] for d in resp.json()["manifests"]])
+        link = resp.header("Link")
+        if link is None:
+            return pages, links
+        match = re.fullmatch(r'<([^>]+)>; rel="next"', link)
+        assert match, link
+        url = match[1]
+        links.append(url)
+
+
+def test_proxy_referrers_api_records_subjects_and_lists_them(
+    registries, proxy_factory, repo_name
+):
+    proxy = proxy_factory(registries.target_a)
+    proxy.referrers_api = True
+    subject = push_image(proxy, repo_name, "v1", "oci")
+    client = RegistryHTTP(proxy.url)
+    put, data = _push_referrer(client, repo_name, subject, b"signature", annotations={"a": "b"})
+    digest = sha256_digest(data)
+    assert put.header("OCI-Subject") == subject.digest
+    assert put.header("Docker-Content-Digest") == digest
+    assert RegistryHTTP(registries.target_a.url).get_manifest(repo_name, digest)[1] == data
+    again = client.request("PUT", f"/v2/{repo_name}/manifests/v1", body=subject.manifest_bytes,
+                           headers={"Content-Type": subject.media_type}, expect=(201,))
+    assert again.header("OCI-Subject") is None  # no subject, nothing recorded
+
+    path = f"/v2/{repo_name}/referrers/{subject.digest}"
+    listed = client.request("GET", path, expect=(200,))
+    assert listed.header("Content-Type") == mt.OCI_INDEX
+    assert listed.header("OCI-Filters-Applied") is None and listed.header("Link") is None
+    expected = {"mediaType": mt.OCI_MANIFEST, "digest": digest, "size": len(data),
+                "artifactType": SIG, "annotations": {"a": "b"}}
+    assert listed.json() == {"schemaVersion": 2, "mediaType": mt.OCI_INDEX,
+                             "manifests": [expected]}
+    assert (proxy.requests[-1].method, proxy.requests[-1].kind) == ("GET", "other")
+    assert (proxy.requests[-1].path, proxy.requests[-1].status) == (path, 200)
+
+    # Pushed again: listed once. Another subject or repository: none.
+    _, same = _push_referrer(client, repo_name, subject, b"signature", annotations={"a": "b"})
+    assert same == data
+    assert client.request("GET", path).json()["manifests"] == [expected]
+    other = f"/v2/{repo_name}/referrers/sha256:{'0' * 64}"
+    assert client.request("GET", other, expect=(200,)).json()["manifests"] == []
+    elsewhere = f"/v2/{repo_name}-x/referrers/{subject.digest}"
+    assert client.request("GET", elsewhere, expect=(200,)).json()["manifests"] == []
+
+    proxy.clear_faults()
+    assert client.request("GET", path).json()["manifests"] == [expected]
+    proxy.reset_referrers()
+    assert client.request("GET", path).json()["manifests"] == []
+
+
+def test_proxy_referrers_api_filters_by_artifact_type(registries, proxy_factory, repo_name):
+    proxy = proxy_factory(registries.target_a)
+    proxy.referrers_api = True
+    subject = push_image(proxy, repo_name, "v1", "oci")
+    client = RegistryHTTP(proxy.url)
+    sig = sha256_digest(_push_referrer(client, repo_name, subject, b"signature")[1])
+    # Without an artifactType the config's media type stands in for it, as the spec says.
+    sbom = sha256_digest(_push_referrer(client, repo_name, subject, b"sbom", artifact_type=None,
+                                        config_type=SBOM)[1])
+
+    path = f"/v2/{repo_name}/referrers/{subject.digest}"
+    listed = client.request("GET", path).json()["manifests"]
+    assert [(d["digest"], d["artifactType"]) for d in listed] == [(sig, SIG), (sbom, SBOM)]
+    assert not any("annotations" in d for d in listed)
+    for artifact_type, digests in ((SBOM, [sbom]), (SIG, [sig]), ("application/x-none", [])):
+        query = urllib.parse.urlencode({"artifactType": artifact_type})
+        filtered = client.request("GET", f"{path}?{query}", expect=(200,))
+        assert filtered.header("OCI-Filters-Applied") == "artifactType"
+        assert [d["digest"] for d in filtered.json()["manifests"]] == digests
+
+
+def test_proxy_referrers_api_pages_with_link(registries, proxy_factory, repo_name):
+    proxy = proxy_factory(registries.target_a)
+    proxy.referrers_api = True
+    proxy.referrers_page_size = 1
+    subject = push_image(proxy, repo_name, "v1", "oci")
+    client = RegistryHTTP(proxy.url)
+    sigs = [sha256_digest(_push_referrer(client, repo_name, subject, p)[1]) for p in (b"1", b"2")]
+    sbom = sha256_digest(_push_referrer(client, repo_name, subject, b"3", artifact_type=SBOM)[1])
+
+    path = f"/v2/{repo_name}/referrers/{subject.digest}"
+    pages, links = _referrer_pages(client, path)
+    assert pages == [[sigs[0]], [sigs[1]], [sbom]]
+    assert links == [f"{path}?page=1", f"{path}?page=2"]
+    pages, links = _referrer_pages(client, f"{path}?artifactType={SIG}")
+    assert pages == [[sigs[0]], [sigs[1]]]
+    assert links == [f"{path}?page=1&artifactType=application%2Fvnd.example.sig"]
+    proxy.referrers_page_size = 3
+    assert _referrer_pages(client, path) == ([[*sigs, sbom]], [])
+
+
+def test_proxy_without_referrers_api_passes_referrers_through(
+    registries, proxy_factory, repo_name
+):
+    proxy = proxy_factory(registries.target_a)
+    subject = push_image(proxy, repo_name, "v1", "oci")
+    client = RegistryHTTP(proxy.url)
+    put, _ = _push_referrer(client, repo_name, subject, b"signature")
+    assert put.header("OCI-Subject") is None  # distribution 2.8 stores it, subject ignored
+    path = f"/v2/{repo_name}/referrers/{subject.digest}"
+    missing = client.request("GET", path)
+    assert missing.status == 404 and missing.body.startswith(b"404 page not found")
+    assert (proxy.requests[-1].kind, proxy.requests[-1].status) == ("other", 404)
+    proxy.referrers_api = True
+    assert client.request("GET", path, expect=(200,)).json()["manifests"] == []  # not recorded
 
 
 def test_tls_registry_needs_its_ca_and_credentials(registries, repo_name):

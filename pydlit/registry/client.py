@@ -7,6 +7,7 @@ import contextlib
 import email.utils
 import logging
 import random
+import re
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
@@ -20,7 +21,7 @@ from yarl import URL
 from ..metrics import RETRIES, request_timer
 from .auth import AuthError, Authenticator, ChallengeCache, TokenCache, merge_scopes, parse_challenges, scope_for
 from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
-from .manifests import ACCEPT, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
+from .manifests import ACCEPT, MAX_MANIFEST_BYTES, OCI_INDEX, Manifest, ManifestError, index_descriptors, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ Body = Union[bytes, AsyncIterable[bytes], None]
 MIN_UPLOAD_RATE = 64 * 1024
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 MAX_REDIRECTS = 5
+MAX_REFERRER_PAGES = 50
 
 
 @dataclass(frozen=True)
@@ -391,16 +393,62 @@ class RegistryClient:
             return (await self.get_manifest(repo, ref)).digest
         return digest
 
-    async def put_manifest(self, repo: str, ref: str, manifest: Manifest) -> None:
-        async def op() -> None:
+    async def find_manifest(self, repo: str, ref: str) -> Manifest | None:
+        """The manifest, or None when the registry has none under this reference."""
+        try:
+            return await self.get_manifest(repo, ref)
+        except RegistryError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def put_manifest(self, repo: str, ref: str, manifest: Manifest) -> str | None:
+        """Push the manifest's bytes; returns the subject the registry says it indexed the manifest
+        under (OCI-Subject), which only a registry with the referrers API answers."""
+
+        async def op() -> str | None:
             resp = await self.request(
                 "PUT", self.url(f"{repo}/manifests/{ref}"), step=f"push manifest {repo}:{ref}",
                 scope=scope_for(repo, "pull,push"), expect=(200, 201),
                 headers={"Content-Type": manifest.media_type}, body=manifest.data,
             )
             resp.release()
+            return resp.headers.get("OCI-Subject")
 
-        await self._call(op)
+        return await self._call(op)
+
+    async def list_referrers(self, repo: str, digest: str) -> list[dict[str, Any]] | None:
+        """The descriptors of the manifests whose subject is `digest`, from the referrers API, or
+        None when the registry has no such API (404: the caller falls back to the tag schema)."""
+        step = f"list referrers of {repo}@{digest[:19]}"
+        url: URL | None = self.url(f"{repo}/referrers/{digest}")
+        found: list[dict[str, Any]] = []
+        for _ in range(MAX_REFERRER_PAGES):
+            if url is None:
+                return found
+            page_url = url
+
+            async def op() -> tuple[bytes, str | None]:
+                resp = await self.request(
+                    "GET", page_url, step=step, scope=scope_for(repo, "pull"), expect=(200, 404), headers={"Accept": OCI_INDEX},
+                )
+                async with resp:
+                    if resp.status == 404:
+                        return b"", None
+                    data = await resp.content.read(MAX_MANIFEST_BYTES + 1)
+                    return data, resp.headers.get("Link")
+
+            data, link = await self._call(op)
+            if not data:
+                if found:  # a 404 after a page: the listing broke off, not a registry without the API
+                    raise RegistryError(self.name, step, "the next page of the listing is gone")
+                return None
+            try:
+                found += index_descriptors(data)
+            except ManifestError as exc:
+                raise RegistryError(self.name, step, f"the referrers listing is not a valid index: {exc}") from None
+            url = _next_page(self.name, page_url, link)
+        raise RegistryError(self.name, step, f"the listing has more than {MAX_REFERRER_PAGES} pages")
 
     # -- blobs ----------------------------------------------------------------------------------
 
@@ -606,3 +654,18 @@ def _range_end(value: str | None) -> int:
     return 0 if value.strip().endswith("0-0") else held
 
 
+
+
+_LINK_NEXT = re.compile(r'<([^>]*)>\s*;[^,]*\brel="?next"?', re.IGNORECASE)
+
+
+def _next_page(registry: str, url: URL, link: str | None) -> URL | None:
+    """The next page a `Link: <...>; rel="next"` header names. It must stay on the registry's
+    host: the request carries the registry's credentials."""
+    match = _LINK_NEXT.search(link or "")
+    if not match:
+        return None
+    nxt = url.join(URL(match.group(1), encoded=True))
+    if nxt.origin() != url.origin():
+        raise RegistryError(registry, "list referrers", f"the next page is on another host ({nxt.origin()})")
+    return nxt

@@ -95,6 +95,21 @@ def parse_manifest(data: bytes, content_type: str) -> Manifest:
     raise ManifestError(f"unsupported manifest media type {media_type!r}")
 
 
+def index_descriptors(data: bytes) -> list[dict]:
+    """The `manifests` of an image index, each checked as a descriptor and kept whole (its
+    artifactType and annotations go into the indexes pydlit writes)."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise ManifestError("the index is not valid JSON") from None
+    found = doc.get("manifests") if isinstance(doc, dict) else None
+    if not isinstance(found, list):
+        raise ManifestError("the index has no list of manifests")
+    for d in found:
+        _descriptor(d, "manifests")
+    return found
+
+
 def _media_type(doc: dict, content_type: str) -> str:
     declared = doc.get("mediaType")
     if isinstance(declared, str) and declared:

@@ -3,11 +3,17 @@
 Bodies stream both ways in small chunks (layers can be hundreds of MiB). Faults and rates are set
 from the test thread and take effect on the next matching request. Absolute `Location` headers
 pointing at the upstream are rewritten to the proxy, so clients stay behind it.
+
+With `referrers_api` on, the proxy also emulates the OCI 1.1 referrers API, which the upstream
+(distribution 2.8) lacks: it records manifests PUT with a `subject` and answers
+`GET /v2/<repo>/referrers/<digest>` itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import re
 import threading
 import time
@@ -15,6 +21,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -39,7 +46,9 @@ _HOP_BY_HOP = frozenset({
 _ARRIVED = "fault-proxy-arrived"  # request storage key: when the request reached the proxy
 _UPLOAD = re.compile(r"^/v2/.+/blobs/uploads/[^/]*$")
 _BLOB = re.compile(r"^/v2/.+/blobs/[a-z0-9+._-]+:[a-zA-Z0-9=_-]+$")
-_MANIFEST = re.compile(r"^/v2/.+/manifests/[^/]+$")
+_MANIFEST = re.compile(r"^/v2/(.+)/manifests/[^/]+$")
+_REFERRERS = re.compile(r"^/v2/(.+)/referrers/([a-z0-9+._-]+:[a-zA-Z0-9=_-]+)$")
+_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 _ERROR_CODES = {
     400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "DENIED", 404: "NOT_FOUND",
     408: "TIMEOUT", 429: "TOOMANYREQUESTS", 500: "UNKNOWN", 502: "UNAVAILABLE",
@@ -134,6 +143,9 @@ class FaultProxy(BackgroundService):
         self.upload_rate: float | None = None  # bytes/s over all request bodies
         # Seconds every request waits before it is forwarded: a long link's round trip.
         self.latency_s = 0.0
+        # OCI 1.1 referrers API emulation (see the module docstring); page size None: one page.
+        self.referrers_api = False
+        self.referrers_page_size: int | None = None
         self._lock = threading.Lock()
         self._counters = ProxyCounters()
         self._log: deque[ProxyRequest] = deque(maxlen=10_000)
@@ -143,6 +155,8 @@ class FaultProxy(BackgroundService):
         self._corruptions: list[_Rule] = []
         self._inflight_large: Counter[str] = Counter()
         self._stalls: list[_Rule] = []
+        # (repo, subject digest) -> descriptors of the manifests that name it, in PUT order.
+        self._referrers: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._next_free = {"up": 0.0, "down": 0.0}
         self._session: aiohttp.ClientSession | None = None
         self._server = BackgroundServer(self._make_app, "fault-proxy")
@@ -233,6 +247,11 @@ class FaultProxy(BackgroundService):
             self._corruptions.clear()
             self._stalls.clear()
         self.download_rate = self.upload_rate = None
+
+    def reset_referrers(self) -> None:
+        """Forget the subjects recorded by the referrers emulation (clear_faults keeps them)."""
+        with self._lock:
+            self._referrers.clear()
 
     # -- counters --------------------------------------------------------------------------
 
@@ -391,6 +410,9 @@ class FaultProxy(BackgroundService):
         if rule is not None:
             self._record(request, kind, rule.status, "fail")
             return self._fail_response(rule)
+        referrers = _REFERRERS.match(request.path) if self.referrers_api else None
+        if referrers is not None and method == "GET":
+            return self._referrers_page(request, kind, referrers[1], referrers[2])
 
         cut = None
         if request.body_exists:
@@ -398,7 +420,12 @@ class FaultProxy(BackgroundService):
         # A multidict: clients such as skopeo send one Accept line per manifest type.
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP)
         sent = [0]
-        body = self._request_body(request, kind, cut, sent) if request.body_exists else None
+        body: AsyncIterator[bytes] | bytes | None = None
+        if request.body_exists:
+            body = self._request_body(request, kind, cut, sent)
+            if self.referrers_api and kind == "manifest_put" and cut is None:
+                # Manifests are small: buffered, to read the subject once the upstream stored it.
+                body = b"".join([chunk async for chunk in body])
         url = URL(self.upstream_url + request.raw_path, encoded=True)
         assert self._session is not None
         try:
@@ -421,12 +448,80 @@ class FaultProxy(BackgroundService):
                 self._record(request, kind, 0, f"upload cut at {sent[0]}")
                 self._drop_client(request)
                 return web.Response(status=499)
-            return await self._relay(request, kind, upstream)
+            extra: dict[str, str] = {}
+            if isinstance(body, bytes) and upstream.status == 201:
+                stored = upstream.headers.get("Docker-Content-Digest")
+                subject = self._add_referrer(request, body, stored)
+                if subject is not None:
+                    extra["OCI-Subject"] = subject
+            return await self._relay(request, kind, upstream, extra)
+
+    def _add_referrer(self, request: web.Request, data: bytes, digest: str | None) -> str | None:
+        """Record a stored manifest under its subject; returns the subject's digest, if any."""
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return None
+        subject = doc.get("subject") if isinstance(doc, dict) else None
+        subject_digest = subject.get("digest") if isinstance(subject, dict) else None
+        repo = _MANIFEST.match(request.path)
+        if not isinstance(subject_digest, str) or repo is None:
+            return None
+        descriptor: dict[str, Any] = {
+            "mediaType": doc.get("mediaType") or request.content_type,
+            "digest": digest or "sha256:" + hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+        }
+        config = doc.get("config")
+        artifact_type = doc.get("artifactType") or (
+            config.get("mediaType") if isinstance(config, dict) else None)
+        if artifact_type:
+            descriptor["artifactType"] = artifact_type
+        if "annotations" in doc:
+            descriptor["annotations"] = doc["annotations"]
+        with self._lock:
+            known = self._referrers.setdefault((repo[1], subject_digest), [])
+            if all(d["digest"] != descriptor["digest"] for d in known):
+                known.append(descriptor)
+        return subject_digest
+
+    def _referrers_page(
+        self, request: web.Request, kind: str, repo: str, digest: str
+    ) -> web.Response:
+        page = request.query.get("page", "0")
+        if not page.isdecimal():
+            self._record(request, kind, 400)
+            return web.json_response(
+                {"errors": [{"code": "PAGINATION_NUMBER_INVALID", "message": f"page {page!r}"}]},
+                status=400,
+            )
+        with self._lock:
+            found = list(self._referrers.get((repo, digest), ()))
+        headers = {"Docker-Distribution-Api-Version": "registry/2.0"}
+        artifact_type = request.query.get("artifactType")
+        if artifact_type is not None:
+            found = [d for d in found if d.get("artifactType") == artifact_type]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        size = self.referrers_page_size
+        if size is not None:
+            start = int(page) * size
+            if start + size < len(found):
+                query = {"page": str(int(page) + 1)}
+                if artifact_type is not None:
+                    query["artifactType"] = artifact_type
+                headers["Link"] = f'<{request.path}?{urlencode(query)}>; rel="next"'
+            found = found[start:start + size]
+        index = {"schemaVersion": 2, "mediaType": _OCI_INDEX, "manifests": found}
+        self._record(request, kind, 200)
+        body = json.dumps(index).encode()
+        return web.Response(body=body, content_type=_OCI_INDEX, headers=headers)
 
     async def _relay(
-        self, request: web.Request, kind: str, upstream: aiohttp.ClientResponse
+        self, request: web.Request, kind: str, upstream: aiohttp.ClientResponse,
+        extra_headers: dict[str, str] | None = None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(extra_headers or {})
         for name, value in upstream.headers.items():
             if name.lower() in _HOP_BY_HOP:
                 continue

@@ -1,0 +1,173 @@
+"""Referrers (OCI 1.1 signatures, SBOMs, attestations) copied with their image, through the real
+service and real docker-registry processes. distribution 2.8 has no referrers API, so these
+registries hold referrers under the tag schema's `sha256-<hex>` index, as cosign and notation
+leave them there; a FaultProxy with `referrers_api` on stands in for a registry with the API.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from support import mediatypes as mt
+from support.images import Image, assert_same_tree, list_tags, push_image, read_back
+from support.referrers import Referrer, fallback_tag, push_referrer, tag_index
+from support.regclient import RegistryHTTP
+from support.service import ServiceProcess, job_body, job_state
+
+LAYERS = (2_048, 40_001)
+SIG = "application/vnd.dev.sigstore.bundle.v0.3+json"
+SBOM = "application/spdx+json"
+JOB_TIMEOUT = 60.0
+
+
+def _run(service: ServiceProcess, body: dict[str, Any], referrers: bool = True) -> dict:
+    status = service.wait(service.submit({**body, "referrers": referrers}), timeout=JOB_TIMEOUT)
+    return status
+
+
+def _finished(status: dict) -> None:
+    assert job_state(status) == "FINISHED", json.dumps(status, indent=1)
+    assert all(t["state"] == "FINISHED" for t in status["targets"]), json.dumps(status, indent=1)
+
+
+def _subject(image: Image, digest: str | None = None) -> tuple[str, str, int]:
+    digest = digest or image.digest
+    media_type, data = image.manifests[digest]
+    return digest, media_type, len(data)
+
+
+def _signed_image(reg, repo: str) -> tuple[Image, dict[str, Referrer]]:
+    """An OCI index of 2 platforms with a signature and an SBOM on the index, a signature on the
+    SBOM, and an attestation on one platform's manifest."""
+    image = push_image(reg, repo, "v1", "oci_index", LAYERS, seed=random.getrandbits(48), platforms=2)
+    child = next(d for d in image.manifests if d != image.digest)
+    refs = {"sig": push_referrer(reg, repo, _subject(image), SIG, b'{"sig":"' + repo.encode() + b'"}',
+                                 annotations={"org.opencontainers.image.created": "2026-01-01T00:00:00Z"})}
+    refs["sbom"] = push_referrer(reg, repo, _subject(image), SBOM, b'{"spdxVersion":"SPDX-2.3","name":"' + repo.encode() + b'"}')
+    refs["sbom_sig"] = push_referrer(reg, repo, (refs["sbom"].digest, mt.OCI_MANIFEST, refs["sbom"].size), SIG, b'{"sig":"sbom"}')
+    refs["att"] = push_referrer(reg, repo, _subject(image, child), "application/vnd.in-toto+json", b'{"_type":"statement"}')
+    return image, refs
+
+
+def _assert_referrer_at(reg, repo: str, ref: Referrer) -> None:
+    client = RegistryHTTP.for_endpoint(reg)
+    media_type, data, _ = client.get_manifest(repo, ref.digest)
+    assert (media_type, data) == (mt.OCI_MANIFEST, ref.data), f"{ref.digest} differs at {reg}"
+    for digest in ref.blobs:
+        client.read_blob(repo, digest)
+
+
+def test_referrers_travel_with_the_image_and_land_before_its_tag(service, registries, repo_name):
+    image, refs = _signed_image(registries.source, repo_name)
+    referrer_bytes = sum({d: s for r in refs.values() for d, s in r.blobs.items()}.values())
+
+    status = _run(service, job_body(registries.source, repo_name, "v1", list(registries.targets)))
+
+    _finished(status)
+    for t in status["targets"]:
+        assert t["bytes_done"] == t["bytes_total"] == image.total_bytes + referrer_bytes
+    for reg in registries.targets:
+        assert_same_tree(image, read_back(reg, repo_name, "v1"))
+        for ref in refs.values():
+            _assert_referrer_at(reg, repo_name, ref)
+        # Each subject's index is the source's, byte for byte: the target had none.
+        for subject in (image.digest, refs["sbom"].digest, _attested(refs)):
+            assert tag_index(reg, repo_name, subject) == tag_index(registries.source, repo_name, subject)
+
+
+def _attested(refs: dict[str, Referrer]) -> str:
+    return json.loads(refs["att"].data)["subject"]["digest"]
+
+
+def test_referrers_stay_behind_unless_asked_for(service, registries, repo_name):
+    image, refs = _signed_image(registries.source, repo_name)
+
+    _finished(_run(service, job_body(registries.source, repo_name, "v1", [registries.target_a]), referrers=False))
+
+    assert_same_tree(image, read_back(registries.target_a, repo_name, "v1"))
+    assert list_tags(registries.target_a, repo_name) == ["v1"]
+    assert RegistryHTTP.for_endpoint(registries.target_a).head_manifest(repo_name, refs["sig"].digest) is None
+
+
+def test_a_second_run_sends_only_the_new_signature(service, registries, proxy_factory, repo_name):
+    image, refs = _signed_image(registries.source, repo_name)
+    target = proxy_factory(registries.target_a)
+    body = job_body(registries.source, repo_name, "v1", [target])
+    _finished(_run(service, body))
+
+    # Signed again after the copy: the next run brings only that.
+    late = push_referrer(registries.source, repo_name, _subject(image), SIG, b'{"sig":"late"}')
+    target.reset_counters()
+    _finished(_run(service, body))
+
+    _assert_referrer_at(registries.target_a, repo_name, late)
+    assert tag_index(registries.target_a, repo_name, image.digest) == tag_index(registries.source, repo_name, image.digest)
+    # The late signature's payload (its empty config is there already), its manifest, the index.
+    assert target.count("POST", "upload_post") == 1
+    assert target.count("PUT", "manifest_put") == 2
+    assert target.count("GET", "blob_get") == 0
+
+    # Nothing new: nothing sent.
+    target.reset_counters()
+    _finished(_run(service, body))
+    assert target.count("POST", "upload_post") == 0 and target.count("PUT", "manifest_put") == 0
+
+
+def test_the_targets_own_referrers_stay_listed(service, registries, repo_name):
+    image, refs = _signed_image(registries.source, repo_name)
+    # The target already has the image and a signature of its own for it.
+    _finished(_run(service, job_body(registries.source, repo_name, "v1", [registries.target_b]), referrers=False))
+    theirs = push_referrer(registries.target_b, repo_name, _subject(image), SIG, b'{"sig":"theirs"}')
+
+    _finished(_run(service, job_body(registries.source, repo_name, "v1", [registries.target_b])))
+
+    listed = [d["digest"] for d in json.loads(tag_index(registries.target_b, repo_name, image.digest))["manifests"]]
+    assert listed == [theirs.digest, refs["sig"].digest, refs["sbom"].digest]
+    _assert_referrer_at(registries.target_b, repo_name, refs["sbom_sig"])
+
+
+def test_through_the_referrers_api_at_both_ends(service, registries, proxy_factory, repo_name):
+    source = proxy_factory(registries.source)
+    target = proxy_factory(registries.target_a)
+    source.referrers_api = target.referrers_api = True
+    source.referrers_page_size = 1  # the listing comes in pages: every page must be followed
+    image = push_image(registries.source, repo_name, "v1", "oci", LAYERS, seed=random.getrandbits(48))
+    # Pushed through the proxy, which indexes them as an API registry does: no tag index anywhere.
+    sig = push_referrer(source, repo_name, _subject(image), SIG, b'{"sig":"api"}', tag_index=False)
+    sbom = push_referrer(source, repo_name, _subject(image), SBOM, b'{"spdxVersion":"SPDX-2.3"}', tag_index=False)
+
+    _finished(_run(service, job_body(source, repo_name, "v1", [target])))
+
+    for ref in (sig, sbom):
+        _assert_referrer_at(registries.target_a, repo_name, ref)
+    listed = RegistryHTTP.for_endpoint(target).request("GET", f"/v2/{repo_name}/referrers/{image.digest}", expect=(200,)).json()
+    assert sorted(d["digest"] for d in listed["manifests"]) == sorted([sig.digest, sbom.digest])
+    # The target indexed them itself (OCI-Subject): no tag index was written.
+    assert list_tags(registries.target_a, repo_name) == ["v1"]
+
+
+def test_a_referrer_the_source_cannot_serve_fails_the_job_with_its_digest(service, registries, repo_name):
+    image, refs = _signed_image(registries.source, repo_name)
+    payload = next(d for d in refs["sbom"].blobs if refs["sbom"].blobs[d] > 2)
+    RegistryHTTP.for_endpoint(registries.source).request("DELETE", f"/v2/{repo_name}/blobs/{payload}", expect=(202,))
+
+    status = _run(service, job_body(registries.source, repo_name, "v1", [registries.target_a]))
+
+    assert job_state(status) == "FAILED"
+    error = status["targets"][0]["error"]
+    assert payload[:19] in error and "BLOB_UNKNOWN" in error, error
+    assert RegistryHTTP.for_endpoint(registries.target_a).head_manifest(repo_name, "v1") is None
+
+
+def test_a_tag_in_the_referrers_namespace_that_is_no_index_is_left_alone(service, registries, repo_name):
+    image, refs = _signed_image(registries.source, repo_name)
+    other = push_image(registries.target_a, repo_name, fallback_tag(image.digest), "oci", (1_000,), seed=random.getrandbits(48))
+
+    status = _run(service, job_body(registries.source, repo_name, "v1", [registries.target_a]))
+
+    assert job_state(status) == "FAILED"
+    assert "not a referrers index" in status["targets"][0]["error"], status["targets"][0]["error"]
+    assert RegistryHTTP.for_endpoint(registries.target_a).head_manifest(repo_name, fallback_tag(image.digest)) == other.digest
+    assert RegistryHTTP.for_endpoint(registries.target_a).head_manifest(repo_name, "v1") is None
