@@ -328,10 +328,10 @@ class ImageCopy:
                 # Children by digest first: an index naming an unknown manifest is refused.
                 await _gather_all(child(m) for m in reversed(self.tree.children))
             if self.referrers:
-                if not t.current and t.ref != top.digest:
+                if not t.current:
                     await t.client.put_manifest(t.repo, top.digest, top)  # their subject, before them
                 await ReferrerPusher(t.client, t.repo, t.held).push(self.referrers)
-            if not t.current:
+            if not t.current and not (self.referrers and t.ref == top.digest):
                 await t.client.put_manifest(t.repo, t.ref, top)
         except RegistryError as exc:
             await self._fail(t, exc)

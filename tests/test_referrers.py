@@ -142,6 +142,9 @@ def test_through_the_referrers_api_at_both_ends(service, registries, proxy_facto
 
     for ref in (sig, sbom):
         _assert_referrer_at(registries.target_a, repo_name, ref)
+    # The subject first, by digest; then what refers to it; the tag last.
+    puts = [r.path.rsplit("/", 1)[1] for r in target.requests if r.kind == "manifest_put"]
+    assert puts[0] == image.digest and puts[-1] == "v1" and sorted(puts[1:-1]) == sorted([sig.digest, sbom.digest]), puts
     listed = RegistryHTTP.for_endpoint(target).request("GET", f"/v2/{repo_name}/referrers/{image.digest}", expect=(200,)).json()
     assert sorted(d["digest"] for d in listed["manifests"]) == sorted([sig.digest, sbom.digest])
     # The target indexed them itself (OCI-Subject): no tag index was written.
@@ -171,3 +174,15 @@ def test_a_tag_in_the_referrers_namespace_that_is_no_index_is_left_alone(service
     assert "not a referrers index" in status["targets"][0]["error"], status["targets"][0]["error"]
     assert RegistryHTTP.for_endpoint(registries.target_a).head_manifest(repo_name, fallback_tag(image.digest)) == other.digest
     assert RegistryHTTP.for_endpoint(registries.target_a).head_manifest(repo_name, "v1") is None
+
+
+def test_an_image_asked_for_by_digest_is_there_before_its_referrers(service, registries, proxy_factory, repo_name):
+    image, refs = _signed_image(registries.source, repo_name)
+    target = proxy_factory(registries.target_a)
+
+    _finished(_run(service, job_body(registries.source, repo_name, image.digest, [target])))
+
+    puts = [r.path.rsplit("/", 1)[1] for r in target.requests if r.kind == "manifest_put"]
+    assert puts.count(image.digest) == 1 and puts.index(image.digest) < puts.index(refs["sig"].digest), puts
+    assert "v1" not in list_tags(registries.target_a, repo_name)
+    assert tag_index(registries.target_a, repo_name, image.digest) == tag_index(registries.source, repo_name, image.digest)

@@ -419,7 +419,8 @@ class RegistryClient:
 
     async def list_referrers(self, repo: str, digest: str) -> list[dict[str, Any]] | None:
         """The descriptors of the manifests whose subject is `digest`, from the referrers API, or
-        None when the registry has no such API (404: the caller falls back to the tag schema)."""
+        None when the registry has no such API (404, or 405/501 from registries that say so
+        plainly): the caller falls back to the tag schema."""
         step = f"list referrers of {repo}@{digest[:19]}"
         url: URL | None = self.url(f"{repo}/referrers/{digest}")
         found: list[dict[str, Any]] = []
@@ -430,10 +431,11 @@ class RegistryClient:
 
             async def op() -> tuple[bytes, str | None]:
                 resp = await self.request(
-                    "GET", page_url, step=step, scope=scope_for(repo, "pull"), expect=(200, 404), headers={"Accept": OCI_INDEX},
+                    "GET", page_url, step=step, scope=scope_for(repo, "pull"), expect=(200, 404, 405, 501),
+                    headers={"Accept": OCI_INDEX},
                 )
                 async with resp:
-                    if resp.status == 404:
+                    if resp.status != 200:
                         return b"", None
                     data = await resp.content.read(MAX_MANIFEST_BYTES + 1)
                     return data, resp.headers.get("Link")
