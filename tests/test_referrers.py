@@ -92,7 +92,7 @@ def test_referrers_stay_behind_unless_asked_for(service, registries, repo_name):
 
 
 def test_a_second_run_sends_only_the_new_signature(service, registries, proxy_factory, repo_name):
-    image, refs = _signed_image(registries.source, repo_name)
+    image, _ = _signed_image(registries.source, repo_name)
     target = proxy_factory(registries.target_a)
     body = job_body(registries.source, repo_name, "v1", [target])
     _finished(_run(service, body))
@@ -152,7 +152,7 @@ def test_through_the_referrers_api_at_both_ends(service, registries, proxy_facto
 
 
 def test_a_referrer_the_source_cannot_serve_fails_the_job_with_its_digest(service, registries, repo_name):
-    image, refs = _signed_image(registries.source, repo_name)
+    _, refs = _signed_image(registries.source, repo_name)
     payload = next(d for d in refs["sbom"].blobs if refs["sbom"].blobs[d] > 2)
     RegistryHTTP.for_endpoint(registries.source).request("DELETE", f"/v2/{repo_name}/blobs/{payload}", expect=(202,))
 
@@ -165,7 +165,7 @@ def test_a_referrer_the_source_cannot_serve_fails_the_job_with_its_digest(servic
 
 
 def test_a_tag_in_the_referrers_namespace_that_is_no_index_is_left_alone(service, registries, repo_name):
-    image, refs = _signed_image(registries.source, repo_name)
+    image, _ = _signed_image(registries.source, repo_name)
     other = push_image(registries.target_a, repo_name, fallback_tag(image.digest), "oci", (1_000,), seed=random.getrandbits(48))
 
     status = _run(service, job_body(registries.source, repo_name, "v1", [registries.target_a]))

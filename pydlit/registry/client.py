@@ -429,7 +429,7 @@ class RegistryClient:
                 return found
             page_url = url
 
-            async def op() -> tuple[bytes, str | None]:
+            async def op(page_url: URL = page_url) -> tuple[bytes, str | None]:
                 resp = await self.request(
                     "GET", page_url, step=step, scope=scope_for(repo, "pull"), expect=(200, 404, 405, 501),
                     headers={"Accept": OCI_INDEX},
