@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .registry.client import RegistryClient, RegistryError
 from .registry.manifests import OCI_INDEX, Blob, Manifest, Tree, index_descriptors, parse_manifest
 from .registry.trees import read_tree
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A signature of an attestation of an image is two levels down; deeper chains are not followed.
 MAX_DEPTH = 4
@@ -29,7 +32,9 @@ class Referrers:
 
     subject: str
     descriptors: list[dict[str, Any]]  # every referrer the source lists, as it lists them
-    listing: Manifest | None  # the source's tag-schema index as pulled; None when the API listed them
+    # The source's tag-schema index as pulled, to be copied as is; None when the API listed them
+    # or the index names referrers that are not copied.
+    listing: Manifest | None
     trees: list[Tree]  # the referrers not otherwise in the copy, each with the manifests below it
 
     @property
@@ -38,8 +43,10 @@ class Referrers:
 
 
 def fallback_tag(digest: str) -> str:
-    """The tag schema's name for the referrers of `digest`."""
-    return digest.replace(":", "-")[:128]
+    """The tag schema's name for the referrers of `digest`: `<alg>-<encoded>`, cut to 32 and 64
+    characters."""
+    alg, _, encoded = digest.partition(":")
+    return f"{alg[:32]}-{encoded[:64]}"
 
 
 class _Lister:
@@ -52,24 +59,27 @@ class _Lister:
 
     async def referrers(self, subject: str) -> tuple[list[dict[str, Any]], Manifest | None]:
         if self.api is not False:
-            listed = await self.client.list_referrers(self.repo, subject)
+            listed = await self.client.list_referrers(self.repo, subject, MAX_REFERRERS)
             if listed is not None:
                 self.api = True
                 return listed, None
             self.api = False
-        index = await self.client.find_manifest(self.repo, fallback_tag(subject))
+        tag = fallback_tag(subject)
+        index = await self.client.find_manifest(self.repo, tag)
         if index is None:
             return [], None
         if index.media_type != OCI_INDEX:
             log.warning("%s: %s:%s is a %s, not a referrers index; not read as one",
-                        self.client.name, self.repo, fallback_tag(subject), index.media_type)
+                        self.client.name, self.repo, tag, index.media_type)
             return [], None
-        return index_descriptors(index.data), index
+        # Listed twice is listed once: the index is anyone's to write.
+        listed = list({d["digest"]: d for d in index_descriptors(index.data)}.values())
+        return listed, index
 
 
 async def find_referrers(client: RegistryClient, repo: str, tree: Tree, parallel: int = 8) -> list[Referrers]:
     """The referrers of every manifest of `tree`, and theirs in turn, in the order they can be
-    pushed: each after its subject."""
+    pushed: each after its subject. A listed referrer the registry no longer serves is left out."""
     lister = _Lister(client, repo)
     sem = asyncio.Semaphore(parallel)
     known = {m.digest for m in (tree.top, *tree.children)}
@@ -81,59 +91,86 @@ async def find_referrers(client: RegistryClient, repo: str, tree: Tree, parallel
         async with sem:
             return await lister.referrers(subject)
 
-    async def read(digest: str) -> Tree:
+    async def read(digest: str) -> Tree | None:
         async with sem:
-            return await read_tree(client, repo, digest, parallel)
+            try:
+                return await read_tree(client, repo, digest, parallel=1)
+            except RegistryError as exc:
+                if exc.status != 404:
+                    raise
+        log.warning("%s: referrer %s is listed but not served; it is not copied", client.name, digest)
+        return None
 
-    for _ in range(MAX_DEPTH):
+    # The first listing alone: it tells whether the registry has the API, for all the others.
+    listings = [await listed(subjects[0])] + await _all(listed(s) for s in subjects[1:])
+    for depth in range(MAX_DEPTH + 1):
         if not subjects:
             break
+        if depth == MAX_DEPTH:
+            if any(descriptors for descriptors, _ in listings):
+                log.warning("%s: referrers more than %d levels below %s@%s are not copied",
+                            client.name, MAX_DEPTH, repo, tree.top.digest)
+            break
         level = []
-        for subject, (descriptors, listing) in zip(subjects, await asyncio.gather(*map(listed, subjects)), strict=True):
-            if not descriptors:
-                continue
-            new = [d for d in dict.fromkeys(str(d["digest"]) for d in descriptors) if d not in known]
+        for subject, (descriptors, listing) in zip(subjects, listings, strict=True):
+            new = [d["digest"] for d in descriptors if d["digest"] not in known]
             known.update(new)
             count += len(new)
             if count > MAX_REFERRERS:
-                raise RegistryError(client.name, f"list referrers of {repo}", f"the image has more than {MAX_REFERRERS} referrers")
-            level.append((Referrers(subject, descriptors, listing, []), new))
-        trees = iter(await asyncio.gather(*(read(d) for _, new in level for d in new)))
+                raise RegistryError(client.name, f"list referrers of {repo}",
+                                    f"the image has more than {MAX_REFERRERS} referrers; copy it without them")
+            if descriptors:
+                level.append((Referrers(subject, descriptors, listing, []), new))
+        trees = iter(await _all(read(d) for _, new in level for d in new))
         subjects = []
         for refs, new in level:
-            refs.trees = [next(trees) for _ in new]
+            read_now = [next(trees) for _ in new]
+            refs.trees = [t for t in read_now if t is not None and _refers_to(t, refs.subject, client.name)]
+            dropped = set(new) - {t.top.digest for t in refs.trees}
+            if dropped:
+                refs.descriptors = [d for d in refs.descriptors if d["digest"] not in dropped]
+                refs.listing = None  # no longer what the target should list
             below = [m.digest for t in refs.trees for m in (t.top, *t.children)]
             known.update(below)
             subjects += below
-            found.append(refs)
+            if refs.descriptors:
+                found.append(refs)
+        listings = await _all(listed(s) for s in subjects)
     return found
 
 
+def _refers_to(tree: Tree, subject: str, registry: str) -> bool:
+    if tree.top.subject == subject:
+        return True
+    log.warning("%s: %s is listed as a referrer of %s but names %s as its subject; it is not copied",
+                registry, tree.top.digest, subject, tree.top.subject or "no subject")
+    return False
+
+
 class ReferrerPusher:
-    """Pushes referrers to one target repository, learning on the way whether the registry
+    """Pushes referrers to one target repository, learning from the first whether the registry
     indexes subjects itself (it answers OCI-Subject) or needs the tag schema's index."""
 
-    def __init__(self, client: RegistryClient, repo: str, present: set[str]) -> None:
+    def __init__(self, client: RegistryClient, repo: str, held: set[str]) -> None:
         self.client = client
         self.repo = repo
-        self.present = present  # manifests the target is known to hold already
+        self.held = held  # digests the target is known to hold already (the copy's own set)
         self.api: bool | None = None
 
     async def push(self, found: list[Referrers]) -> None:
         for refs in found:
-            pushed = 0
             for tree in refs.trees:
-                if tree.top.digest in self.present:
+                if tree.top.digest in self.held:
                     continue
                 for m in reversed(tree.children):  # what an index names goes first
-                    if m.digest not in self.present:
+                    if m.digest not in self.held:
                         await self.client.put_manifest(self.repo, m.digest, m)
                 indexed = await self.client.put_manifest(self.repo, tree.top.digest, tree.top)
-                self.api = indexed == refs.subject
-                pushed += 1
+                if self.api is None:
+                    self.api = indexed == refs.subject
             if self.api is None:
-                # Nothing pushed here yet to tell: the registry's referrers API says.
-                self.api = await self.client.list_referrers(self.repo, refs.subject) is not None
+                # Nothing pushed here to tell: the registry's referrers API says.
+                self.api = await self.client.list_referrers(self.repo, refs.subject, MAX_REFERRERS) is not None
             if not self.api:
                 await self._list_under_tag(refs)
 
@@ -144,7 +181,8 @@ class ReferrerPusher:
         current = await self.client.find_manifest(self.repo, tag)
         if current is not None and current.media_type != OCI_INDEX:
             raise RegistryError(self.client.name, f"list referrers under {self.repo}:{tag}",
-                                f"the tag holds a {current.media_type}, not a referrers index; it was left alone")
+                                f"the tag holds a {current.media_type}, not a referrers index, and was left alone; "
+                                "delete that tag at the target, or copy without referrers")
         listed = index_descriptors(current.data) if current is not None else []
         have = {d["digest"] for d in listed}
         missing = [d for d in refs.descriptors if d["digest"] not in have]
@@ -155,6 +193,16 @@ class ReferrerPusher:
         else:
             index = _index([*listed, *missing])
         await self.client.put_manifest(self.repo, tag, index)
+
+
+async def _all(aws: Iterable[Awaitable[T]]) -> list[T]:
+    """gather, but a failure cancels the others: no request goes on for a copy that has failed."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _index(descriptors: list[dict[str, Any]]) -> Manifest:

@@ -181,8 +181,8 @@ class ImageCopy:
         # A service passes the one all its jobs share; a copy on its own is bounded by parallel_blobs.
         self.streams = streams or asyncio.Semaphore(tuning.parallel_blobs)
         self.tree: Tree | None = None
-        self.copy_referrers = referrers
-        self.referrers: list[Referrers] = []
+        self.with_referrers = referrers
+        self.referrers: list[Referrers] = []  # found at the source
         self.blobs: list[Blob] = []  # the image's and its referrers', each once
         # Per target: the blobs it still lacks, and what wakes its manifest push (see _copy_to).
         self._lacking: dict[int, set[str]] = {}
@@ -195,7 +195,7 @@ class ImageCopy:
         try:
             try:
                 self.tree = await read_tree(self.source.client, self.source.repo, self.source.ref)
-                if self.copy_referrers:
+                if self.with_referrers:
                     self.referrers = await find_referrers(self.source.client, self.source.repo, self.tree)
             except RegistryError as exc:
                 raise SourceError(str(exc)) from None
@@ -306,12 +306,15 @@ class ImageCopy:
     async def _held_referrers(self, t: Target) -> None:
         """The referrers a target holds already, and so their blobs: a manifest is only taken
         once every blob it names is there."""
-        trees = [tree for r in self.referrers for tree in r.trees]
-        heads = await asyncio.gather(*(t.client.head_manifest(t.repo, tree.top.digest) for tree in trees))
-        for tree, head in zip(trees, heads, strict=True):
-            if head == tree.top.digest:
-                t.held.update(m.digest for m in (tree.top, *tree.children))
-                t.held.update(b.digest for b in tree.blobs)
+        sem = asyncio.Semaphore(self.tuning.parallel_manifests)
+
+        async def held(tree: Tree) -> None:
+            async with sem:
+                if await t.client.head_manifest(t.repo, tree.top.digest) == tree.top.digest:
+                    t.held.update(m.digest for m in (tree.top, *tree.children))
+                    t.held.update(b.digest for b in tree.blobs)
+
+        await _gather_all(held(tree) for r in self.referrers for tree in r.trees)
 
     async def _push_manifests(self, t: Target) -> None:
         assert self.tree is not None

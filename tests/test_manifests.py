@@ -200,7 +200,15 @@ def test_malformed_index_descriptors_are_refused(entry) -> None:
         parse_manifest(json.dumps(doc).encode(), OCI_INDEX)
 
 
-def test_the_referrers_tag_of_a_sha512_digest_is_cut_to_the_longest_tag() -> None:
+def test_the_referrers_tag_keeps_64_characters_of_the_digest() -> None:
+    # The tag schema: <alg>-<ref>, the algorithm cut to 32 characters and the digest to 64.
     assert fallback_tag("sha256:" + "a" * 64) == "sha256-" + "a" * 64
-    tag = fallback_tag("sha512:" + "b" * 128)
-    assert tag == ("sha512-" + "b" * 128)[:128] and len(tag) == 128
+    assert fallback_tag("sha512:" + "b" * 128) == "sha512-" + "b" * 64
+
+
+def test_a_manifest_names_its_subject_and_a_malformed_one_names_none() -> None:
+    subject = {"mediaType": OCI_MANIFEST, "digest": "sha256:" + "d" * 64, "size": 3}
+    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {"mediaType": "x", "digest": "sha256:" + "e" * 64, "size": 2}, "layers": []}
+    assert parse_manifest(json.dumps({**doc, "subject": subject}).encode(), "").subject == subject["digest"]
+    assert parse_manifest(json.dumps({**doc, "subject": {**subject, "digest": "../x"}}).encode(), "").subject is None
+    assert parse_manifest(json.dumps(doc).encode(), "").subject is None

@@ -12,7 +12,7 @@ from typing import Any
 
 from support import mediatypes as mt
 from support.images import Image, assert_same_tree, list_tags, push_image, read_back
-from support.referrers import Referrer, fallback_tag, push_referrer, tag_index
+from support.referrers import Referrer, add_to_tag_index, fallback_tag, push_referrer, tag_index
 from support.regclient import RegistryHTTP
 from support.service import ServiceProcess, job_body, job_state
 
@@ -81,14 +81,19 @@ def _attested(refs: dict[str, Referrer]) -> str:
     return json.loads(refs["att"].data)["subject"]["digest"]
 
 
-def test_referrers_stay_behind_unless_asked_for(service, registries, repo_name):
+def test_referrers_stay_behind_unless_asked_for(service, registries, proxy_factory, repo_name):
     image, refs = _signed_image(registries.source, repo_name)
+    source = proxy_factory(registries.source)
 
-    _finished(_run(service, job_body(registries.source, repo_name, "v1", [registries.target_a]), referrers=False))
+    _finished(_run(service, job_body(source, repo_name, "v1", [registries.target_a]), referrers=False))
 
     assert_same_tree(image, read_back(registries.target_a, repo_name, "v1"))
     assert list_tags(registries.target_a, repo_name) == ["v1"]
     assert RegistryHTTP.for_endpoint(registries.target_a).head_manifest(repo_name, refs["sig"].digest) is None
+    # Not even looked for: the image's manifests and blobs are all the source was asked.
+    asked = [r.path for r in source.requests if r.path != "/v2/"]
+    assert len(asked) == len(image.manifests) + len(image.blobs), asked
+    assert not [p for p in asked if "/referrers/" in p or "sha256-" in p], asked
 
 
 def test_a_second_run_sends_only_the_new_signature(service, registries, proxy_factory, repo_name):
@@ -108,6 +113,9 @@ def test_a_second_run_sends_only_the_new_signature(service, registries, proxy_fa
     assert target.count("POST", "upload_post") == 1
     assert target.count("PUT", "manifest_put") == 2
     assert target.count("GET", "blob_get") == 0
+    # Only the new payload is looked for: the image's blobs and those of referrers already
+    # there are known to be there.
+    assert target.count("HEAD", "blob_head") == 1
 
     # Nothing new: nothing sent.
     target.reset_counters()
@@ -186,3 +194,24 @@ def test_an_image_asked_for_by_digest_is_there_before_its_referrers(service, reg
     assert puts.count(image.digest) == 1 and puts.index(image.digest) < puts.index(refs["sig"].digest), puts
     assert "v1" not in list_tags(registries.target_a, repo_name)
     assert tag_index(registries.target_a, repo_name, image.digest) == tag_index(registries.source, repo_name, image.digest)
+
+
+def test_what_the_source_lists_but_cannot_show_to_be_a_referrer_stays_behind(service, registries, repo_name):
+    image, refs = _signed_image(registries.source, repo_name)
+    src = RegistryHTTP.for_endpoint(registries.source)
+    # A signature deleted since it was listed (the tag-schema index is not updated by a delete),
+    # and a manifest listed that names no subject: neither is a referrer to copy.
+    gone = push_referrer(registries.source, repo_name, _subject(image), SIG, b'{"sig":"deleted"}')
+    stray = push_image(registries.source, repo_name, "stray", "oci", (1_000,), seed=random.getrandbits(48))
+    add_to_tag_index(registries.source, repo_name, image.digest,
+                     {"mediaType": mt.OCI_MANIFEST, "digest": stray.digest, "size": len(stray.manifest_bytes)})
+    src.request("DELETE", f"/v2/{repo_name}/manifests/{gone.digest}", expect=(202,))
+
+    _finished(_run(service, job_body(registries.source, repo_name, "v1", [registries.target_a])))
+
+    for ref in refs.values():
+        _assert_referrer_at(registries.target_a, repo_name, ref)
+    dst = RegistryHTTP.for_endpoint(registries.target_a)
+    assert dst.head_manifest(repo_name, stray.digest) is None
+    listed = [d["digest"] for d in json.loads(tag_index(registries.target_a, repo_name, image.digest))["manifests"]]
+    assert listed == [refs["sig"].digest, refs["sbom"].digest]

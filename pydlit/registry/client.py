@@ -31,7 +31,6 @@ Body = Union[bytes, AsyncIterable[bytes], None]
 MIN_UPLOAD_RATE = 64 * 1024
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 MAX_REDIRECTS = 5
-MAX_REFERRER_PAGES = 50
 
 
 @dataclass(frozen=True)
@@ -325,7 +324,7 @@ class RegistryClient:
 
     async def _error(self, resp: aiohttp.ClientResponse, step: str) -> RegistryError:
         try:
-            body = await resp.content.read(64 * 1024) if resp.method != "HEAD" else b""
+            body = await _read_body(resp, 64 * 1024) if resp.method != "HEAD" else b""
         except (aiohttp.ClientError, asyncio.TimeoutError):
             body = b""
         finally:
@@ -360,7 +359,7 @@ class RegistryClient:
                 expect=(200,), headers={"Accept": ACCEPT},
             )
             async with resp:
-                data = await resp.content.read(MAX_MANIFEST_BYTES + 1)
+                data = await _read_body(resp, MAX_MANIFEST_BYTES)
                 content_type = resp.headers.get("Content-Type", "")
             if len(data) > MAX_MANIFEST_BYTES:
                 raise RegistryError(self.name, step, "the manifest is larger than 4 MiB")
@@ -417,40 +416,47 @@ class RegistryClient:
 
         return await self._call(op)
 
-    async def list_referrers(self, repo: str, digest: str) -> list[dict[str, Any]] | None:
+    async def list_referrers(self, repo: str, digest: str, limit: int) -> list[dict[str, Any]] | None:
         """The descriptors of the manifests whose subject is `digest`, from the referrers API, or
         None when the registry has no such API (404, or 405/501 from registries that say so
-        plainly): the caller falls back to the tag schema."""
+        plainly): the caller falls back to the tag schema. More than `limit` is an error."""
         step = f"list referrers of {repo}@{digest[:19]}"
         url: URL | None = self.url(f"{repo}/referrers/{digest}")
-        found: list[dict[str, Any]] = []
-        for _ in range(MAX_REFERRER_PAGES):
-            if url is None:
-                return found
+        found: dict[str, dict[str, Any]] = {}
+        asked: set[URL] = set()
+        while url is not None:
+            if url in asked:
+                raise RegistryError(self.name, step, "the listing's pages lead back to a page already read")
+            asked.add(url)
             page_url = url
 
-            async def op(page_url: URL = page_url) -> tuple[bytes, str | None]:
+            async def op(page_url: URL = page_url) -> tuple[bytes, str | None] | None:
                 resp = await self.request(
                     "GET", page_url, step=step, scope=scope_for(repo, "pull"), expect=(200, 404, 405, 501),
                     headers={"Accept": OCI_INDEX},
                 )
                 async with resp:
                     if resp.status != 200:
-                        return b"", None
-                    data = await resp.content.read(MAX_MANIFEST_BYTES + 1)
-                    return data, resp.headers.get("Link")
+                        return None
+                    return await _read_body(resp, MAX_MANIFEST_BYTES), resp.headers.get("Link")
 
-            data, link = await self._call(op)
-            if not data:
-                if found:  # a 404 after a page: the listing broke off, not a registry without the API
+            page = await self._call(op)
+            if page is None:
+                if found:  # after a page: the listing broke off, not a registry without the API
                     raise RegistryError(self.name, step, "the next page of the listing is gone")
                 return None
+            data, link = page
             try:
-                found += index_descriptors(data)
+                if len(data) > MAX_MANIFEST_BYTES:
+                    raise ManifestError("it is larger than 4 MiB")
+                for d in index_descriptors(data):
+                    found.setdefault(d["digest"], d)
             except ManifestError as exc:
                 raise RegistryError(self.name, step, f"the referrers listing is not a valid index: {exc}") from None
-            url = _next_page(self.name, page_url, link)
-        raise RegistryError(self.name, step, f"the listing has more than {MAX_REFERRER_PAGES} pages")
+            if len(found) > limit:
+                raise RegistryError(self.name, step, f"there are more than {limit} referrers; copy the image without them")
+            url = _next_page(self.name, step, page_url, link)
+        return list(found.values())
 
     # -- blobs ----------------------------------------------------------------------------------
 
@@ -661,13 +667,25 @@ def _range_end(value: str | None) -> int:
 _LINK_NEXT = re.compile(r'<([^>]*)>\s*;[^,]*\brel="?next"?', re.IGNORECASE)
 
 
-def _next_page(registry: str, url: URL, link: str | None) -> URL | None:
-    """The next page a `Link: <...>; rel="next"` header names. It must stay on the registry's
-    host: the request carries the registry's credentials."""
+def _next_page(registry: str, step: str, url: URL, link: str | None) -> URL | None:
+    """The next page a `Link: <...>; rel="next"` header names. It must be the same listing (host
+    and path): the request carries the registry's credentials."""
     match = _LINK_NEXT.search(link or "")
     if not match:
         return None
     nxt = url.join(URL(match.group(1), encoded=True))
-    if nxt.origin() != url.origin():
-        raise RegistryError(registry, "list referrers", f"the next page is on another host ({nxt.origin()})")
+    if nxt.origin() != url.origin() or nxt.path != url.path:
+        raise RegistryError(registry, step, f"the next page is elsewhere ({nxt.origin()}{nxt.path}), not read")
     return nxt
+
+
+async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or its first limit + 1 bytes when it is longer. (`content.read(n)` gives
+    what has arrived so far, which over TLS may be one 16 KiB record.)"""
+    data = bytearray()
+    while len(data) <= limit:
+        piece = await resp.content.read(limit + 1 - len(data))
+        if not piece:
+            break
+        data += piece
+    return bytes(data)

@@ -47,6 +47,7 @@ class Manifest:
     digest: str
     children: tuple[str, ...] = ()
     blobs: tuple[Blob, ...] = ()
+    subject: str | None = None  # the manifest this one refers to (OCI 1.1), when it names one
 
 
 @dataclass
@@ -85,13 +86,14 @@ def parse_manifest(data: bytes, content_type: str) -> Manifest:
             "current registries; rebuild or re-push it as Docker schema2 or OCI"
         )
     digest = sha256_digest(data)
+    subject = _subject(doc)
     if media_type in INDEX_TYPES:
         children = tuple(_descriptor(d, "manifests").digest for d in doc.get("manifests") or [])
-        return Manifest(media_type, data, digest, children=children)
+        return Manifest(media_type, data, digest, children=children, subject=subject)
     if media_type in IMAGE_TYPES:
         blobs = [_descriptor(doc.get("config"), "config")]
         blobs += [_descriptor(d, "layers") for d in doc.get("layers") or []]
-        return Manifest(media_type, data, digest, blobs=tuple(blobs))
+        return Manifest(media_type, data, digest, blobs=tuple(blobs), subject=subject)
     raise ManifestError(f"unsupported manifest media type {media_type!r}")
 
 
@@ -123,6 +125,14 @@ def _media_type(doc: dict, content_type: str) -> str:
     if "config" in doc:
         return OCI_MANIFEST
     return ct
+
+
+def _subject(doc: dict) -> str | None:
+    # Only what makes a manifest a referrer; a malformed subject makes it none, not uncopyable.
+    try:
+        return _descriptor(doc["subject"], "subject").digest if "subject" in doc else None
+    except ManifestError:
+        return None
 
 
 def _descriptor(d: object, where: str) -> Blob:

@@ -28,7 +28,8 @@ class Referrer:
 
 
 def fallback_tag(digest: str) -> str:
-    return digest.replace(":", "-")
+    alg, _, encoded = digest.partition(":")
+    return f"{alg}-{encoded[:64]}"
 
 
 def push_referrer(
