@@ -57,7 +57,7 @@ def client_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="+")
     p.add_argument("--overwrite", action="store_true", help="replace a target tag that holds another digest")
     p.add_argument("--verify-tls", action="store_true", help="verify registry certificates")
-    p.add_argument("--referrers", action="store_true", help="also copy the image's signatures, SBOMs and attestations (OCI referrers)")
+    p.add_argument("--referrers", action="store_true", help="also copy the image's signatures, SBOMs and attestations (OCI referrers, cosign digest tags)")
     return parser
 
 

@@ -24,6 +24,7 @@ T = TypeVar("T")
 # A signature of an attestation of an image is two levels down; deeper chains are not followed.
 MAX_DEPTH = 4
 MAX_REFERRERS = 1000
+MAX_TAGS = 100_000  # a repository's tags, listed to find the digest tags among them
 
 
 @dataclass
@@ -147,6 +148,36 @@ def _refers_to(tree: Tree, subject: str, registry: str) -> bool:
     return False
 
 
+@dataclass
+class DigestTag:
+    """A tag named after a manifest's digest, `<alg>-<hex>.<suffix>`: how cosign before OCI 1.1
+    attaches signatures (.sig), attestations (.att) and SBOMs (.sbom), by name, not by subject."""
+
+    tag: str
+    tree: Tree
+
+
+async def find_digest_tags(client: RegistryClient, repo: str, digests: Iterable[str], parallel: int = 8) -> list[DigestTag]:
+    """The digest tags of the given manifests, each with what it holds."""
+    names = {fallback_tag(d) for d in digests}
+    tags = [t for t in await client.list_tags(repo, MAX_TAGS) if t.partition(".")[0] in names and "." in t]
+    if len(tags) > MAX_REFERRERS:
+        raise RegistryError(client.name, f"list tags of {repo}",
+                            f"the image has more than {MAX_REFERRERS} digest tags; copy it without referrers")
+    sem = asyncio.Semaphore(parallel)
+
+    async def read(tag: str) -> DigestTag | None:
+        async with sem:
+            try:
+                return DigestTag(tag, await read_tree(client, repo, tag, parallel=1))
+            except RegistryError as exc:
+                if exc.status != 404:
+                    raise
+        return None  # untagged since it was listed
+
+    return [dt for dt in await _all(read(t) for t in tags) if dt is not None]
+
+
 class ReferrerPusher:
     """Pushes referrers to one target repository, learning from the first whether the registry
     indexes subjects itself (it answers OCI-Subject) or needs the tag schema's index."""
@@ -173,6 +204,23 @@ class ReferrerPusher:
                 self.api = await self.client.list_referrers(self.repo, refs.subject, MAX_REFERRERS) is not None
             if not self.api:
                 await self._list_under_tag(refs)
+
+    async def push_tags(self, tags: list[DigestTag], overwrite: bool) -> None:
+        """Each digest tag as at the source; one the target holds with other content is kept,
+        unless the target may be overwritten (cosign adds signatures to a .sig tag in place)."""
+        for dt in tags:
+            top = dt.tree.top
+            current = await self.client.head_manifest(self.repo, dt.tag)
+            if current == top.digest:
+                continue
+            if current is not None and not overwrite:
+                log.warning("%s: %s:%s holds %s, not the source's %s; kept, as overwrite is false",
+                            self.client.name, self.repo, dt.tag, current, top.digest)
+                continue
+            for m in reversed(dt.tree.children):
+                if m.digest not in self.held:
+                    await self.client.put_manifest(self.repo, m.digest, m)
+            await self.client.put_manifest(self.repo, dt.tag, top)
 
     async def _list_under_tag(self, refs: Referrers) -> None:
         """Add what the target's tag-schema index lacks. The source's own index, byte for byte,

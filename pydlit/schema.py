@@ -97,7 +97,8 @@ REQUEST_SCHEMA: dict = {
         "referrers": {
             "description": (
                 "Also copy the image's referrers (OCI 1.1: signatures, SBOMs, attestations whose"
-                " subject is one of the image's manifests), and theirs, before the target's tag."
+                " subject is one of the image's manifests), and theirs, and its digest tags"
+                " (cosign's sha256-<hex>.sig, .att, .sbom), before the target's tag."
             ),
             "type": "boolean",
             "default": False,

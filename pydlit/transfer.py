@@ -17,7 +17,7 @@ import aiohttp
 
 from .metrics import DOWNLOADED, UPLOADED
 from .pipe import Pipe, PipeClosed
-from .referrers import ReferrerPusher, Referrers, find_referrers
+from .referrers import DigestTag, ReferrerPusher, Referrers, find_digest_tags, find_referrers
 from .registry.client import RegistryClient, RegistryError, broken_stream, retrying
 from .registry.manifests import Blob, Manifest, Tree
 from .registry.trees import read_tree
@@ -183,6 +183,7 @@ class ImageCopy:
         self.tree: Tree | None = None
         self.with_referrers = referrers
         self.referrers: list[Referrers] = []  # found at the source
+        self.digest_tags: list[DigestTag] = []
         self.blobs: list[Blob] = []  # the image's and its referrers', each once
         # Per target: the blobs it still lacks, and what wakes its manifest push (see _copy_to).
         self._lacking: dict[int, set[str]] = {}
@@ -196,10 +197,13 @@ class ImageCopy:
             try:
                 self.tree = await read_tree(self.source.client, self.source.repo, self.source.ref)
                 if self.with_referrers:
-                    self.referrers = await find_referrers(self.source.client, self.source.repo, self.tree)
+                    src = self.source
+                    self.referrers = await find_referrers(src.client, src.repo, self.tree)
+                    named = [m.digest for t in [self.tree, *self._referrer_trees()] for m in (t.top, *t.children)]
+                    self.digest_tags = await find_digest_tags(src.client, src.repo, named)
             except RegistryError as exc:
                 raise SourceError(str(exc)) from None
-            found = [*self.tree.blobs, *(b for r in self.referrers for b in r.blobs)]
+            found = [*self.tree.blobs, *(b for t in self._attached_trees() for b in t.blobs)]
             self.blobs = list({b.digest: b for b in found}.values())
             total = sum(b.size for b in self.blobs)
             for t in self.targets:
@@ -285,7 +289,7 @@ class ImageCopy:
         if current == self.tree.top.digest:
             for b in self.tree.blobs:
                 self.events.blob_progress(t.idx, b.digest, b.size)
-            if not self.referrers:
+            if not self._attached_trees():
                 await self.events.target_state(t.idx, "FINISHED")
                 return False
             t.current = True
@@ -304,8 +308,8 @@ class ImageCopy:
         return True
 
     async def _held_referrers(self, t: Target) -> None:
-        """The referrers a target holds already, and so their blobs: a manifest is only taken
-        once every blob it names is there."""
+        """The referrers and digest tags a target holds already, and so their blobs: a manifest
+        is only taken once every blob it names is there."""
         sem = asyncio.Semaphore(self.tuning.parallel_manifests)
 
         async def held(tree: Tree) -> None:
@@ -314,7 +318,14 @@ class ImageCopy:
                     t.held.update(m.digest for m in (tree.top, *tree.children))
                     t.held.update(b.digest for b in tree.blobs)
 
-        await _gather_all(held(tree) for r in self.referrers for tree in r.trees)
+        await _gather_all(held(tree) for tree in self._attached_trees())
+
+    def _referrer_trees(self) -> list[Tree]:
+        return [tree for r in self.referrers for tree in r.trees]
+
+    def _attached_trees(self) -> list[Tree]:
+        """What goes with the image beside its own manifests: referrers and digest tags."""
+        return [*self._referrer_trees(), *(dt.tree for dt in self.digest_tags)]
 
     async def _push_manifests(self, t: Target) -> None:
         assert self.tree is not None
@@ -330,11 +341,14 @@ class ImageCopy:
             if not t.current:
                 # Children by digest first: an index naming an unknown manifest is refused.
                 await _gather_all(child(m) for m in reversed(self.tree.children))
-            if self.referrers:
+            attached = bool(self._attached_trees())
+            if attached:
                 if not t.current:
                     await t.client.put_manifest(t.repo, top.digest, top)  # their subject, before them
-                await ReferrerPusher(t.client, t.repo, t.held).push(self.referrers)
-            if not t.current and not (self.referrers and t.ref == top.digest):
+                pusher = ReferrerPusher(t.client, t.repo, t.held)
+                await pusher.push(self.referrers)
+                await pusher.push_tags(self.digest_tags, t.overwrite)
+            if not t.current and not (attached and t.ref == top.digest):
                 await t.client.put_manifest(t.repo, t.ref, top)
         except RegistryError as exc:
             await self._fail(t, exc)

@@ -12,7 +12,7 @@ from typing import Any
 
 from support import mediatypes as mt
 from support.images import Image, assert_same_tree, list_tags, push_image, read_back
-from support.referrers import Referrer, add_to_tag_index, fallback_tag, push_referrer, tag_index
+from support.referrers import Referrer, add_to_tag_index, fallback_tag, push_digest_tag, push_referrer, tag_index
 from support.regclient import RegistryHTTP
 from support.service import ServiceProcess, job_body, job_state
 
@@ -215,3 +215,29 @@ def test_what_the_source_lists_but_cannot_show_to_be_a_referrer_stays_behind(ser
     assert dst.head_manifest(repo_name, stray.digest) is None
     listed = [d["digest"] for d in json.loads(tag_index(registries.target_a, repo_name, image.digest))["manifests"]]
     assert listed == [refs["sig"].digest, refs["sbom"].digest]
+
+
+def test_cosigns_digest_tags_go_along_and_a_targets_own_is_kept_unless_overwritten(service, registries, repo_name):
+    image = push_image(registries.source, repo_name, "v1", "oci_index", LAYERS, seed=random.getrandbits(48), platforms=2)
+    child = next(d for d in image.manifests if d != image.digest)
+    sig = push_digest_tag(registries.source, repo_name, image.digest, "sig", b'{"critical":{"image":"top"}}')
+    att = push_digest_tag(registries.source, repo_name, child, "att", b'{"payloadType":"in-toto"}')
+    # Named after a digest that is not this image's: not this image's attachment.
+    push_digest_tag(registries.source, repo_name, "sha256:" + "0" * 64, "sig", b'{"critical":{"image":"other"}}')
+    theirs = push_digest_tag(registries.target_b, repo_name, image.digest, "sig", b'{"critical":{"image":"theirs"}}')
+    body = job_body(registries.source, repo_name, "v1", list(registries.targets))
+
+    _finished(_run(service, body))
+
+    sig_tag, att_tag = f"{fallback_tag(image.digest)}.sig", f"{fallback_tag(child)}.att"
+    a, b = (RegistryHTTP.for_endpoint(r) for r in registries.targets)
+    assert sorted(list_tags(registries.target_a, repo_name)) == sorted(["v1", sig_tag, att_tag])
+    assert a.get_manifest(repo_name, sig_tag)[1] == sig.data and a.get_manifest(repo_name, att_tag)[1] == att.data
+    for digest in [*sig.blobs, *att.blobs]:
+        a.read_blob(repo_name, digest)
+    assert b.head_manifest(repo_name, sig_tag) == theirs.digest  # overwrite is false
+    assert b.head_manifest(repo_name, att_tag) == att.digest
+
+    body["targets"][1]["overwrite"] = True
+    _finished(_run(service, body))
+    assert b.head_manifest(repo_name, sig_tag) == sig.digest

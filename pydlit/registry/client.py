@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import json
 import logging
 import random
 import re
@@ -421,19 +422,54 @@ class RegistryClient:
         None when the registry has no such API (404, or 405/501 from registries that say so
         plainly): the caller falls back to the tag schema. More than `limit` is an error."""
         step = f"list referrers of {repo}@{digest[:19]}"
-        url: URL | None = self.url(f"{repo}/referrers/{digest}")
         found: dict[str, dict[str, Any]] = {}
-        asked: set[URL] = set()
-        while url is not None:
-            if url in asked:
-                raise RegistryError(self.name, step, "the listing's pages lead back to a page already read")
-            asked.add(url)
-            page_url = url
+        pages = self._pages(self.url(f"{repo}/referrers/{digest}"), repo, step, (404, 405, 501), {"Accept": OCI_INDEX})
+        async for data in pages:
+            if data is None:
+                return None
+            try:
+                for d in index_descriptors(data):
+                    found.setdefault(d["digest"], d)
+            except ManifestError as exc:
+                raise RegistryError(self.name, step, f"the referrers listing is not a valid index: {exc}") from None
+            if len(found) > limit:
+                raise RegistryError(self.name, step, f"there are more than {limit} referrers; copy the image without them")
+        return list(found.values())
 
-            async def op(page_url: URL = page_url) -> tuple[bytes, str | None] | None:
+    async def list_tags(self, repo: str, limit: int) -> list[str]:
+        """Every tag of the repository, none where the registry does not know it. More than
+        `limit` is an error."""
+        step = f"list tags of {repo}"
+        tags: list[str] = []
+        async for data in self._pages(self.url(f"{repo}/tags/list").with_query(n="1000"), repo, step, (404,), {}):
+            if data is None:
+                return []
+            try:
+                page = json.loads(data).get("tags") or []
+            except (ValueError, AttributeError):
+                page = None
+            if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
+                raise RegistryError(self.name, step, "the registry answered something that is not a list of tags")
+            tags += page
+            if len(tags) > limit:
+                raise RegistryError(self.name, step, f"the repository has more than {limit} tags")
+        return tags
+
+    async def _pages(
+        self, url: URL, repo: str, step: str, absent: tuple[int, ...], headers: dict[str, str],
+    ) -> AsyncIterator[bytes | None]:
+        """The bodies of a listing's pages, as long as `Link: <...>; rel="next"` names another;
+        a lone None when the first page is answered with a status in `absent`."""
+        asked: set[URL] = set()
+        next_url: URL | None = url
+        while next_url is not None:
+            if next_url in asked:
+                raise RegistryError(self.name, step, "the listing's pages lead back to a page already read")
+            asked.add(next_url)
+
+            async def op(page_url: URL = next_url) -> tuple[bytes, str | None] | None:
                 resp = await self.request(
-                    "GET", page_url, step=step, scope=scope_for(repo, "pull"), expect=(200, 404, 405, 501),
-                    headers={"Accept": OCI_INDEX},
+                    "GET", page_url, step=step, scope=scope_for(repo, "pull"), expect=(200, *absent), headers=headers,
                 )
                 async with resp:
                     if resp.status != 200:
@@ -442,21 +478,15 @@ class RegistryClient:
 
             page = await self._call(op)
             if page is None:
-                if found:  # after a page: the listing broke off, not a registry without the API
+                if len(asked) > 1:  # after a page: the listing broke off
                     raise RegistryError(self.name, step, "the next page of the listing is gone")
-                return None
+                yield None
+                return
             data, link = page
-            try:
-                if len(data) > MAX_MANIFEST_BYTES:
-                    raise ManifestError("it is larger than 4 MiB")
-                for d in index_descriptors(data):
-                    found.setdefault(d["digest"], d)
-            except ManifestError as exc:
-                raise RegistryError(self.name, step, f"the referrers listing is not a valid index: {exc}") from None
-            if len(found) > limit:
-                raise RegistryError(self.name, step, f"there are more than {limit} referrers; copy the image without them")
-            url = _next_page(self.name, step, page_url, link)
-        return list(found.values())
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise RegistryError(self.name, step, "a page of the listing is larger than 4 MiB")
+            yield data
+            next_url = _next_page(self.name, step, next_url, link)
 
     # -- blobs ----------------------------------------------------------------------------------
 

@@ -86,3 +86,26 @@ def tag_index(reg: Endpoint, repo: str, subject: str) -> bytes | None:
     if client.head_manifest(repo, fallback_tag(subject)) is None:
         return None
     return client.get_manifest(repo, fallback_tag(subject))[1]
+
+
+def push_digest_tag(reg: Endpoint, repo: str, subject: str, suffix: str, payload: bytes) -> Referrer:
+    """A cosign-style attachment (before OCI 1.1): a manifest tagged `sha256-<hex>.<suffix>`,
+    with no subject; tagging it again replaces it."""
+    client = RegistryHTTP.for_endpoint(reg)
+    config = json.dumps({"architecture": "", "os": "", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    blobs = {}
+    for data in (config, payload):
+        digest = sha256_digest(data)
+        if client.blob_size(repo, digest) is None:
+            client.upload_monolithic(repo, data, digest)
+        blobs[digest] = len(data)
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "config": {"mediaType": mt.OCI_CONFIG, "digest": sha256_digest(config), "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json", "digest": sha256_digest(payload),
+                    "size": len(payload), "annotations": {"dev.cosignproject.cosign/signature": "MEUCIQ=="}}],
+    }
+    data = json.dumps(doc, indent=3).encode()
+    digest = client.put_manifest(repo, f"{fallback_tag(subject)}.{suffix}", mt.OCI_MANIFEST, data)
+    return Referrer(digest, data, blobs, {"mediaType": mt.OCI_MANIFEST, "digest": digest, "size": len(data)})
