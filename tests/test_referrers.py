@@ -158,6 +158,11 @@ def test_through_the_referrers_api_at_both_ends(service, registries, proxy_facto
     # The target indexed them itself (OCI-Subject): no tag index was written.
     assert list_tags(registries.target_a, repo_name) == ["v1"]
 
+    # Again with nothing new: the target's own listing says it has them all; nothing is pushed.
+    target.reset_counters()
+    _finished(_run(service, job_body(source, repo_name, "v1", [target])))
+    assert target.count("PUT", "manifest_put") == 0 and list_tags(registries.target_a, repo_name) == ["v1"]
+
 
 def test_a_referrer_the_source_cannot_serve_fails_the_job_with_its_digest(service, registries, repo_name):
     _, refs = _signed_image(registries.source, repo_name)
