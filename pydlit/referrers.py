@@ -24,7 +24,8 @@ T = TypeVar("T")
 # A signature of an attestation of an image is two levels down; deeper chains are not followed.
 MAX_DEPTH = 4
 MAX_REFERRERS = 1000
-MAX_TAGS = 100_000  # a repository's tags, listed to find the digest tags among them
+MAX_TAGS = 100_000  # a repository's tags, listed to find the attachments among them
+DIGEST_TAG_SUFFIXES = ("sig", "att", "sbom")
 
 
 @dataclass
@@ -50,12 +51,24 @@ def fallback_tag(digest: str) -> str:
     return f"{alg[:32]}-{encoded[:64]}"
 
 
+async def tag_names(client: RegistryClient, repo: str) -> set[str] | None:
+    """The repository's tags, which tell what the tag schema and cosign have attached without
+    asking for each name; None where the registry will not list them (credentials that may pull
+    but not list, too many tags): then each name is asked for."""
+    try:
+        return set(await client.list_tags(repo, MAX_TAGS))
+    except RegistryError as exc:
+        log.warning("%s: the tags of %s are not listed (%s); each attachment is asked for by name", client.name, repo, exc)
+        return None
+
+
 class _Lister:
     """Lists referrers at one registry: through its API until it answers that it has none."""
 
-    def __init__(self, client: RegistryClient, repo: str) -> None:
+    def __init__(self, client: RegistryClient, repo: str, tags: set[str] | None) -> None:
         self.client = client
         self.repo = repo
+        self.tags = tags
         self.api: bool | None = None
 
     async def referrers(self, subject: str) -> tuple[list[dict[str, Any]], Manifest | None]:
@@ -66,6 +79,8 @@ class _Lister:
                 return listed, None
             self.api = False
         tag = fallback_tag(subject)
+        if self.tags is not None and tag not in self.tags:
+            return [], None
         index = await self.client.find_manifest(self.repo, tag)
         if index is None:
             return [], None
@@ -78,10 +93,13 @@ class _Lister:
         return listed, index
 
 
-async def find_referrers(client: RegistryClient, repo: str, tree: Tree, parallel: int = 8) -> list[Referrers]:
+async def find_referrers(
+    client: RegistryClient, repo: str, tree: Tree, tags: set[str] | None, parallel: int = 8,
+) -> list[Referrers]:
     """The referrers of every manifest of `tree`, and theirs in turn, in the order they can be
-    pushed: each after its subject. A listed referrer the registry no longer serves is left out."""
-    lister = _Lister(client, repo)
+    pushed: each after its subject. A listed referrer the registry no longer serves is left out.
+    `tags`: the repository's, if known (see tag_names)."""
+    lister = _Lister(client, repo, tags)
     sem = asyncio.Semaphore(parallel)
     known = {m.digest for m in (tree.top, *tree.children)}
     subjects = list(dict.fromkeys([tree.top.digest, *(m.digest for m in tree.children)]))
@@ -157,13 +175,14 @@ class DigestTag:
     tree: Tree
 
 
-async def find_digest_tags(client: RegistryClient, repo: str, digests: Iterable[str], parallel: int = 8) -> list[DigestTag]:
-    """The digest tags of the given manifests, each with what it holds."""
-    names = {fallback_tag(d) for d in digests}
-    tags = [t for t in await client.list_tags(repo, MAX_TAGS) if t.partition(".")[0] in names and "." in t]
-    if len(tags) > MAX_REFERRERS:
-        raise RegistryError(client.name, f"list tags of {repo}",
-                            f"the image has more than {MAX_REFERRERS} digest tags; copy it without referrers")
+async def find_digest_tags(
+    client: RegistryClient, repo: str, digests: Iterable[str], tags: set[str] | None, parallel: int = 8,
+) -> list[DigestTag]:
+    """The digest tags of the given manifests, each with what it holds. `tags`: the repository's,
+    if known; else every name is asked for."""
+    names = [f"{fallback_tag(d)}.{suffix}" for d in dict.fromkeys(digests) for suffix in DIGEST_TAG_SUFFIXES]
+    if tags is not None:
+        names = [n for n in names if n in tags]
     sem = asyncio.Semaphore(parallel)
 
     async def read(tag: str) -> DigestTag | None:
@@ -173,9 +192,9 @@ async def find_digest_tags(client: RegistryClient, repo: str, digests: Iterable[
             except RegistryError as exc:
                 if exc.status != 404:
                     raise
-        return None  # untagged since it was listed
+        return None  # not there, or untagged since it was listed
 
-    return [dt for dt in await _all(read(t) for t in tags) if dt is not None]
+    return [dt for dt in await _all(read(n) for n in names) if dt is not None]
 
 
 class ReferrerPusher:
@@ -206,16 +225,17 @@ class ReferrerPusher:
                 await self._list_under_tag(refs)
 
     async def push_tags(self, tags: list[DigestTag], overwrite: bool) -> None:
-        """Each digest tag as at the source; one the target holds with other content is kept,
-        unless the target may be overwritten (cosign adds signatures to a .sig tag in place)."""
+        """Each digest tag as at the source. cosign adds a signature to a .sig tag by replacing
+        it with one more layer: a target's tag whose layers the source's all hold is an older
+        copy and is replaced; one with layers of its own is kept, unless `overwrite`."""
         for dt in tags:
             top = dt.tree.top
-            current = await self.client.head_manifest(self.repo, dt.tag)
-            if current == top.digest:
+            current = await self.client.find_manifest(self.repo, dt.tag)
+            if current is not None and current.digest == top.digest:
                 continue
-            if current is not None and not overwrite:
-                log.warning("%s: %s:%s holds %s, not the source's %s; kept, as overwrite is false",
-                            self.client.name, self.repo, dt.tag, current, top.digest)
+            if current is not None and not overwrite and not _within(current, top):
+                log.warning("%s: %s:%s holds %s, with layers the source's %s lacks; kept, as overwrite is false",
+                            self.client.name, self.repo, dt.tag, current.digest, top.digest)
                 continue
             for m in reversed(dt.tree.children):
                 if m.digest not in self.held:
@@ -241,6 +261,15 @@ class ReferrerPusher:
         else:
             index = _index([*listed, *missing])
         await self.client.put_manifest(self.repo, tag, index)
+
+
+def _within(older: Manifest, newer: Manifest) -> bool:
+    """Everything `older` holds beside its config (layers, or an index's manifests), `newer` holds."""
+
+    def held(m: Manifest) -> set[str]:
+        return {*m.children, *(b.digest for b in m.blobs[1:])}
+
+    return held(older) <= held(newer)
 
 
 async def _all(aws: Iterable[Awaitable[T]]) -> list[T]:

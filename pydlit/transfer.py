@@ -17,7 +17,7 @@ import aiohttp
 
 from .metrics import DOWNLOADED, UPLOADED
 from .pipe import Pipe, PipeClosed
-from .referrers import DigestTag, ReferrerPusher, Referrers, find_digest_tags, find_referrers
+from .referrers import DigestTag, ReferrerPusher, Referrers, find_digest_tags, find_referrers, tag_names
 from .registry.client import RegistryClient, RegistryError, broken_stream, retrying
 from .registry.manifests import Blob, Manifest, Tree
 from .registry.trees import read_tree
@@ -192,15 +192,15 @@ class ImageCopy:
     async def run(self) -> None:
         # The targets' tags are looked up while the source tree is read: one round trip less.
         heads = [asyncio.create_task(self._head_tag(t)) for t in self.targets]
+        src = self.source
+        # So are the source's tags, which tell what is attached to the image.
+        tags = asyncio.create_task(tag_names(src.client, src.repo)) if self.with_referrers else None
         checks: dict[asyncio.Task[bool], Target] = {}
         try:
             try:
-                self.tree = await read_tree(self.source.client, self.source.repo, self.source.ref)
-                if self.with_referrers:
-                    src = self.source
-                    self.referrers = await find_referrers(src.client, src.repo, self.tree)
-                    named = [m.digest for t in [self.tree, *self._referrer_trees()] for m in (t.top, *t.children)]
-                    self.digest_tags = await find_digest_tags(src.client, src.repo, named)
+                self.tree = await read_tree(src.client, src.repo, src.ref)
+                if tags is not None:
+                    await self._find_attached(await tags)
             except RegistryError as exc:
                 raise SourceError(str(exc)) from None
             found = [*self.tree.blobs, *(b for t in self._attached_trees() for b in t.blobs)]
@@ -217,8 +217,16 @@ class ImageCopy:
             groups += [self._copy_late(task, checks[task]) for task in pending]
             await _gather_all(groups)
         finally:
-            for task in [*heads, *checks]:
+            for task in [*heads, *checks, *([tags] if tags else [])]:
                 task.cancel()
+
+    async def _find_attached(self, tags: set[str] | None) -> None:
+        """The image's referrers, and the digest tags of its manifests and theirs."""
+        assert self.tree is not None
+        src = self.source
+        self.referrers = await find_referrers(src.client, src.repo, self.tree, tags)
+        named = [m.digest for t in [self.tree, *self._referrer_trees()] for m in (t.top, *t.children)]
+        self.digest_tags = await find_digest_tags(src.client, src.repo, named, tags)
 
     async def _copy_late(self, check: asyncio.Task[bool], target: Target) -> None:
         if await check:

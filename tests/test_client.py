@@ -674,3 +674,49 @@ async def test_a_manifest_that_arrives_in_pieces_is_read_whole(aiohttp_server) -
         client = RegistryClient(s, str(server.make_url("/v2/")), policy=POLICY)
         got = await client.get_manifest("team/app", digest)
     assert got.data == data and len(data) > 100_000
+
+
+ALL_TAGS_URL = f"{BASE}/v2/team/app/tags/list"
+
+
+@pytest.mark.asyncio
+async def test_tags_are_listed_page_by_page(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(f"{ALL_TAGS_URL}?n=1000", payload={"name": "team/app", "tags": ["a", "b"]},
+              headers={"Link": '</v2/team/app/tags/list?last=b&n=1000>; rel="next"'})
+        m.get(f"{ALL_TAGS_URL}?last=b&n=1000", payload={"name": "team/app", "tags": ["c"]})
+        m.get(f"{BASE}/v2/team/none/tags/list?n=1000", status=404, body=errors_body("NAME_UNKNOWN", "repository name not known"))
+        m.get(f"{BASE}/v2/team/odd/tags/list?n=1000", payload={"tags": "not a list"})
+        async with aiohttp.ClientSession() as s:
+            client = make_client(s)
+            assert await client.list_tags("team/app", 10) == ["a", "b", "c"]
+            assert await client.list_tags("team/none", 10) == []
+            with pytest.raises(RegistryError, match="not a list of tags"):
+                await client.list_tags("team/odd", 10)
+
+
+@pytest.mark.asyncio
+async def test_tags_past_the_limit_stop_the_listing(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(f"{ALL_TAGS_URL}?n=1000", payload={"tags": ["a", "b", "c"]}, headers={"Link": '</v2/team/app/tags/list?last=c>; rel="next"'})
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError, match="more than 2 tags"):
+                await make_client(s).list_tags("team/app", 2)
+
+
+@pytest.mark.asyncio
+async def test_a_listing_that_never_ends_is_cut_off(sleeps: list[float], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_mod, "MAX_PAGES", 3)
+
+    def page(url: URL, **_: object) -> CallbackResult:
+        n = int(url.query.get("p", "0")) + 1
+        return CallbackResult(payload={"tags": []}, headers={"Link": f'</v2/team/app/tags/list?p={n}>; rel="next"'})
+
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(re.compile(r"^http://127\.0\.0\.1:5000/v2/team/app/tags/list"), callback=page, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError, match="goes on past 3 pages"):
+                await make_client(s).list_tags("team/app", 10)

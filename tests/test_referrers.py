@@ -246,3 +246,45 @@ def test_cosigns_digest_tags_go_along_and_a_targets_own_is_kept_unless_overwritt
     body["targets"][1]["overwrite"] = True
     _finished(_run(service, body))
     assert b.head_manifest(repo_name, sig_tag) == sig.digest
+
+
+def test_a_cosign_signature_added_at_the_source_reaches_a_target_that_had_the_first(service, registries, repo_name):
+    image = push_image(registries.source, repo_name, "v1", "oci", LAYERS, seed=random.getrandbits(48))
+    first = b'{"critical":{"signer":"ci"}}'
+    push_digest_tag(registries.source, repo_name, image.digest, "sig", first)
+    body = job_body(registries.source, repo_name, "v1", [registries.target_a])
+    _finished(_run(service, body))
+
+    # cosign signs again by re-tagging .sig with one more layer: the target's copy is an older
+    # one, replaced even though overwrite is false.
+    again = push_digest_tag(registries.source, repo_name, image.digest, "sig", first, b'{"critical":{"signer":"release"}}')
+    _finished(_run(service, body))
+
+    tag = f"{fallback_tag(image.digest)}.sig"
+    assert RegistryHTTP.for_endpoint(registries.target_a).get_manifest(repo_name, tag)[1] == again.data
+
+
+def test_a_source_that_will_not_list_its_tags_is_asked_for_each_attachment(service, registries, proxy_factory, repo_name):
+    image, refs = _signed_image(registries.source, repo_name)
+    sig = push_digest_tag(registries.source, repo_name, image.digest, "sig", b'{"critical":{}}')
+    source = proxy_factory(registries.source)
+    source.fail_next(100, 403, kinds="tags_list")  # may pull, may not list
+
+    _finished(_run(service, job_body(source, repo_name, "v1", [registries.target_a])))
+
+    for ref in refs.values():
+        _assert_referrer_at(registries.target_a, repo_name, ref)
+    assert RegistryHTTP.for_endpoint(registries.target_a).head_manifest(repo_name, f"{fallback_tag(image.digest)}.sig") == sig.digest
+    assert source.count("GET", "tags_list") >= 1
+
+
+def test_asking_for_referrers_of_an_image_without_any_costs_two_requests(service, registries, proxy_factory, repo_name):
+    image = push_image(registries.source, repo_name, "v1", "oci_index", LAYERS, seed=random.getrandbits(48), platforms=2)
+    source = proxy_factory(registries.source)
+
+    _finished(_run(service, job_body(source, repo_name, "v1", [registries.target_a])))
+
+    asked = [r.path for r in source.requests if r.path != "/v2/"]
+    # The tag list (no sha256-<hex> index, no digest tag in it) and one referrers API probe.
+    assert len(asked) == len(image.manifests) + len(image.blobs) + 2, asked
+    assert sum("/referrers/" in p for p in asked) == 1 and sum(p.endswith("/tags/list") for p in asked) == 1, asked

@@ -32,6 +32,7 @@ Body = Union[bytes, AsyncIterable[bytes], None]
 MIN_UPLOAD_RATE = 64 * 1024
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 MAX_REDIRECTS = 5
+MAX_PAGES = 1000  # of one listing (tags, referrers)
 
 
 @dataclass(frozen=True)
@@ -465,6 +466,8 @@ class RegistryClient:
         while next_url is not None:
             if next_url in asked:
                 raise RegistryError(self.name, step, "the listing's pages lead back to a page already read")
+            if len(asked) == MAX_PAGES:
+                raise RegistryError(self.name, step, f"the listing goes on past {MAX_PAGES} pages")
             asked.add(next_url)
 
             async def op(page_url: URL = next_url) -> tuple[bytes, str | None] | None:

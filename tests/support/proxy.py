@@ -37,7 +37,7 @@ CHUNK = 64 * 1024
 LARGE_BODY = 1024 * 1024  # a request body above this counts in ProxyCounters.peak_large
 KINDS = (
     "blob_get", "blob_head", "upload_post", "upload_patch", "upload_put", "upload_get",
-    "manifest_get", "manifest_head", "manifest_put", "other",
+    "manifest_get", "manifest_head", "manifest_put", "tags_list", "other",
 )
 _HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -47,6 +47,7 @@ _ARRIVED = "fault-proxy-arrived"  # request storage key: when the request reache
 _UPLOAD = re.compile(r"^/v2/.+/blobs/uploads/[^/]*$")
 _BLOB = re.compile(r"^/v2/.+/blobs/[a-z0-9+._-]+:[a-zA-Z0-9=_-]+$")
 _MANIFEST = re.compile(r"^/v2/(.+)/manifests/[^/]+$")
+_TAGS = re.compile(r"^/v2/.+/tags/list$")
 _REFERRERS = re.compile(r"^/v2/(.+)/referrers/([a-z0-9+._-]+:[a-zA-Z0-9=_-]+)$")
 _OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 _ERROR_CODES = {
@@ -67,6 +68,8 @@ def classify(method: str, path: str) -> str:
         return {"GET": "manifest_get", "HEAD": "manifest_head", "PUT": "manifest_put"}.get(
             method, "other"
         )
+    if _TAGS.match(path) and method == "GET":
+        return "tags_list"
     return "other"
 
 

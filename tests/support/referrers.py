@@ -88,13 +88,13 @@ def tag_index(reg: Endpoint, repo: str, subject: str) -> bytes | None:
     return client.get_manifest(repo, fallback_tag(subject))[1]
 
 
-def push_digest_tag(reg: Endpoint, repo: str, subject: str, suffix: str, payload: bytes) -> Referrer:
+def push_digest_tag(reg: Endpoint, repo: str, subject: str, suffix: str, *payloads: bytes) -> Referrer:
     """A cosign-style attachment (before OCI 1.1): a manifest tagged `sha256-<hex>.<suffix>`,
-    with no subject; tagging it again replaces it."""
+    with no subject, a layer per signature; cosign signs again by tagging it anew with one more."""
     client = RegistryHTTP.for_endpoint(reg)
     config = json.dumps({"architecture": "", "os": "", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
     blobs = {}
-    for data in (config, payload):
+    for data in (config, *payloads):
         digest = sha256_digest(data)
         if client.blob_size(repo, digest) is None:
             client.upload_monolithic(repo, data, digest)
@@ -104,7 +104,8 @@ def push_digest_tag(reg: Endpoint, repo: str, subject: str, suffix: str, payload
         "mediaType": mt.OCI_MANIFEST,
         "config": {"mediaType": mt.OCI_CONFIG, "digest": sha256_digest(config), "size": len(config)},
         "layers": [{"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json", "digest": sha256_digest(payload),
-                    "size": len(payload), "annotations": {"dev.cosignproject.cosign/signature": "MEUCIQ=="}}],
+                    "size": len(payload), "annotations": {"dev.cosignproject.cosign/signature": "MEUCIQ=="}}
+                   for payload in payloads],
     }
     data = json.dumps(doc, indent=3).encode()
     digest = client.put_manifest(repo, f"{fallback_tag(subject)}.{suffix}", mt.OCI_MANIFEST, data)
