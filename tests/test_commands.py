@@ -14,6 +14,8 @@ import pytest
 from aiohttp import web
 from support.bgserver import BackgroundServer
 from support.images import assert_same_tree, push_image, read_back
+from support.referrers import push_referrer, tag_index
+from support.regclient import RegistryHTTP
 from support.registry import free_port
 
 from pydlit import commands
@@ -542,6 +544,18 @@ def test_copy_by_digest_and_skip_without_overwrite(registries, repo_name) -> Non
     ]
     assert asyncio.run(copy(newer, [target], overwrite=True, verify_tls=False, out=io.StringIO())) == 0
     assert_same_tree(other, read_back(registries.target_a, repo_name, "pinned"))
+
+
+def test_copy_with_referrers_brings_the_signature(registries, repo_name) -> None:
+    image = push_image(registries.source, repo_name, "v1", "oci", layer_sizes=[2048], seed=45)
+    media_type, data = image.manifests[image.digest]
+    sig = push_referrer(registries.source, repo_name, (image.digest, media_type, len(data)), "application/vnd.example.sig", b"signed")
+    target = registries.target_a
+    for referrers in (False, True):
+        assert asyncio.run(copy(f"{registries.source.host}/{repo_name}:v1", [target.host], overwrite=False,
+                                verify_tls=False, referrers=referrers, out=io.StringIO())) == 0
+        assert (tag_index(target, repo_name, image.digest) is not None) is referrers
+    assert RegistryHTTP.for_endpoint(target).head_manifest(repo_name, sig.digest) == sig.digest
 
 
 def test_copy_of_a_missing_image_fails_with_the_reason(registries, repo_name) -> None:
