@@ -212,9 +212,7 @@ class ReferrerPusher:
             for tree in refs.trees:
                 if tree.top.digest in self.held:
                     continue
-                for m in reversed(tree.children):  # what an index names goes first
-                    if m.digest not in self.held:
-                        await self.client.put_manifest(self.repo, m.digest, m)
+                await self._put_below(tree)
                 indexed = await self.client.put_manifest(self.repo, tree.top.digest, tree.top)
                 if self.api is None:
                     self.api = indexed == refs.subject
@@ -237,10 +235,13 @@ class ReferrerPusher:
                 log.warning("%s: %s:%s holds %s, with layers the source's %s lacks; kept, as overwrite is false",
                             self.client.name, self.repo, dt.tag, current.digest, top.digest)
                 continue
-            for m in reversed(dt.tree.children):
-                if m.digest not in self.held:
-                    await self.client.put_manifest(self.repo, m.digest, m)
+            await self._put_below(dt.tree)
             await self.client.put_manifest(self.repo, dt.tag, top)
+
+    async def _put_below(self, tree: Tree) -> None:
+        for m in reversed(tree.children):  # what an index names goes first
+            if m.digest not in self.held:
+                await self.client.put_manifest(self.repo, m.digest, m)
 
     async def _list_under_tag(self, refs: Referrers) -> None:
         """Add what the target's tag-schema index lacks. The source's own index, byte for byte,

@@ -184,7 +184,7 @@ class ImageCopy:
         self.with_referrers = referrers
         self.referrers: list[Referrers] = []  # found at the source
         self.digest_tags: list[DigestTag] = []
-        self.blobs: list[Blob] = []  # the image's and its referrers', each once
+        self.blobs: list[Blob] = []  # the image's and those of what is attached to it, each once
         # Per target: the blobs it still lacks, and what wakes its manifest push (see _copy_to).
         self._lacking: dict[int, set[str]] = {}
         self._complete: dict[int, asyncio.Event] = {}
@@ -303,7 +303,7 @@ class ImageCopy:
             t.current = True
             t.held.update(b.digest for b in self.tree.blobs)
             try:
-                await self._held_referrers(t)
+                await self._held_attachments(t)
             except RegistryError as exc:
                 await self._fail(t, exc)
                 return False
@@ -315,7 +315,7 @@ class ImageCopy:
         await self.events.target_state(t.idx, "RUNNING")
         return True
 
-    async def _held_referrers(self, t: Target) -> None:
+    async def _held_attachments(self, t: Target) -> None:
         """The referrers and digest tags a target holds already, and so their blobs: a manifest
         is only taken once every blob it names is there."""
         sem = asyncio.Semaphore(self.tuning.parallel_manifests)

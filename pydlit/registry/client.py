@@ -695,8 +695,6 @@ def _range_end(value: str | None) -> int:
     return 0 if value.strip().endswith("0-0") else held
 
 
-
-
 _LINK_NEXT = re.compile(r'<([^>]*)>\s*;[^,]*\brel="?next"?', re.IGNORECASE)
 
 
