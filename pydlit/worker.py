@@ -15,7 +15,7 @@ import aiohttp
 from .credentials import CredentialStore
 from .logs import job_context
 from .registry.auth import ChallengeCache, TokenCache
-from .registry.client import RegistryClient
+from .registry.client import KnownRepositories, RegistryClient
 from .settings import Settings
 from .store import ClaimedJob, LeaseLost, Store
 from .transfer import ImageCopy, MemoryEvents, Source, SourceError, Stopped, Target
@@ -89,6 +89,7 @@ class Worker:
         self.owner = f"{settings.node}/{uuid.uuid4().hex[:12]}"
         self.challenges = ChallengeCache()
         self.tokens = TokenCache()
+        self.repos = KnownRepositories()
         self.streams = asyncio.Semaphore(settings.tuning.max_streams)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -262,7 +263,7 @@ class Worker:
             return RegistryClient(
                 self.session, side["endpoint"], auth=auth, verify_tls=side.get("verify_tls", False),
                 ca_cert=side.get("ca_cert"), policy=self.settings.retry, stall_timeout=self.settings.stall_timeout_s,
-                challenges=self.challenges, tokens=self.tokens, push=push,
+                challenges=self.challenges, tokens=self.tokens, repos=self.repos, push=push,
             )
 
         def auth_for(given: dict[str, Any] | None, endpoint: str) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from yarl import URL
 from pydlit.registry import client as client_mod
 from pydlit.registry.auth import ChallengeCache
 from pydlit.registry.client import (
+    KnownRepositories,
     RegistryClient,
     RegistryError,
     RetryPolicy,
@@ -512,6 +513,55 @@ async def test_repository_known_is_false_only_on_name_unknown(sleeps: list[float
             assert await make_client(s).repository_known("team/app") is known
         assert len(calls(m, "GET", TAGS_URL)) == 1  # a probe the caller can do without: never retried
     assert sleeps == []
+
+
+@pytest.mark.asyncio
+async def test_a_repository_seen_once_is_not_asked_about_again_by_any_client(sleeps: list[float]) -> None:
+    shared = KnownRepositories()
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(TAGS_URL, payload={"name": "team/app", "tags": ["v1"]}, repeat=True)
+        gone = f"{BASE}/v2/team/gone/tags/list?n=1"
+        m.get(gone, status=404, body=errors_body("NAME_UNKNOWN", "repository name not known to registry"), repeat=True)
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):
+                client = RegistryClient(s, f"{BASE}/v2/", policy=POLICY, repos=shared)
+                assert await client.repository_known("team/app") is True
+                assert await client.repository_known("team/gone") is False
+        assert len(calls(m, "GET", TAGS_URL)) == 1
+        assert len(calls(m, "GET", gone)) == 2  # an unknown one may be pushed any moment: asked each time
+
+
+def test_known_repositories_are_bounded() -> None:
+    known = KnownRepositories(max_entries=2)
+    for key in ("a", "b", "a", "c"):
+        known.add(key)
+    assert "a" in known and "c" in known and "b" not in known
+
+
+@pytest.mark.asyncio
+async def test_a_long_tag_list_is_not_read_to_its_end(aiohttp_server) -> None:
+    # distribution 2.8 ignores n=1 and lists every tag: a probe needs the status, not the list.
+    endless = asyncio.Event()
+
+    async def tags(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"name":"team/app","tags":["' + b"t" * 200_000)
+        await endless.wait()  # the rest never comes
+        return resp
+
+    async def ping(_: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/v2/", ping)
+    app.router.add_get("/v2/team/app/tags/list", tags)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as s:
+        client = RegistryClient(s, str(server.make_url("/v2/")), policy=POLICY)
+        assert await asyncio.wait_for(client.repository_known("team/app"), 10) is True
+    endless.set()
 
 
 @pytest.mark.asyncio

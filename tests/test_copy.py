@@ -410,6 +410,24 @@ def test_a_new_repository_is_not_asked_blob_by_blob(service, registries, repo_na
     assert manifest_digest(registries.target_a, repo_name, "again") == image.digest
 
 
+def test_a_repository_known_to_exist_is_not_listed_again(service, registries, repo_name, proxy_factory):
+    # A new tag in a repository the service has seen: no tags/list (which distribution 2.8
+    # answers with every tag, whatever n says), straight to a HEAD per blob.
+    first = push_image(registries.source, repo_name, "v1", "oci", SMALL_LAYERS, seed=_seed())
+    second = push_image(registries.source, repo_name, "v2", "oci", SMALL_LAYERS, seed=_seed())
+    proxy = proxy_factory(registries.target_a)
+    _assert_all_finished(_run(service, job_body(registries.source, repo_name, "v1", [proxy])), first.total_bytes)
+    _assert_all_finished(_run(service, job_body(registries.source, repo_name, "v1", [(proxy, {"ref": "v1b"})])), first.total_bytes)
+    proxy.reset_counters()
+
+    status = _run(service, job_body(registries.source, repo_name, "v2", [proxy]))
+
+    _assert_all_finished(status, second.total_bytes)
+    assert_same_tree(second, read_back(registries.target_a, repo_name, "v2"))
+    assert not [r for r in proxy.requests if r.kind == "tags_list"], proxy.requests
+    assert proxy.count("HEAD", "blob_head") == len(second.blobs)
+
+
 def test_small_blobs_upload_sessions_open_while_the_source_is_read(service, registries, repo_name, proxy_factory):
     image = push_image(registries.source, repo_name, "v1", "schema2", SMALL_LAYERS, seed=_seed())
     source, target = proxy_factory(registries.source), proxy_factory(registries.target_a)

@@ -115,6 +115,25 @@ def with_query(location: str, **params: str) -> URL:
     return URL(location + sep + urlencode(params, safe=":"), encoded=True)
 
 
+class KnownRepositories:
+    """Repositories registries were seen to hold, shared by a service's clients, so that a new
+    tag in a repository that exists costs no tags/list each time. Repositories are seldom
+    deleted, and one that was costs only a HEAD per blob where none was needed."""
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._max = max_entries
+        self._known: dict[str, None] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._known
+
+    def add(self, key: str) -> None:
+        self._known.pop(key, None)
+        self._known[key] = None
+        if len(self._known) > self._max:
+            del self._known[next(iter(self._known))]
+
+
 class RegistryClient:
     """Talks to one registry (scheme, host, port) with one set of credentials."""
 
@@ -130,10 +149,11 @@ class RegistryClient:
         stall_timeout: float = 60.0,
         challenges: ChallengeCache | None = None,
         tokens: TokenCache | None = None,
+        repos: KnownRepositories | None = None,
         push: bool = False,
     ) -> None:
-        """`challenges`, `tokens` (anonymous ones): what a service's clients share; `push`: the
-        client uploads (a target), so its tokens are asked with push from the first."""
+        """`challenges`, `tokens` (anonymous ones), `repos`: what a service's clients share;
+        `push`: the client uploads (a target), so its tokens are asked with push from the first."""
         self.session = session
         self.base, self.name = split_endpoint(endpoint)
         self.policy = policy
@@ -142,6 +162,7 @@ class RegistryClient:
         self._stall = stall_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=stall_timeout)
         self._challenges = challenges or ChallengeCache()
+        self._repos = repos if repos is not None else KnownRepositories()
         # A challenge learned over TLS nobody verified must not tell a verifying job where to
         # send its credentials: the cache is per endpoint and per way of trusting it.
         self._challenge_key = f"{self.base} {'verify' if verify_tls else 'no-verify'} {ca_cert or ''}"
@@ -495,7 +516,11 @@ class RegistryClient:
 
     async def repository_known(self, repo: str) -> bool:
         """False only when the registry says it has no repository of this name (NAME_UNKNOWN);
-        any other answer, or none, counts as known. Tried once: callers can do without it."""
+        any other answer, or none, counts as known. Tried once: callers can do without it. A
+        repository seen once is not asked about again (see KnownRepositories)."""
+        key = f"{self.base} {repo}"
+        if key in self._repos:
+            return True
         try:
             resp = await self.request(
                 "GET", self.url(f"{repo}/tags/list").with_query(n="1"), step=f"list tags of {repo}",
@@ -504,7 +529,10 @@ class RegistryClient:
         except RegistryError as exc:
             return exc.code != "NAME_UNKNOWN"
         async with resp:
-            await resp.read()  # a body left unread would cost the connection
+            # Read to the end, the connection is kept; but distribution 2.8 ignores n=1 and
+            # lists every tag: past 64 KiB, dropping the connection is the cheaper loss.
+            await _read_body(resp, 64 * 1024)
+        self._repos.add(key)
         return True
 
     async def head_blob(self, repo: str, digest: str) -> bool:
