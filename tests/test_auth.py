@@ -1,6 +1,7 @@
 """WWW-Authenticate parsing, scope merging and the token flows of Authenticator (faked with aioresponses)."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import re
@@ -10,12 +11,14 @@ from types import SimpleNamespace
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aioresponses import CallbackResult
 from multidict import CIMultiDict
 from support.mocked import aioresponses
 from yarl import URL
 
 from pydlit.registry import auth as auth_mod
+from pydlit.registry.client import RegistryClient, RegistryError, RetryPolicy
 from pydlit.registry.auth import (
     Authenticator,
     AuthError,
@@ -511,3 +514,33 @@ def test_drop_static_switches_to_the_challenge_flow() -> None:
     a.drop_static()
     assert not a.uses_static_token
 
+
+
+@pytest.mark.asyncio
+async def test_a_token_server_that_answers_without_end_is_read_only_as_far_as_a_token_goes(aiohttp_server) -> None:
+    # The realm comes from the registry's challenge: a registry can name any server there.
+    sent = []
+
+    async def token(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):  # 64 MiB at most, far past what a token may be
+                await resp.write(b" " * (1024 * 1024))
+                sent.append(1)
+        return resp
+
+    async def v2(request: web.Request) -> web.Response:
+        realm = str(request.url.with_path("/token").with_query(None))
+        return web.Response(status=401, headers={"WWW-Authenticate": f'Bearer realm="{realm}",service="reg"'})
+
+    app = web.Application()
+    app.router.add_get("/token", token)
+    app.router.add_get("/v2/", v2)
+    app.router.add_route("HEAD", "/v2/team/app/manifests/v1", v2)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as s:
+        client = RegistryClient(s, str(server.make_url("/v2/")), policy=RetryPolicy(attempts=1))
+        with pytest.raises(RegistryError, match="answered something that is not a token"):
+            await asyncio.wait_for(client.head_manifest("team/app", "v1"), 30)
+    assert len(sent) < 64

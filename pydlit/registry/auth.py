@@ -13,10 +13,13 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from .bodies import read_body
+
 # A token is refreshed this long before it expires, so that a request never carries a token
 # that dies on the wire (Docker Hub's live 300 s; a multi-GB upload outlives several).
 REFRESH_MARGIN_S = 30.0
 DEFAULT_TOKEN_TTL_S = 60.0
+MAX_TOKEN_BYTES = 1024 * 1024  # a token server's answer; real ones are a few KiB
 # Docker's name for a user whose password is an identity token: an OAuth2 refresh token that
 # `docker login` keeps (and credential helpers hand out) instead of a password.
 IDENTITY_TOKEN_USER = "<token>"
@@ -290,9 +293,12 @@ class Authenticator:
             async with ctx as resp:
                 if resp.status != 200:
                     raise AuthError(f"the token url {_host(url)} answered HTTP {resp.status}", transient=resp.status >= 500 or resp.status == 429)
-                text = await resp.text()
+                raw = await read_body(resp, MAX_TOKEN_BYTES)
         except aiohttp.ClientError as exc:
             raise AuthError(f"the token url {_host(url)} could not be reached: {type(exc).__name__}", transient=True) from None
+        if len(raw) > MAX_TOKEN_BYTES:
+            raise AuthError(f"the token url {_host(url)} answered something too large to be a token")
+        text = raw.decode("utf-8", "replace")
         try:
             body = json.loads(text)
         except ValueError:
@@ -315,8 +321,12 @@ async def _ask(
                 raise AuthError(f"the token server {_host(realm)} {refused} (HTTP {resp.status})")
             if resp.status != 200:
                 raise AuthError(f"the token server {_host(realm)} answered HTTP {resp.status}", transient=resp.status >= 500 or resp.status == 429)
+            # The realm comes from a registry's challenge: its answer is read only as far as a token goes.
+            raw = await read_body(resp, MAX_TOKEN_BYTES)
             try:
-                return await resp.json(content_type=None)
+                if len(raw) > MAX_TOKEN_BYTES:
+                    raise ValueError("too large")
+                return json.loads(raw)
             except ValueError:
                 raise AuthError(f"the token server {_host(realm)} answered something that is not a token") from None
     except aiohttp.ClientError as exc:

@@ -21,6 +21,7 @@ from yarl import URL
 
 from ..metrics import RETRIES, request_timer
 from .auth import AuthError, Authenticator, ChallengeCache, TokenCache, merge_scopes, parse_challenges, scope_for
+from .bodies import read_body
 from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
 from .manifests import ACCEPT, MAX_MANIFEST_BYTES, OCI_INDEX, Manifest, ManifestError, index_descriptors, parse_manifest
 
@@ -347,7 +348,7 @@ class RegistryClient:
 
     async def _error(self, resp: aiohttp.ClientResponse, step: str) -> RegistryError:
         try:
-            body = await _read_body(resp, 64 * 1024) if resp.method != "HEAD" else b""
+            body = await read_body(resp, 64 * 1024) if resp.method != "HEAD" else b""
         except (aiohttp.ClientError, asyncio.TimeoutError):
             body = b""
         finally:
@@ -382,7 +383,7 @@ class RegistryClient:
                 expect=(200,), headers={"Accept": ACCEPT},
             )
             async with resp:
-                data = await _read_body(resp, MAX_MANIFEST_BYTES)
+                data = await read_body(resp, MAX_MANIFEST_BYTES)
                 content_type = resp.headers.get("Content-Type", "")
             if len(data) > MAX_MANIFEST_BYTES:
                 raise RegistryError(self.name, step, "the manifest is larger than 4 MiB")
@@ -498,7 +499,7 @@ class RegistryClient:
                 async with resp:
                     if resp.status != 200:
                         return None
-                    return await _read_body(resp, MAX_MANIFEST_BYTES), resp.headers.get("Link")
+                    return await read_body(resp, MAX_MANIFEST_BYTES), resp.headers.get("Link")
 
             page = await self._call(op)
             if page is None:
@@ -531,7 +532,7 @@ class RegistryClient:
         async with resp:
             # Read to the end, the connection is kept; but distribution 2.8 ignores n=1 and
             # lists every tag: past 64 KiB, dropping the connection is the cheaper loss.
-            await _read_body(resp, 64 * 1024)
+            await read_body(resp, 64 * 1024)
         self._repos.add(key)
         return True
 
@@ -737,14 +738,3 @@ def _next_page(registry: str, step: str, url: URL, link: str | None) -> URL | No
         raise RegistryError(registry, step, f"the next page is elsewhere ({nxt.origin()}{nxt.path}), not read")
     return nxt
 
-
-async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body, or its first limit + 1 bytes when it is longer. (`content.read(n)` gives
-    what has arrived so far, which over TLS may be one 16 KiB record.)"""
-    data = bytearray()
-    while len(data) <= limit:
-        piece = await resp.content.read(limit + 1 - len(data))
-        if not piece:
-            break
-        data += piece
-    return bytes(data)
