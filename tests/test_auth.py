@@ -544,3 +544,28 @@ async def test_a_token_server_that_answers_without_end_is_read_only_as_far_as_a_
         with pytest.raises(RegistryError, match="answered something that is not a token"):
             await asyncio.wait_for(client.head_manifest("team/app", "v1"), 30)
     assert len(sent) < 64
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("body", "header"), [
+    (b"bare-token-123\n", "Bearer bare-token-123"),  # some token urls answer the token alone
+    (b'{"token": "json-token"}', "Bearer json-token"),
+    (b"ab\xff\xfecd", None),  # not ASCII: it could not go into a header as it is
+    (b'{"token": "broken', None),
+    (b"x" * (64 * 1024 + 1), None),
+])
+async def test_what_a_token_url_answers_is_a_token_or_a_clear_error(fake_time: FakeTime, body: bytes, header: str | None) -> None:
+    a = Authenticator({"url": STATIC})
+    async with answering(STATIC_RE, get=lambda url, **kw: CallbackResult(body=body)) as s:
+        if header is not None:
+            assert await a.header_for(s, SCOPE, False) == header
+        else:
+            with pytest.raises(AuthError, match="answered something that is not a token"):
+                await a.header_for(s, SCOPE, False)
+
+
+@pytest.mark.asyncio
+async def test_an_oauth2_endpoint_that_answers_nothing_leaves_the_get_flow_to_try(fake_time: FakeTime) -> None:
+    server = TokenServer({"token": "t1", "expires_in": 300})
+    async with answering(post=lambda url, **kw: CallbackResult(status=200, body=b""), get=server) as s:
+        assert await identity().header_for(s, SCOPE, False) == "Bearer t1"

@@ -532,11 +532,37 @@ async def test_a_repository_seen_once_is_not_asked_about_again_by_any_client(sle
         assert len(calls(m, "GET", gone)) == 2  # an unknown one may be pushed any moment: asked each time
 
 
-def test_known_repositories_are_bounded() -> None:
+def test_known_repositories_are_bounded_and_forget_the_least_used_first() -> None:
     known = KnownRepositories(max_entries=2)
-    for key in ("a", "b", "a", "c"):
-        known.add(key)
+    known.add("a")
+    known.add("b")
+    assert "a" in known  # used: b is now the one to go
+    known.add("c")
     assert "a" in known and "c" in known and "b" not in known
+
+
+@pytest.mark.asyncio
+async def test_a_tag_list_cut_off_mid_answer_still_says_known_but_is_not_remembered(aiohttp_server) -> None:
+    async def tags(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "1000"})
+        await resp.prepare(request)
+        await resp.write(b'{"name":"team/app","tags":[')
+        assert request.transport is not None
+        request.transport.close()  # the connection breaks before the promised 1000 bytes
+        return resp
+
+    async def ping(_: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/v2/", ping)
+    app.router.add_get("/v2/team/app/tags/list", tags)
+    server = await aiohttp_server(app)
+    known = KnownRepositories()
+    async with aiohttp.ClientSession() as s:
+        client = RegistryClient(s, str(server.make_url("/v2/")), policy=POLICY, repos=known)
+        assert await client.repository_known("team/app") is True
+    assert f"{client.base} team/app" not in known
 
 
 @pytest.mark.asyncio

@@ -19,7 +19,7 @@ from .bodies import read_body
 # that dies on the wire (Docker Hub's live 300 s; a multi-GB upload outlives several).
 REFRESH_MARGIN_S = 30.0
 DEFAULT_TOKEN_TTL_S = 60.0
-MAX_TOKEN_BYTES = 1024 * 1024  # a token server's answer; real ones are a few KiB
+MAX_TOKEN_BYTES = 64 * 1024  # a token server's answer: real ones are a few KiB, and no registry takes a header this long
 # Docker's name for a user whose password is an identity token: an OAuth2 refresh token that
 # `docker login` keeps (and credential helpers hand out) instead of a password.
 IDENTITY_TOKEN_USER = "<token>"
@@ -296,14 +296,13 @@ class Authenticator:
                 raw = await read_body(resp, MAX_TOKEN_BYTES)
         except aiohttp.ClientError as exc:
             raise AuthError(f"the token url {_host(url)} could not be reached: {type(exc).__name__}", transient=True) from None
-        if len(raw) > MAX_TOKEN_BYTES:
-            raise AuthError(f"the token url {_host(url)} answered something too large to be a token")
-        text = raw.decode("utf-8", "replace")
         try:
-            body = json.loads(text)
-        except ValueError:
-            # Some token endpoints answer the bare token.
-            body = {"token": text.strip()}
+            if len(raw) > MAX_TOKEN_BYTES:
+                raise ValueError("too large")
+            text = raw.decode("ascii").strip()  # a token goes into a header: ASCII or nothing
+            body = json.loads(text) if text[:1] in ("{", "[", '"') else {"token": text}  # some answer the bare token
+        except ValueError:  # UnicodeDecodeError included
+            raise AuthError(f"the token url {_host(url)} answered something that is not a token") from None
         return _token_from(body, url)
 
 
@@ -323,6 +322,8 @@ async def _ask(
                 raise AuthError(f"the token server {_host(realm)} answered HTTP {resp.status}", transient=resp.status >= 500 or resp.status == 429)
             # The realm comes from a registry's challenge: its answer is read only as far as a token goes.
             raw = await read_body(resp, MAX_TOKEN_BYTES)
+            if not raw.strip():
+                return None  # no answer at all: for the OAuth2 POST, another way to ask may work
             try:
                 if len(raw) > MAX_TOKEN_BYTES:
                     raise ValueError("too large")

@@ -126,7 +126,10 @@ class KnownRepositories:
         self._known: dict[str, None] = {}
 
     def __contains__(self, key: str) -> bool:
-        return key in self._known
+        if key not in self._known:
+            return False
+        self.add(key)  # in use: the last to be forgotten
+        return True
 
     def add(self, key: str) -> None:
         self._known.pop(key, None)
@@ -529,10 +532,13 @@ class RegistryClient:
             )
         except RegistryError as exc:
             return exc.code != "NAME_UNKNOWN"
-        async with resp:
-            # Read to the end, the connection is kept; but distribution 2.8 ignores n=1 and
-            # lists every tag: past 64 KiB, dropping the connection is the cheaper loss.
-            await read_body(resp, 64 * 1024)
+        try:
+            async with resp:
+                # Read to the end, the connection is kept; but distribution 2.8 ignores n=1 and
+                # lists every tag: past 64 KiB, dropping the connection is the cheaper loss.
+                await read_body(resp, 64 * 1024)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return True  # the answer was a 200 all the same; not remembered on a broken read
         self._repos.add(key)
         return True
 
