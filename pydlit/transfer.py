@@ -276,16 +276,23 @@ class ImageCopy:
             await self.events.target_state(target.idx, "FAILED", str(error))
 
     async def _head_tag(self, t: Target) -> str | None | RegistryError:
+        # A repository the registry does not know has no blob to find: one request saves a HEAD
+        # per blob. Only on a first attempt: distribution counts a repository with blobs but no
+        # tag as unknown, and that is what an interrupted attempt leaves. Asked beside the tag,
+        # not after it: a round trip less for a new repository, and for one that turns out to
+        # hold the tag, a request the service makes once (a known repository is not asked again).
+        probe = asyncio.create_task(t.client.repository_known(t.repo)) if self.first_attempt else None
         try:
             current = await t.client.head_manifest(t.repo, t.ref)
-            if current is None and self.first_attempt:
-                # A repository the registry does not know has no blob to find: one request saves
-                # a HEAD per blob. Only on a first attempt: distribution counts a repository with
-                # blobs but no tag as unknown, and that is what an interrupted attempt leaves.
-                t.fresh = not await t.client.repository_known(t.repo)
+            if probe is not None:
+                known = await probe
+                t.fresh = current is None and not known
             return current
         except RegistryError as exc:
             return exc
+        finally:
+            if probe is not None and not probe.done():
+                probe.cancel()
 
     async def _preflight(self, t: Target, head: asyncio.Task[str | None | RegistryError]) -> bool:
         """Finished, skipped, or to copy: decided by what the target's tag holds now."""
