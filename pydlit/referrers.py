@@ -3,6 +3,7 @@ manifests. They are found at the source through the referrers API or, where a re
 API (distribution 2.8 among them), through the tag schema's index under `<alg>-<hex>`. At a target
 they are pushed after the image's manifests and before its tag, so that a tag is never seen
 without its signatures; a target that does not index subjects itself gets the tag schema's index.
+cosign's older digest tags (`<alg>-<hex>.sig`, `.att`, `.sbom`) go the same way, by name.
 """
 from __future__ import annotations
 
