@@ -88,6 +88,20 @@ def make_client(session: aiohttp.ClientSession, auth: dict | None = None, policy
     return RegistryClient(session, f"{BASE}/v2/", auth=auth, policy=policy)
 
 
+async def registry_answering(aiohttp_server, path: str, handler) -> str:  # type: ignore[no-untyped-def]
+    """The /v2/ base of a local server that answers the ping and GET `path` with `handler`:
+    for answers a real registry does not give (bodies in pieces, or without end)."""
+
+    async def ping(_: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/v2/", ping)
+    app.router.add_get(path, handler)
+    server = await aiohttp_server(app)
+    return str(server.make_url("/v2/"))
+
+
 # -- the shared challenge cache ----------------------------------------------------------------------
 
 
@@ -551,16 +565,10 @@ async def test_a_tag_list_cut_off_mid_answer_still_says_known_but_is_not_remembe
         request.transport.close()  # the connection breaks before the promised 1000 bytes
         return resp
 
-    async def ping(_: web.Request) -> web.Response:
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_get("/v2/", ping)
-    app.router.add_get("/v2/team/app/tags/list", tags)
-    server = await aiohttp_server(app)
+    base = await registry_answering(aiohttp_server, "/v2/team/app/tags/list", tags)
     known = KnownRepositories()
     async with aiohttp.ClientSession() as s:
-        client = RegistryClient(s, str(server.make_url("/v2/")), policy=POLICY, repos=known)
+        client = RegistryClient(s, base, policy=POLICY, repos=known)
         assert await client.repository_known("team/app") is True
     assert f"{client.base} team/app" not in known
 
@@ -577,15 +585,9 @@ async def test_a_long_tag_list_is_not_read_to_its_end(aiohttp_server) -> None:
         await endless.wait()  # the rest never comes
         return resp
 
-    async def ping(_: web.Request) -> web.Response:
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_get("/v2/", ping)
-    app.router.add_get("/v2/team/app/tags/list", tags)
-    server = await aiohttp_server(app)
+    base = await registry_answering(aiohttp_server, "/v2/team/app/tags/list", tags)
     async with aiohttp.ClientSession() as s:
-        client = RegistryClient(s, str(server.make_url("/v2/")), policy=POLICY)
+        client = RegistryClient(s, base, policy=POLICY)
         assert await asyncio.wait_for(client.repository_known("team/app"), 10) is True
     endless.set()
 
@@ -739,15 +741,9 @@ async def test_a_manifest_that_arrives_in_pieces_is_read_whole(aiohttp_server) -
             await asyncio.sleep(0.005)
         return resp
 
-    async def ping(_: web.Request) -> web.Response:
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_get("/v2/", ping)
-    app.router.add_get(f"/v2/team/app/manifests/{digest}", manifest)
-    server = await aiohttp_server(app)
+    base = await registry_answering(aiohttp_server, f"/v2/team/app/manifests/{digest}", manifest)
     async with aiohttp.ClientSession() as s:
-        client = RegistryClient(s, str(server.make_url("/v2/")), policy=POLICY)
+        client = RegistryClient(s, base, policy=POLICY)
         got = await client.get_manifest("team/app", digest)
     assert got.data == data and len(data) > 100_000
 
