@@ -212,7 +212,8 @@ class ImageCopy:
             # Targets that answer promptly share one read of the source; one slow to answer
             # (retrying, unreachable) must not hold them back, so it gets a read of its own later.
             done, pending = await asyncio.wait(checks, timeout=self.tuning.preflight_wait_s)
-            ready = [checks[task] for task in done if task.result()]
+            # In the request's order: the first target on a registry is the one its others link from.
+            ready = sorted((checks[task] for task in done if task.result()), key=lambda t: t.idx)
             groups = [self._copy_to(ready)] if ready else []
             groups += [self._copy_late(task, checks[task]) for task in pending]
             await _gather_all(groups)
@@ -375,6 +376,41 @@ class ImageCopy:
     async def _copy_blob(self, blob: Blob, targets: list[Target]) -> None:
         present = await asyncio.gather(*(self._already_there(t, blob) for t in targets))
         need = [t for t, there in zip(targets, present, strict=True) if not there and not t.failed]
+        # A registry takes the bytes once: its other targets wait for them, then link them (a
+        # mount, or nothing in the same repository) instead of uploading them again.
+        first, later = self._one_per_registry(blob, need)
+        await self._send(blob, first)
+        if later:
+            linked = await asyncio.gather(*(self._link_from(t, blob, first) for t in later))
+            await self._send(blob, [t for t, ok in zip(later, linked, strict=True) if not ok and not t.failed])
+
+    def _one_per_registry(self, blob: Blob, need: list[Target]) -> tuple[list[Target], list[Target]]:
+        """The targets that get the blob's bytes, and those that wait to link it from one of them."""
+        first: list[Target] = []
+        later: list[Target] = []
+        for t in need:
+            # A session to resume is worth more than what another target's upload would spare.
+            if any(f.client.key == t.client.key for f in first) and not self.events.saved_upload(t.idx, blob.digest):
+                later.append(t)
+            else:
+                first.append(t)
+        return first, later
+
+    async def _link_from(self, t: Target, blob: Blob, first: list[Target]) -> bool:
+        """Whether `t` now holds the blob, linked from a target on its registry that took it."""
+        peer = next((f for f in first if f.client.key == t.client.key and blob.digest not in self._lacking[f.idx]), None)
+        if peer is None:
+            return False  # it failed there: `t` gets the bytes itself
+        try:
+            # Other credentials may not read the peer's repository: the mount is then refused.
+            if peer.repo == t.repo or await t.client.mount_blob(t.repo, blob.digest, peer.repo):
+                await self._blob_done(t, blob)
+                return True
+        except RegistryError as exc:
+            await self._fail(t, exc)
+        return False
+
+    async def _send(self, blob: Blob, need: list[Target]) -> None:
         if not need:
             return
         if blob.size <= min(self.tuning.whole_blob_max, self.tuning.chunk_size):

@@ -499,6 +499,48 @@ def test_shared_layers_other_repo_are_mounted(service, registries, repo_name, pr
     assert_same_tree(first, read_back(registries.target_a, repo_name, "v1"))
 
 
+def test_targets_on_one_registry_take_the_bytes_once(service, registries, repo_name, proxy_factory):
+    # One layer over 1 MiB (streamed) and the rest read whole: both paths send once per registry.
+    image = push_image(registries.source, repo_name, "v1", "oci", (1_500_000, 40_001, 120_007), seed=_seed())
+    repo_b = f"{repo_name}-b"
+    proxy = proxy_factory(registries.target_a)
+    targets = [(proxy, {}), (proxy, {"image": repo_b}), (proxy, {"ref": "v1-again"})]
+
+    status = _run(service, job_body(registries.source, repo_name, "v1", targets))
+
+    _assert_all_finished(status, image.total_bytes)
+    assert proxy.blob_upload_bytes() == image.total_bytes, proxy.counters()
+    posts = [r for r in proxy.requests if r.kind == "upload_post"]
+    mounted = [r for r in posts if r.status == 201]  # a plain upload start answers 202
+    assert len(mounted) == len(image.blobs), posts
+    assert all(r.path == f"/v2/{repo_b}/blobs/uploads/" for r in mounted), posts
+    for repo, tag in ((repo_name, "v1"), (repo_b, "v1"), (repo_name, "v1-again")):
+        assert_same_tree(image, read_back(registries.target_a, repo, tag))
+
+
+def test_a_target_that_may_not_mount_from_its_peer_uploads_itself(service, registries, repo_name):
+    reg, ts = registries.token, registries.token_server
+    image = push_image(registries.source, repo_name, "v1", "schema2", (1_500_000, 40_001), seed=_seed())
+    repo_b = f"{repo_name}-b"
+    # A second user who may push to repo_b but not read the first target's repository.
+    ts.users["other"] = "other-pass"
+    ts.set_acl("other", [(repo_b, ["pull", "push"])])
+    since = len(ts.requests)
+    try:
+        other = {"basicauth": {"user": "other", "password": "other-pass"}}
+        status = _run(service, job_body(registries.source, repo_name, "v1", [reg, (reg, {"image": repo_b, "auth": other})]))
+    finally:
+        del ts.users["other"]
+        ts.reset_acl()
+
+    _assert_all_finished(status, image.total_bytes)
+    # The mount was asked for, with read access to the first repository, and refused it.
+    mounts = [r for r in _token_requests_for(ts, repo_name, since=since) if r.user == "other"]
+    assert mounts and all(not _granted_actions(r, repo_name) for r in mounts), mounts
+    for repo in (repo_name, repo_b):
+        assert_same_tree(image, read_back(reg, repo, "v1"))
+
+
 # -- failures -------------------------------------------------------------------------------------
 
 
