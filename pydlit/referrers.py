@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .registry.client import RegistryClient, RegistryError
-from .registry.manifests import OCI_INDEX, Blob, Manifest, Tree, index_descriptors, parse_manifest
-from .registry.trees import read_tree
+from .registry.manifests import OCI_INDEX, Blob, Manifest, ManifestError, Tree, index_descriptors, parse_manifest
+from .registry.trees import push_levels, read_tree
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,13 @@ class _Lister:
             log.warning("%s: %s:%s is a %s, not a referrers index; not read as one",
                         self.client.name, self.repo, tag, index.media_type)
             return [], None
+        try:
+            descriptors = index_descriptors(index.data)
+        except ManifestError as exc:
+            log.warning("%s: %s:%s is no readable referrers index (%s); not read as one", self.client.name, self.repo, tag, exc)
+            return [], None
         # Listed twice is listed once: the index is anyone's to write.
-        listed = list({d["digest"]: d for d in index_descriptors(index.data)}.values())
-        return listed, index
+        return list({d["digest"]: d for d in descriptors}.values()), index
 
 
 async def find_referrers(
@@ -240,20 +244,17 @@ class ReferrerPusher:
             await self.client.put_manifest(self.repo, dt.tag, top)
 
     async def _put_below(self, tree: Tree) -> None:
-        for m in reversed(tree.children):  # what an index names goes first
-            if m.digest not in self.held:
-                await self.client.put_manifest(self.repo, m.digest, m)
+        for level in push_levels(tree):
+            for m in level:
+                if m.digest not in self.held:
+                    await self.client.put_manifest(self.repo, m.digest, m)
 
     async def _list_under_tag(self, refs: Referrers) -> None:
         """Add what the target's tag-schema index lacks. The source's own index, byte for byte,
         where it lists all the target's; a merged one where the target has referrers of its own."""
         tag = fallback_tag(refs.subject)
         current = await self.client.find_manifest(self.repo, tag)
-        if current is not None and current.media_type != OCI_INDEX:
-            raise RegistryError(self.client.name, f"list referrers under {self.repo}:{tag}",
-                                f"the tag holds a {current.media_type}, not a referrers index, and was left alone; "
-                                "delete that tag at the target, or copy without referrers")
-        listed = index_descriptors(current.data) if current is not None else []
+        listed = _listed_at_target(self.client.name, f"{self.repo}:{tag}", current)
         have = {d["digest"] for d in listed}
         missing = [d for d in refs.descriptors if d["digest"] not in have]
         if not missing:
@@ -263,6 +264,21 @@ class ReferrerPusher:
         else:
             index = _index([*listed, *missing])
         await self.client.put_manifest(self.repo, tag, index)
+
+
+def _listed_at_target(registry: str, where: str, current: Manifest | None) -> list[dict[str, Any]]:
+    """What a target's tag-schema index lists; a tag holding anything else is not ours to replace."""
+    if current is None:
+        return []
+    if current.media_type != OCI_INDEX:
+        problem = f"the tag holds a {current.media_type}, not a referrers index"
+    else:
+        try:
+            return index_descriptors(current.data)
+        except ManifestError as exc:
+            problem = f"the tag holds an index that cannot be read ({exc})"
+    raise RegistryError(registry, f"list referrers under {where}",
+                        f"{problem}, and was left alone; delete that tag at the target, or copy without referrers")
 
 
 def _within(older: Manifest, newer: Manifest) -> bool:

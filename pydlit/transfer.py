@@ -20,7 +20,7 @@ from .pipe import Pipe, PipeClosed
 from .referrers import DigestTag, ReferrerPusher, Referrers, find_digest_tags, find_referrers, tag_names
 from .registry.client import RegistryClient, RegistryError, broken_stream, retrying
 from .registry.manifests import Blob, Manifest, Tree
-from .registry.trees import read_tree
+from .registry.trees import push_levels, read_tree
 
 log = logging.getLogger(__name__)
 
@@ -355,8 +355,8 @@ class ImageCopy:
         top = self.tree.top
         try:
             if not t.current:
-                # Children by digest first: an index naming an unknown manifest is refused.
-                await _gather_all(child(m) for m in reversed(self.tree.children))
+                for level in push_levels(self.tree):
+                    await _gather_all(child(m) for m in level)
             attached = bool(self._attached_trees())
             if attached:
                 if not t.current:
@@ -551,7 +551,7 @@ class ImageCopy:
         try:
             saved = (s.location, s.offset) if s.location else self.events.saved_upload(t.idx, blob.digest)
             if saved and chunked:
-                held = await t.client.upload_offset(saved[0], t.repo)
+                held = await t.client.upload_offset(saved[0], t.repo, expected=saved[1])
                 if held is not None and held <= blob.size:
                     s.location, s.offset = saved[0], held
                     self.events.blob_progress(t.idx, blob.digest, held)
@@ -560,8 +560,9 @@ class ImageCopy:
             s.location = await t.client.start_upload(t.repo)
             s.offset = 0
             self.events.blob_progress(t.idx, blob.digest, 0)
-            if chunked:
-                await self.events.save_upload(t.idx, blob.digest, s.location, 0)
+            # Kept even when one PUT carries the whole blob: a cancelled job gives back every
+            # session it has open, and this is where it finds them.
+            await self.events.save_upload(t.idx, blob.digest, s.location, 0)
         except RegistryError as exc:
             s.error = exc
 
@@ -587,10 +588,10 @@ class ImageCopy:
             await _gather_all(self._write_target(blob, s) for s in sinks)
         finally:
             for reader in readers:
-                if not reader.done():
-                    reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reader
+                reader.cancel()
+            # Waited for, not awaited: their failures reached the writers through the pipes, and
+            # a cancellation of this copy itself must still get through.
+            await asyncio.wait([_unwatched(r) for r in readers])
         if verified.done() and not verified.cancelled() and verified.exception() is None and verified.result() is False:
             raise DigestMismatch()
 
@@ -671,12 +672,17 @@ class ImageCopy:
             await s.pipe.put(piece)
             return True
         loop = asyncio.get_running_loop()
-        while not await s.pipe.put(piece, timeout=_IDLE_CHECK_S):
+        while True:
+            if s.held_back >= after and s.held_back * 2 > loop.time() - began:
+                return False
+            # Every wait counts, short ones too: a target that frees a piece just in time, again
+            # and again, holds the others to its pace as surely as one that stops.
+            waited = loop.time()
+            delivered = await s.pipe.put(piece, timeout=_IDLE_CHECK_S)
             if any(o is not s and o.pipe is not None and not o.pipe.closed and o.pipe.held == 0 for o in sinks):
-                s.held_back += _IDLE_CHECK_S
-                if s.held_back >= after and s.held_back * 2 > loop.time() - began:
-                    return False
-        return True
+                s.held_back += loop.time() - waited
+            if delivered:
+                return True
 
     async def _write_target(self, blob: Blob, s: _Sink) -> None:
         t = s.target
@@ -702,9 +708,7 @@ class ImageCopy:
             # Read now, not at the start: a sink that left the shared read has a verdict of its own.
             assert s.verified is not None
             if not await asyncio.shield(s.verified):
-                await t.client.cancel_upload(s.location, t.repo)
-                await self.events.drop_upload(t.idx, blob.digest)
-                s.location = None
+                await self._abandon(s, blob)
                 return
             await t.client.finish_upload(s.location, t.repo, blob.digest)
             s.done = True
@@ -714,10 +718,23 @@ class ImageCopy:
             s.error = s.pipe.error or exc
             if isinstance(exc, RegistryError) and exc.status in (405, 501) and not s.monolithic:
                 s.monolithic, s.location = True, None
+            elif isinstance(exc, RegistryError) and (exc.status == 416 or exc.code == "DIGEST_INVALID"):
+                # The session holds other bytes than the registry said it does (zot and Quay
+                # misreport an offset; 2.8 takes a PATCH from the wrong one): asked again, it
+                # would say the same, and its bytes can never be committed.
+                await self._abandon(s, blob)
         finally:
             await s.pipe.close()
         if isinstance(s.error, Stopped):
             raise s.error
+
+
+    async def _abandon(self, s: _Sink, blob: Blob) -> None:
+        """The sink's session is given back: the blob starts over in a new one."""
+        location, s.location = s.location, None
+        await self.events.drop_upload(s.target.idx, blob.digest)
+        if location is not None:
+            await s.target.client.cancel_upload(location, s.target.repo)
 
 
 class _OffLoopHash:

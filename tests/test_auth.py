@@ -18,7 +18,7 @@ from support.mocked import aioresponses
 from yarl import URL
 
 from pydlit.registry import auth as auth_mod
-from pydlit.registry.client import RegistryClient, RegistryError, RetryPolicy
+from pydlit.registry import bodies
 from pydlit.registry.auth import (
     Authenticator,
     AuthError,
@@ -26,6 +26,7 @@ from pydlit.registry.auth import (
     merge_scopes,
     parse_challenges,
 )
+from pydlit.registry.client import RegistryClient, RegistryError, RetryPolicy
 
 REALM = "http://127.0.0.1:5999/token"
 REALM_RE = re.compile(r"^http://127\.0\.0\.1:5999/token(\?.*)?$")
@@ -569,3 +570,83 @@ async def test_an_oauth2_endpoint_that_answers_nothing_leaves_the_get_flow_to_tr
     server = TokenServer({"token": "t1", "expires_in": 300})
     async with answering(post=lambda url, **kw: CallbackResult(status=200, body=b""), get=server) as s:
         assert await identity().header_for(s, SCOPE, False) == "Bearer t1"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("payload", [{"username": "alice", "password": "s3cr3t-PASSWORD"}, None], ids=["post", "get"])
+async def test_a_token_url_that_redirects_is_not_followed(aiohttp_server, payload: dict | None) -> None:  # type: ignore[no-untyped-def]
+    # aiohttp would carry the JSON payload (on a 307) and the custom headers wherever it points.
+    reached: list[str] = []
+
+    async def grab(request: web.Request) -> web.Response:
+        reached.append(await request.text())
+        return web.json_response({"token": "grabbed"})
+
+    elsewhere = web.Application()
+    elsewhere.router.add_route("*", "/grab", grab)
+    grabber = await aiohttp_server(elsewhere)
+
+    async def token(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(str(grabber.make_url("/grab")))
+
+    app = web.Application()
+    app.router.add_route("*", "/token", token)
+    server = await aiohttp_server(app)
+    a = Authenticator({"url": str(server.make_url("/token")), "header": {"X-Api-Key": "API-KEY-123"}, "json": payload})
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(AuthError) as err:
+            await a.header_for(s, SCOPE, False)
+    assert reached == []
+    msg = str(err.value)
+    assert "answered with a redirect (HTTP 307), which is not followed" in msg and not err.value.transient
+    assert "API-KEY-123" not in msg and "s3cr3t-PASSWORD" not in msg
+
+
+@pytest.mark.asyncio
+async def test_token_requests_ask_for_answers_that_are_not_compressed(fake_time: FakeTime) -> None:
+    # The service's session does not decompress: a token gzipped by a proxy could not be read.
+    asked: list[str | None] = []
+
+    def record(url: URL, **kwargs) -> CallbackResult:
+        asked.append(CIMultiDict(kwargs.get("headers") or {}).get("Accept-Encoding"))
+        return CallbackResult(payload={"access_token": "t", "expires_in": 300})
+
+    async with answering(get=record, post=record) as s:
+        await bearer().header_for(s, SCOPE, False)  # GET realm
+        await identity().header_for(s, SCOPE, False)  # the OAuth2 POST
+    async with answering(STATIC_RE, get=record, post=record) as s:
+        await Authenticator({"url": STATIC}).header_for(s, SCOPE, False)
+        await Authenticator({"url": STATIC, "json": {"user": "svc"}, "header": {"X-Api-Key": "k"}}).header_for(s, SCOPE, False)
+    assert asked == ["identity"] * 4
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("flow", ["challenge", "url"])
+async def test_a_token_server_that_trickles_is_given_up_on(aiohttp_server, monkeypatch: pytest.MonkeyPatch, flow: str) -> None:  # type: ignore[no-untyped-def]
+    # Each byte comes well inside the stall timeout: only a bound on the whole answer ends it.
+    monkeypatch.setattr(bodies, "ANSWER_TIMEOUT_S", 1.0)
+    done = asyncio.Event()
+
+    async def token(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while not done.is_set():
+                await resp.write(b" ")
+                await asyncio.sleep(0.1)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/token", token)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/token"))
+    if flow == "url":
+        a = Authenticator({"url": url})
+    else:
+        a = Authenticator(None)
+        a.challenge = Challenge("bearer", {"realm": url, "service": "reg"})
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(AuthError) as err:
+            await asyncio.wait_for(a.header_for(s, SCOPE, False), 10)
+    done.set()
+    assert err.value.transient and "did not answer in time" in str(err.value)

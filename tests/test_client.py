@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
+import contextlib
 import email.utils
+import gzip
+import hashlib
 import json
 import re
 import time
 from types import SimpleNamespace
 
 import aiohttp
-from aiohttp import web
 import pytest
+from aiohttp import web
 from aioresponses import CallbackResult
 from multidict import CIMultiDict
 from support.mocked import aioresponses
 from yarl import URL
 
+from pydlit.registry import bodies
 from pydlit.registry import client as client_mod
 from pydlit.registry.auth import ChallengeCache
 from pydlit.registry.client import (
@@ -27,6 +30,7 @@ from pydlit.registry.client import (
     RegistryError,
     RetryPolicy,
     parse_retry_after,
+    same_origin,
     split_endpoint,
     with_query,
 )
@@ -150,6 +154,57 @@ async def test_429_retry_after_http_date_is_honoured(sleeps: list[float]) -> Non
         assert len(calls(m, "GET", MANIFEST_URL)) == 2
     [delay] = sleeps
     assert 9.5 <= delay <= 12.5  # the date has whole-second resolution
+
+
+@pytest.mark.asyncio
+async def test_a_retry_after_past_max_delay_is_waited_in_full(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(MANIFEST_URL, status=429, headers={"Retry-After": "120"})
+        m.get(MANIFEST_URL, status=200, body=MANIFEST, content_type=DOCKER_MANIFEST)
+        async with aiohttp.ClientSession() as s:
+            await make_client(s).get_manifest("team/app", "v1")
+        assert len(calls(m, "GET", MANIFEST_URL)) == 2
+    assert sleeps == [120.0]  # not max_delay (30 s): a try inside the window only meets another 429
+
+
+@pytest.mark.asyncio
+async def test_a_retry_after_past_the_time_budget_gives_up_at_once(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(MANIFEST_URL, status=429, body=errors_body("TOOMANYREQUESTS", "slow down"), headers={"Retry-After": "400"},
+              repeat=True)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError) as caught:
+                await make_client(s).get_manifest("team/app", "v1")  # a budget of 300 s
+        assert len(calls(m, "GET", MANIFEST_URL)) == 1
+    assert sleeps == []
+    err = caught.value
+    assert err.status == 429 and err.code == "TOOMANYREQUESTS" and not err.transient
+    assert "slow down" in str(err) and "the registry asked to wait 400 s" in str(err)
+
+
+@pytest.mark.asyncio
+async def test_retry_after_waits_are_counted_against_the_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _AsyncioWithFakeSleep()
+    now = [1000.0]
+
+    async def sleep(delay: float, *args) -> None:
+        clock.sleeps.append(delay)
+        now[0] += delay
+
+    monkeypatch.setattr(clock, "sleep", sleep)
+    monkeypatch.setattr(client_mod, "asyncio", clock)
+    monkeypatch.setattr(client_mod, "time", SimpleNamespace(monotonic=lambda: now[0], time=time.time))
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(MANIFEST_URL, status=429, headers={"Retry-After": "120"}, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError) as caught:
+                await make_client(s).get_manifest("team/app", "v1")  # 4 attempts, 300 s
+        assert len(calls(m, "GET", MANIFEST_URL)) == 3
+    assert clock.sleeps == [120.0, 120.0]
+    assert "asked to wait 120 s, longer than the 60 s left" in str(caught.value)
 
 
 @pytest.mark.asyncio
@@ -403,6 +458,91 @@ async def test_redirect_within_the_registry_keeps_authorization(sleeps: list[flo
     assert sent_headers(second)["Authorization"].startswith("Basic ")
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refusal_by_the_host_a_redirect_led_to_is_an_error_that_names_it(sleeps: list[float], status: int) -> None:
+    # Its challenge is not the registry's: following it would hand the registry's credentials to
+    # whatever token realm that host names.
+    blob_url = f"{BASE}/v2/team/app/blobs/{DIGEST}"
+    storage = "http://127.0.0.2:9000/bucket/blob-a?X-Signature=abc"
+    tokens = Tokens("foreign-token")
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": 'Basic realm="Registry"'}, repeat=True)
+        m.get(blob_url, status=307, headers={"Location": storage}, repeat=True)
+        m.get(storage, status=status, headers={"WWW-Authenticate": BEARER_CHALLENGE}, repeat=True)
+        m.get(REALM_RE, callback=tokens, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            client = make_client(s, auth={"basicauth": {"user": "alice", "password": PASSWORD}})
+            with pytest.raises(RegistryError) as caught:
+                await client.open_blob("team/app", DIGEST)
+            with pytest.raises(RegistryError):
+                await client.read_blob("team/app", DIGEST, 10)
+        at_storage = [c for (_, u), cs in m.requests.items() if u.host == "127.0.0.2" for c in cs]
+    assert tokens.calls == []
+    assert len(at_storage) == 2 and not any("Authorization" in sent_headers(c) for c in at_storage)
+    err = caught.value
+    assert err.status == status and not err.transient
+    assert "answered by http://127.0.0.2:9000, not by the registry" in str(err)
+    assert "X-Signature" not in str(err) and PASSWORD not in str(err)
+
+
+@pytest.mark.asyncio
+async def test_a_ping_redirected_to_another_host_does_not_learn_its_challenge(sleeps: list[float]) -> None:
+    elsewhere = "http://127.0.0.2:9000/v2/"
+    tokens = Tokens("foreign-token")
+    with aioresponses() as m:
+        m.get(PING, status=307, headers={"Location": elsewhere}, repeat=True)
+        m.get(elsewhere, status=401, headers={"WWW-Authenticate": BEARER_CHALLENGE}, repeat=True)
+        m.get(REALM_RE, callback=tokens, repeat=True)
+        m.get(MANIFEST_URL, status=200, body=MANIFEST, content_type=DOCKER_MANIFEST)
+        async with aiohttp.ClientSession() as s:
+            await make_client(s, auth={"basicauth": {"user": "alice", "password": PASSWORD}}).get_manifest("team/app", "v1")
+        [get] = calls(m, "GET", MANIFEST_URL)
+    assert tokens.calls == []
+    assert "Authorization" not in sent_headers(get)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("challenge", ['Basic realm="Registry"', BEARER_CHALLENGE], ids=["basic", "bearer"])
+@pytest.mark.parametrize(
+    "elsewhere",
+    [
+        "http://127.0.0.2:5000/v2/team/app/blobs/uploads/u1?_state=x",
+        "http://127.0.0.1:5001/v2/team/app/blobs/uploads/u1?_state=x",
+        "https://127.0.0.1:5000/v2/team/app/blobs/uploads/u1?_state=x",
+    ],
+    ids=["host", "port", "scheme"],
+)
+async def test_an_upload_location_on_another_origin_is_sent_no_credentials(sleeps: list[float], challenge: str, elsewhere: str) -> None:
+    # Quay, Harbor and distribution build the Location from a configured hostname, which need
+    # not be the one the registry is reached by.
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": challenge}, repeat=True)
+        m.get(REALM_RE, callback=Tokens("tok-1"), repeat=True)
+        m.post(f"{BASE}/v2/team/app/blobs/uploads/", status=202, headers={"Location": elsewhere})
+        m.put(re.compile(re.escape(elsewhere)), status=201)
+        async with aiohttp.ClientSession() as s:
+            await make_client(s, auth={"basicauth": {"user": "alice", "password": PASSWORD}}).upload_blob("team/app", DIGEST, b"data")
+        [post] = calls(m, "POST", f"{BASE}/v2/team/app/blobs/uploads/")
+        [put] = [c for (meth, _), cs in m.requests.items() if meth == "PUT" for c in cs]
+    assert sent_headers(post)["Authorization"].split()[0] in ("Basic", "Bearer")
+    assert "Authorization" not in sent_headers(put)
+
+
+@pytest.mark.parametrize(
+    "a, b, same",
+    [
+        ("https://registry.test/v2/x", "https://registry.test:443/v2/y?z=1", True),
+        ("http://Registry.Test/", "http://registry.test:80/", True),
+        ("http://registry.test/", "https://registry.test/", False),
+        ("http://registry.test:5000/", "http://registry.test:5001/", False),
+        ("http://registry.test/", "http://cdn.registry.test/", False),
+    ],
+)
+def test_same_origin_is_scheme_host_and_port(a: str, b: str, same: bool) -> None:
+    assert same_origin(URL(a), URL(b)) is same
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 
 
@@ -454,10 +594,12 @@ def test_parse_retry_after() -> None:
     assert ahead is not None and 28.5 <= ahead <= 30.5
 
 
-def test_retry_policy_uses_retry_after_up_to_max_delay() -> None:
-    policy = RetryPolicy(attempts=5, base_delay=1.0, max_delay=10.0)
+def test_retry_policy_obeys_retry_after_in_full_within_the_time_budget() -> None:
+    policy = RetryPolicy(attempts=5, base_delay=1.0, max_delay=10.0, max_total=300.0)
     assert policy.delay(1, 4.0) == 4.0
-    assert policy.delay(1, 99.0) == 10.0
+    assert policy.delay(1, 99.0) == 99.0  # past max_delay: the registry said when
+    assert policy.delay(1, 99.0, elapsed=250.0) == 50.0  # never past the budget
+    assert policy.delay(1, 99.0, elapsed=400.0) == 0.0
     for attempt in range(1, 8):
         assert 0 <= policy.delay(attempt, None) <= min(10.0, 2**attempt)
 
@@ -792,3 +934,168 @@ async def test_a_listing_that_never_ends_is_cut_off(sleeps: list[float], monkeyp
         async with aiohttp.ClientSession() as s:
             with pytest.raises(RegistryError, match="goes on past 3 pages"):
                 await make_client(s).list_tags("team/app", 10)
+
+
+# -- uploads: what registries other than distribution answer ------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_chunk_answered_with_201_as_ecr_does_is_accepted(sleeps: list[float]) -> None:
+    session = f"{UPLOADS_URL}u1?_state=a"
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.patch(session, status=201, headers={"Location": "/v2/team/app/blobs/uploads/u1?_state=b", "Range": "0-9"})
+        async with aiohttp.ClientSession() as s:
+            location = await make_client(s).patch_chunk(session, "team/app", b"0123456789", 0, 10)
+    assert location == f"{UPLOADS_URL}u1?_state=b"
+
+
+MIB_16 = 16 * 1024 * 1024
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("answer", "expected", "held"),
+    [
+        ("0-0", None, 0),  # distribution 2.8, an empty session
+        ("0--1", None, 0),  # zot, an empty session
+        (None, None, 0),
+        (f"0-{MIB_16 - 1}", MIB_16, MIB_16),
+        (f"bytes=0-{MIB_16}", MIB_16, MIB_16),  # Quay: one past what it holds
+        (f"bytes=0-{MIB_16 - 1}", MIB_16, MIB_16),
+        (f"0-{MIB_16}", None, MIB_16 + 1),  # nothing to hold it against: the registry's word
+        (f"0-{MIB_16 + 1}", MIB_16, MIB_16 + 2),  # not Quay's one byte: the registry's word
+    ],
+)
+async def test_upload_offset_reads_what_registries_answer(sleeps: list[float], answer: str | None, expected: int | None, held: int) -> None:
+    session = f"{UPLOADS_URL}u1?_state=a"
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(session, status=204, headers={"Range": answer} if answer is not None else {})
+        async with aiohttp.ClientSession() as s:
+            assert await make_client(s).upload_offset(session, "team/app", expected) == held
+
+
+# -- bodies read whole: broken, trickling, compressed ---------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["reset", "stall"])
+@pytest.mark.parametrize(
+    ("path", "content_type", "body", "read"),
+    [
+        ("/v2/team/app/manifests/v1", DOCKER_MANIFEST, MANIFEST, lambda c: c.get_manifest("team/app", "v1")),
+        ("/v2/team/app/tags/list", "application/json", b'{"tags": ["v1", "v2"]}', lambda c: c.list_tags("team/app", 10)),
+        (f"/v2/team/app/referrers/{DIGEST}", "application/vnd.oci.image.index.v1+json",
+         json.dumps(_index_of("sha256:" + "b" * 64)).encode(), lambda c: c.list_referrers("team/app", DIGEST, 10)),
+    ],
+    ids=["manifest", "tags", "referrers"],
+)
+async def test_an_answer_broken_off_mid_body_is_asked_again(aiohttp_server, how: str, path: str, content_type: str, body: bytes, read) -> None:  # type: ignore[no-untyped-def]
+    asked = 0
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        nonlocal asked
+        asked += 1
+        resp = web.StreamResponse(headers={"Content-Type": content_type, "Content-Length": str(len(body))})
+        await resp.prepare(request)
+        if asked > 1:
+            await resp.write(body)
+            return resp
+        await resp.write(body[:10])
+        if how == "stall":
+            await asyncio.sleep(1)  # past the client's stall timeout
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    base = await registry_answering(aiohttp_server, path, answer)
+    async with aiohttp.ClientSession() as s:
+        assert await read(RegistryClient(s, base, policy=POLICY, stall_timeout=0.3))
+    assert asked == 2
+
+
+async def _trickle(request: web.Request, content_type: str, until: asyncio.Event) -> web.StreamResponse:
+    """A byte every 0.1 s, each far inside any stall timeout, until `until` is set."""
+    resp = web.StreamResponse(headers={"Content-Type": content_type})
+    await resp.prepare(request)
+    with contextlib.suppress(ConnectionError):
+        while not until.is_set():
+            await resp.write(b" ")
+            await asyncio.sleep(0.1)
+    return resp
+
+
+@pytest.mark.asyncio
+async def test_an_answer_that_trickles_is_cut_off_by_the_total_timeout(aiohttp_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bodies, "ANSWER_TIMEOUT_S", 1.0)
+    done = asyncio.Event()
+
+    async def manifest(request: web.Request) -> web.StreamResponse:
+        return await _trickle(request, DOCKER_MANIFEST, done)
+
+    base = await registry_answering(aiohttp_server, "/v2/team/app/manifests/v1", manifest)
+    async with aiohttp.ClientSession() as s:
+        client = RegistryClient(s, base, policy=RetryPolicy(attempts=1), stall_timeout=5.0)
+        started = time.monotonic()
+        with pytest.raises(RegistryError) as caught:
+            await asyncio.wait_for(client.get_manifest("team/app", "v1"), 10)
+    done.set()
+    assert time.monotonic() - started < 4
+    assert "read manifest team/app:v1" in str(caught.value) and "the answer took longer than 1 s" in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_a_blob_stream_is_not_bound_by_the_total_timeout(aiohttp_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bodies, "ANSWER_TIMEOUT_S", 0.3)
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "Content-Length": "10"})
+        await resp.prepare(request)
+        for byte in b"0123456789":
+            await resp.write(bytes([byte]))
+            await asyncio.sleep(0.1)
+        return resp
+
+    base = await registry_answering(aiohttp_server, f"/v2/team/app/blobs/{DIGEST}", blob)
+    async with aiohttp.ClientSession() as s:
+        client = RegistryClient(s, base, policy=RetryPolicy(attempts=1), stall_timeout=5.0)
+        resp, _ = await client.open_blob("team/app", DIGEST)
+        async with resp:
+            assert await resp.read() == b"0123456789"
+        assert await client.read_blob("team/app", DIGEST, 10) == b"0123456789"
+
+
+@pytest.mark.asyncio
+async def test_no_answer_is_asked_for_compressed(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    # The service's session does not decompress: a proxy that gzips JSON for whoever accepts it
+    # would leave the token, the listing and the manifest unreadable.
+    seen: list[tuple[str, str]] = []
+
+    def answering(body: bytes, content_type: str):  # type: ignore[no-untyped-def]
+        async def answer(request: web.Request) -> web.Response:
+            accepted = request.headers.get("Accept-Encoding", "")
+            seen.append((request.path, accepted))
+            if "gzip" in accepted:  # as nginx with `gzip_types application/json` does
+                return web.Response(body=gzip.compress(body), content_type=content_type, headers={"Content-Encoding": "gzip"})
+            return web.Response(body=body, content_type=content_type)
+
+        return answer
+
+    async def ping(request: web.Request) -> web.Response:
+        seen.append((request.path, request.headers.get("Accept-Encoding", "")))
+        realm = str(request.url.with_path("/token").with_query(None))
+        return web.Response(status=401, headers={"WWW-Authenticate": f'Bearer realm="{realm}",service="reg"'})
+
+    app = web.Application()
+    app.router.add_get("/v2/", ping)
+    app.router.add_get("/token", answering(b'{"token": "t", "expires_in": 300}', "application/json"))
+    app.router.add_get("/v2/team/app/tags/list", answering(b'{"tags": ["v1"]}', "application/json"))
+    app.router.add_get("/v2/team/app/manifests/v1", answering(MANIFEST, DOCKER_MANIFEST))
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        client = RegistryClient(s, str(server.make_url("/v2/")), policy=RetryPolicy(attempts=1))
+        assert await client.list_tags("team/app", 10) == ["v1"]
+        assert (await client.get_manifest("team/app", "v1")).data == MANIFEST
+    assert {path for path, _ in seen} == {"/v2/", "/token", "/v2/team/app/tags/list", "/v2/team/app/manifests/v1"}
+    assert {accepted for _, accepted in seen} == {"identity"}

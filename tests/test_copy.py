@@ -12,6 +12,7 @@ import random
 import re
 import secrets
 import time
+import urllib.request
 from typing import Any
 
 import pytest
@@ -104,6 +105,24 @@ def test_copies_every_manifest_type_to_two_targets(
         tree = read_back(target, repo_name, "v1")
         assert_same_tree(image, tree)
         assert tree.media_type == media_type
+
+
+def test_an_index_of_indexes_is_pushed_from_the_bottom_up(service, registries, repo_name):
+    # outer -> [inner index, one of inner's platforms]: that platform is named at two depths.
+    inner = push_image(registries.source, repo_name, "inner", "oci_index", SMALL_LAYERS, seed=_seed(), platforms=3)
+    platform = json.loads(inner.manifest_bytes)["manifests"][0]
+    outer = json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": [
+        {"mediaType": mt.OCI_INDEX, "digest": inner.digest, "size": len(inner.manifest_bytes)}, platform,
+    ]}).encode()
+    RegistryHTTP.for_endpoint(registries.source).put_manifest(repo_name, "v1", mt.OCI_INDEX, outer)
+
+    status = _run(service, job_body(registries.source, repo_name, "v1", list(registries.targets)))
+
+    _assert_all_finished(status, inner.total_bytes)
+    for target in registries.targets:
+        tree = read_back(target, repo_name, "v1")
+        assert tree.manifests[tree.digest] == outer
+        assert inner.digest in tree.manifests and len(tree.manifests) == 1 + 1 + 3
 
 
 def test_ref_given_as_digest_copies_the_tree_by_digest(service, registries, repo_name):
@@ -566,6 +585,29 @@ def test_unreachable_target_fails_alone(service_factory, registries, repo_name):
     assert_same_tree(image, read_back(registries.target_a, repo_name, "v1"))
 
 
+def test_a_cancelled_job_gives_back_the_session_of_a_blob_sent_in_one_put(service, registries, repo_name, proxy_factory):
+    # 4 MiB: streamed (over 1 MiB), yet under one chunk, so one PUT carries it and no checkpoint
+    # has its session to resume.
+    push_image(registries.source, repo_name, "v1", "schema2", [4 * 1024 * 1024], seed=_seed())
+    slow = proxy_factory(registries.target_a)
+    slow.rate_limit(512 * 1024, download=False, upload=True)
+    job = service.submit(job_body(registries.source, repo_name, "v1", [slow]))
+    deadline = time.monotonic() + 20
+    while slow.uploaded_bytes("PUT", "upload_put") < 256 * 1024 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    request = urllib.request.Request(f"{service.url}/api/distribute/image/{job}", method="DELETE")
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.status == 200
+    status = service.wait(job, timeout=10)
+
+    assert status["error"] == "cancelled", _dump(status)
+    committed = {r.path for r in slow.requests if r.kind == "upload_put" and r.status == 201}
+    deletes = [r for r in slow.requests if r.method == "DELETE"]
+    # distribution drops a session whose PUT broke off (404 then); a registry may keep it.
+    assert deletes and all(r.status in (204, 404) and r.path not in committed for r in deletes), slow.requests
+
+
 @pytest.mark.parametrize("missing", ["tag", "repo"])
 def test_missing_source_image_fails_fast(service, registries, repo_name, missing):
     if missing == "tag":
@@ -695,12 +737,19 @@ def test_a_slow_target_holds_the_others_back_by_at_most_the_buffer(service_facto
     assert max(leads) <= 4 * mib + 2 * mib, leads
 
 
-def test_a_target_that_keeps_the_others_waiting_reads_on_its_own(service_factory, registries, repo_name, proxy_factory):
+@pytest.mark.parametrize(("blob_mib", "slow_mib_per_s"), [
+    (12, 3),  # ~4 s; the other target takes well under 1 s
+    # ~2.7 s, a 1 MiB piece every 40 ms: never a long wait, but one after another
+    (64, 24),
+])
+def test_a_target_that_keeps_the_others_waiting_reads_on_its_own(
+    service_factory, registries, repo_name, proxy_factory, blob_mib, slow_mib_per_s
+):
     mib = 1024 * 1024
-    image = push_image(registries.source, repo_name, "v1", "schema2", [12 * mib], seed=_seed())
+    image = push_image(registries.source, repo_name, "v1", "schema2", [blob_mib * mib], seed=_seed())
     source = proxy_factory(registries.source)
     slow = proxy_factory(registries.target_b)
-    slow.rate_limit(3 * mib, download=False, upload=True)  # ~4 s; the other target takes well under 1 s
+    slow.rate_limit(slow_mib_per_s * mib, download=False, upload=True)
     svc = service_factory(env={"PYDLIT_CHUNK_MIB": "1", "PYDLIT_BUFFER_MIB": "2", "PYDLIT_DETACH_AFTER_S": "0.5"})
     job = svc.submit(job_body(source, repo_name, "v1", [registries.target_a, slow]))
 
@@ -718,7 +767,7 @@ def test_a_target_that_keeps_the_others_waiting_reads_on_its_own(service_factory
     for target in registries.targets:
         assert_same_tree(image, read_back(target, repo_name, "v1"))
     # The fast target got its tag while the slow one was still far from done (held in step by
-    # the shared read, it would have had all but the buffer and a chunk: about 8 of 12 MiB) ...
+    # the shared read, it would have had all but the buffer and a chunk) ...
     assert fast_finished_while_slow_had is not None and fast_finished_while_slow_had < image.total_bytes // 2, (
         fast_finished_while_slow_had, _dump(status))
     assert "on its own" in svc.log_text()

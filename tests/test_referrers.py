@@ -189,6 +189,27 @@ def test_a_tag_in_the_referrers_namespace_that_is_no_index_is_left_alone(service
     assert RegistryHTTP.for_endpoint(registries.target_a).head_manifest(repo_name, "v1") is None
 
 
+def test_an_unreadable_referrers_index_is_skipped_at_the_source_and_left_alone_at_a_target(service, registries, repo_name):
+    no_list = json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_INDEX}).encode()
+    image, _ = _signed_image(registries.source, repo_name)
+    child = next(d for d in image.manifests if d != image.digest)
+    # At the source, the tag-schema index of one platform lists nothing readable: that platform
+    # has no referrers to copy, and the rest of the image and its referrers still go.
+    RegistryHTTP.for_endpoint(registries.source).put_manifest(repo_name, fallback_tag(child), mt.OCI_INDEX, no_list)
+    RegistryHTTP.for_endpoint(registries.target_b).put_manifest(repo_name, fallback_tag(image.digest), mt.OCI_INDEX, no_list)
+
+    status = _run(service, job_body(registries.source, repo_name, "v1", list(registries.targets)))
+
+    assert job_state(status) == "FAILED", json.dumps(status, indent=1)
+    a, b = status["targets"]
+    assert a["state"] == "FINISHED", json.dumps(status, indent=1)
+    assert tag_index(registries.target_a, repo_name, image.digest) == tag_index(registries.source, repo_name, image.digest)
+    assert tag_index(registries.target_a, repo_name, child) is None
+    assert b["state"] == "FAILED" and "index that cannot be read" in b["error"], b["error"]
+    assert tag_index(registries.target_b, repo_name, image.digest) == no_list
+    assert RegistryHTTP.for_endpoint(registries.target_b).head_manifest(repo_name, "v1") is None
+
+
 def test_an_image_asked_for_by_digest_is_there_before_its_referrers(service, registries, proxy_factory, repo_name):
     image, refs = _signed_image(registries.source, repo_name)
     target = proxy_factory(registries.target_a)

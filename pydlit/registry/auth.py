@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from .bodies import read_body
+from .bodies import NO_COMPRESSION, answer_timeout, read_body
 
 # A token is refreshed this long before it expires, so that a request never carries a token
 # that dies on the wire (Docker Hub's live 300 s; a multi-GB upload outlives several).
@@ -24,6 +24,7 @@ MAX_TOKEN_BYTES = 64 * 1024  # a token server's answer: real ones are a few KiB,
 # `docker login` keeps (and credential helpers hand out) instead of a password.
 IDENTITY_TOKEN_USER = "<token>"
 OAUTH2_CLIENT_ID = "pydlit"
+REDIRECTS = (301, 302, 303, 307, 308)
 
 _SCHEME = re.compile(r"\s*,?\s*([A-Za-z][A-Za-z0-9_-]*)\s*")
 _PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
@@ -155,8 +156,11 @@ class AuthError(Exception):
 class Authenticator:
     """Holds one registry's credentials and the tokens it has been granted, per scope."""
 
-    def __init__(self, auth: dict[str, Any] | None, push: bool = False, shared: TokenCache | None = None) -> None:
-        """`shared`: where anonymous tokens are kept, for every job to use."""
+    def __init__(
+        self, auth: dict[str, Any] | None, push: bool = False, shared: TokenCache | None = None, stall_timeout: float = 60.0
+    ) -> None:
+        """`shared`: where anonymous tokens are kept, for every job to use; `stall_timeout`: how
+        long a token server may send nothing before it is given up on."""
         auth = auth or {}
         # A target's first token is asked with push: the pull-only requests that come before
         # its first upload (the tag, the blob checks) then cost no token of their own.
@@ -174,6 +178,7 @@ class Authenticator:
         self._tokens = shared if shared is not None and not self.has_credentials else TokenCache()
         self._lock = asyncio.Lock()
         self._oauth2 = self.user == IDENTITY_TOKEN_USER and bool(self.password)
+        self._timeout = answer_timeout(stall_timeout)
 
     @property
     def has_credentials(self) -> bool:
@@ -254,9 +259,12 @@ class Authenticator:
         if service is not None:
             query.append(("service", service))
         query.extend(("scope", s) for s in scope.split())
-        headers = {"Authorization": self.basic_header()} if self.has_credentials else {}
+        headers = dict(NO_COMPRESSION)
+        if self.has_credentials:
+            headers["Authorization"] = self.basic_header()
         refused = "refused the credentials" if self.has_credentials else "refused anonymous access"
-        body = await _ask(session.get(realm, params=query, headers=headers, ssl=ssl), realm, refusals=(401, 403), refused=refused)
+        request = session.get(realm, params=query, headers=headers, ssl=ssl, timeout=self._timeout)
+        body = await _ask(request, realm, refusals=(401, 403), refused=refused)
         token = _token_from(body, realm)
         # Where the POST did not work, this token server takes the identity token as Basic
         # credentials: ask it this way from now on.
@@ -275,27 +283,37 @@ class Authenticator:
         if service is not None:
             form["service"] = service
         # No redirects: a 307/308 would carry the form, refresh token and all, to another host.
-        request = session.post(realm, data=form, ssl=ssl, allow_redirects=False)
-        body = await _ask(request, realm, absent=(301, 302, 303, 307, 308, 400, 401, 403, 404, 405))
+        request = session.post(realm, data=form, headers=NO_COMPRESSION, ssl=ssl, allow_redirects=False, timeout=self._timeout)
+        body = await _ask(request, realm, absent=(*REDIRECTS, 400, 401, 403, 404, 405))
         return None if body is None else _token_from(body, realm)
 
     async def _fetch_static(self, session: aiohttp.ClientSession, ssl: Any) -> Token:
         assert self.static_url is not None
         url = self.static_url
-        headers = dict(self.static_headers)
+        headers = {**self.static_headers, **NO_COMPRESSION}
         if self.has_credentials:
             headers.setdefault("Authorization", self.basic_header())
+        # No redirects, as in the OAuth2 flow: aiohttp would carry the JSON payload (a password,
+        # often) and the custom headers (an API key) to wherever the redirect points.
+        options: dict[str, Any] = {"headers": headers, "ssl": ssl, "allow_redirects": False, "timeout": self._timeout}
         try:
             if self.static_json is not None:
-                ctx = session.post(url, json=self.static_json, headers=headers, ssl=ssl)
+                ctx = session.post(url, json=self.static_json, **options)
             else:
-                ctx = session.get(url, headers=headers, ssl=ssl)
+                ctx = session.get(url, **options)
             async with ctx as resp:
+                if resp.status in REDIRECTS:
+                    raise AuthError(
+                        f"the token url {_host(url)} answered with a redirect (HTTP {resp.status}), which is not followed: "
+                        "the credentials and headers sent to it would go along; configure the URL it redirects to"
+                    )
                 if resp.status != 200:
                     raise AuthError(f"the token url {_host(url)} answered HTTP {resp.status}", transient=resp.status >= 500 or resp.status == 429)
                 raw = await read_body(resp, MAX_TOKEN_BYTES)
         except aiohttp.ClientError as exc:
             raise AuthError(f"the token url {_host(url)} could not be reached: {type(exc).__name__}", transient=True) from None
+        except asyncio.TimeoutError:
+            raise AuthError(f"the token url {_host(url)} did not answer in time", transient=True) from None
         try:
             if len(raw) > MAX_TOKEN_BYTES:
                 raise ValueError("too large")
@@ -332,6 +350,8 @@ async def _ask(
                 raise AuthError(f"the token server {_host(realm)} answered something that is not a token") from None
     except aiohttp.ClientError as exc:
         raise AuthError(f"the token server {_host(realm)} could not be reached: {type(exc).__name__}", transient=True) from None
+    except asyncio.TimeoutError:
+        raise AuthError(f"the token server {_host(realm)} did not answer in time", transient=True) from None
 
 
 def _token_from(body: Any, url: str) -> Token:

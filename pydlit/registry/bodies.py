@@ -1,8 +1,24 @@
 """Reading a response body whole, up to a bound: what comes from a registry or a token server is
-read into memory only as far as it could be what was asked for."""
+read into memory only as far as it could be what was asked for, and only for so long."""
 from __future__ import annotations
 
 import aiohttp
+
+# A manifest, a listing page, a ping's or a token server's answer is at most a few MiB. The stall
+# timeout cuts a peer that goes silent, not one that trickles a byte just before it fires: only a
+# bound on the whole exchange ends that (4 MiB in this long is still 35 KiB/s). Blob streams take
+# as long as their size needs and are bounded by the stall timeout alone.
+ANSWER_TIMEOUT_S = 120.0
+CONNECT_TIMEOUT_S = 30.0
+# The session does not decompress (a blob's bytes must arrive as the registry holds them), so a
+# compressed answer, which a proxy in front of a registry or token server may give to anyone who
+# accepts one, could not be read: accept none.
+NO_COMPRESSION = {"Accept-Encoding": "identity"}
+
+
+def answer_timeout(stall_timeout: float) -> aiohttp.ClientTimeout:
+    """The timeout of a request whose answer is read whole (anything but a blob's stream)."""
+    return aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S, sock_read=stall_timeout)
 
 
 async def read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:

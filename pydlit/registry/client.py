@@ -20,8 +20,8 @@ import aiohttp
 from yarl import URL
 
 from ..metrics import RETRIES, request_timer
-from .auth import AuthError, Authenticator, ChallengeCache, TokenCache, merge_scopes, parse_challenges, scope_for
-from .bodies import read_body
+from .auth import REDIRECTS, Authenticator, AuthError, ChallengeCache, TokenCache, merge_scopes, parse_challenges, scope_for
+from .bodies import CONNECT_TIMEOUT_S, NO_COMPRESSION, answer_timeout, read_body
 from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
 from .manifests import ACCEPT, MAX_MANIFEST_BYTES, OCI_INDEX, Manifest, ManifestError, index_descriptors, parse_manifest
 
@@ -45,9 +45,13 @@ class RetryPolicy:
     max_delay: float = 20.0
     max_total: float = 300.0
 
-    def delay(self, attempt: int, retry_after: float | None) -> float:
+    def delay(self, attempt: int, retry_after: float | None, elapsed: float = 0.0) -> float:
+        """How long to wait after failed try `attempt`, `elapsed` s into the step. A registry's
+        Retry-After is obeyed in full, past max_delay too: a try inside the window it asked for
+        only meets another 429 and spends an attempt. It never reaches past what is left of
+        max_total; `retrying` gives up at once where the whole wait does not fit."""
         if retry_after is not None:
-            return min(retry_after, self.max_delay)
+            return min(retry_after, max(0.0, self.max_total - elapsed))
         return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
 
 
@@ -60,8 +64,19 @@ async def retrying(policy: RetryPolicy, op: Callable[[], Awaitable[T]], on_retry
             return await op()
         except RegistryError as exc:
             attempt += 1
-            delay = policy.delay(attempt, exc.retry_after)
-            if not exc.transient or attempt >= policy.attempts or time.monotonic() - started + delay > policy.max_total:
+            elapsed = time.monotonic() - started
+            if not exc.transient or attempt >= policy.attempts:
+                raise
+            if exc.retry_after is not None and elapsed + exc.retry_after > policy.max_total:
+                left = max(0.0, policy.max_total - elapsed)
+                raise RegistryError(
+                    exc.registry, exc.step,
+                    f"{exc.message} (the registry asked to wait {exc.retry_after:.0f} s, "
+                    f"longer than the {left:.0f} s left to retry this step)",
+                    status=exc.status, code=exc.code, retry_after=exc.retry_after,
+                ) from None
+            delay = policy.delay(attempt, exc.retry_after, elapsed)
+            if elapsed + delay > policy.max_total:
                 raise
             RETRIES.labels(f"http_{exc.status}" if exc.status else "connection").inc()
             if on_retry:
@@ -79,6 +94,12 @@ def split_endpoint(endpoint: str) -> tuple[str, str]:
     base = str(url.with_path(path or "/").with_query(None).with_fragment(None)).rstrip("/")
     host = f"[{url.host}]" if url.host and ":" in url.host else str(url.host)
     return base, host if url.explicit_port is None else f"{host}:{url.port}"
+
+
+def same_origin(a: URL, b: URL) -> bool:
+    """Whether two URLs share scheme, host and port, a scheme's default port counted (yarl's
+    origin() tells `https://h` and `https://h:443` apart)."""
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
 def ssl_for(verify_tls: bool, ca_cert: str | None) -> ssl.SSLContext | bool:
@@ -160,11 +181,13 @@ class RegistryClient:
         `push`: the client uploads (a target), so its tokens are asked with push from the first."""
         self.session = session
         self.base, self.name = split_endpoint(endpoint)
+        self._origin = URL(self.base)
         self.policy = policy
-        self._auth = Authenticator(auth, push=push, shared=tokens)
+        self._auth = Authenticator(auth, push=push, shared=tokens, stall_timeout=stall_timeout)
         self._ssl = ssl_for(verify_tls, ca_cert)
         self._stall = stall_timeout
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=stall_timeout)
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=stall_timeout)
+        self._answer_timeout = answer_timeout(stall_timeout)
         self._challenges = challenges or ChallengeCache()
         self._repos = repos if repos is not None else KnownRepositories()
         # A challenge learned over TLS nobody verified must not tell a verifying job where to
@@ -200,12 +223,20 @@ class RegistryClient:
         expect: tuple[int, ...],
         headers: dict[str, str] | None = None,
         body: Callable[[], Body] | Body = None,
+        stream: bool = False,
     ) -> aiohttp.ClientResponse:
         """One authenticated request; the caller owns (and must release) the response.
 
         `body` may be a factory, so that the request can be sent again after an auth challenge;
         a one-shot stream that meets a challenge fails as transient, for the caller to resume.
+        `stream`: the request moves a blob's bytes, or commits them, which takes as long as the
+        blob's size needs: only the stall timeout bounds it, not the total one of the others.
         """
+        url = url if isinstance(url, URL) else URL(url)
+        # Credentials go to the registry's own origin alone, as Docker's client sends them only
+        # to hosts it pinged: an upload Location may name another host (Quay, Harbor and
+        # distribution build it from a configured hostname).
+        ours = same_origin(url, self._origin)
         await self._ensure_ping(step)
         tries = 0
         while True:
@@ -213,19 +244,17 @@ class RegistryClient:
             hdrs = dict(headers or {})
             # Several requests may meet the same 401 at once: each judges it by what it sent.
             sent_static = self._auth.uses_static_token
-            try:
-                authz = await self._auth.header_for(self.session, scope, self._ssl)
-            except AuthError as exc:
-                if exc.transient:
-                    raise RegistryError(self.name, step, str(exc), transient=True) from None
-                raise RegistryError(self.name, step, str(exc), status=401, code="UNAUTHORIZED") from None
+            authz = await self._authorization(scope, step) if ours else None
             if authz:
                 hdrs["Authorization"] = authz
             data = body() if callable(body) else body
             if data is not None and not isinstance(data, bytes):
                 data = _WatchedBody(data)
-            resp = await self._send(method, url, step=step, headers=hdrs, data=data)
-            if resp.status == 401 and tries < 3:
+            resp = await self._send(method, url, step=step, headers=hdrs, data=data, stream=stream)
+            # A 401 from another origin (the storage a blob GET was redirected to) is not the
+            # registry's challenge: following it would send the registry's credentials to the
+            # token realm that host names. It is an error like any other (see _error).
+            if resp.status == 401 and tries < 3 and same_origin(resp.url, self._origin):
                 challenges = parse_challenges(resp.headers.getall("WWW-Authenticate", []))
                 resp.release()
                 scope = self._on_challenge(challenges, scope, step, sent_static)
@@ -236,16 +265,27 @@ class RegistryClient:
                 return resp
             raise await self._error(resp, step)
 
-    async def _send(self, method: str, url: URL | str, *, step: str, headers: dict[str, str], data: Any) -> aiohttp.ClientResponse:
-        url = url if isinstance(url, URL) else URL(url)
-        origin = url.origin()
+    async def _authorization(self, scope: str, step: str) -> str | None:
+        try:
+            return await self._auth.header_for(self.session, scope, self._ssl)
+        except AuthError as exc:
+            if exc.transient:
+                raise RegistryError(self.name, step, str(exc), transient=True) from None
+            raise RegistryError(self.name, step, str(exc), status=401, code="UNAUTHORIZED") from None
+
+    async def _send(
+        self, method: str, url: URL, *, step: str, headers: dict[str, str], data: Any, stream: bool = False
+    ) -> aiohttp.ClientResponse:
         timer = request_timer(method, url.path)
-        timeout = self._timeout
+        headers = {**headers, **NO_COMPRESSION}
+        timeout = self._timeout if stream else self._answer_timeout
         if data is not None and not isinstance(data, bytes):
             # The response timer starts once the body is in the kernel's buffers, which a slow
             # link may take a while to drain: allow for that on top of the stall timeout.
             length = int(headers.get("Content-Length") or 0)
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self._stall + length / MIN_UPLOAD_RATE)
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=self._stall + length / MIN_UPLOAD_RATE
+            )
         for _ in range(MAX_REDIRECTS + 1):
             started = time.monotonic()
             try:
@@ -262,10 +302,10 @@ class RegistryClient:
                 raise RegistryError(self.name, step, f"cannot connect: {exc.os_error or exc}", transient=True) from None
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 raise RegistryError(self.name, step, f"connection failed: {type(exc).__name__} {exc}".strip(), transient=True) from None
-            if resp.status in (301, 302, 303, 307, 308) and method in ("GET", "HEAD") and "Location" in resp.headers:
+            if resp.status in REDIRECTS and method in ("GET", "HEAD") and "Location" in resp.headers:
                 url = URL(str(resp.url)).join(URL(resp.headers["Location"]))
                 resp.release()
-                if url.origin() != origin:
+                if not same_origin(url, self._origin):
                     # Blob storage on another host must never see the registry's credentials.
                     headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 continue
@@ -336,7 +376,9 @@ class RegistryClient:
             async def ping() -> None:
                 resp = await self._send("GET", self.url(""), step=step, headers={}, data=None)
                 async with resp:
-                    if resp.status == 401:
+                    # Only the registry's own challenge counts (see request()), not that of a
+                    # host the ping was redirected to.
+                    if resp.status == 401 and same_origin(resp.url, self._origin):
                         found = parse_challenges(resp.headers.getall("WWW-Authenticate", []))
                         self._auth.challenge = next((c for c in found if c.scheme == "bearer"), None) or next(
                             (c for c in found if c.scheme == "basic"), None
@@ -359,6 +401,9 @@ class RegistryClient:
         code, message = parse_error_body(body)
         if not message:
             message = {401: "authentication failed", 403: "access denied", 404: "not found"}.get(resp.status, resp.reason or "")
+        if not same_origin(resp.url, self._origin):
+            # A redirect's or an upload Location's host: a refusal there is not the registry's.
+            message = f"{message} (answered by {resp.url.origin()}, not by the registry)"
         return RegistryError(
             self.name,
             step,
@@ -368,6 +413,17 @@ class RegistryClient:
             transient=resp.status in TRANSIENT_STATUSES,
             retry_after=parse_retry_after(resp.headers.get("Retry-After")),
         )
+
+    async def _read_answer(self, resp: aiohttp.ClientResponse, limit: int, step: str) -> bytes:
+        """read_body, where a connection that breaks, stalls or trickles mid-body is a transient
+        error, as it is on a blob's stream."""
+        try:
+            return await read_body(resp, limit)
+        except aiohttp.ClientError as exc:  # the stall timeout's error included
+            raise broken_stream(self.name, step, resp.content.total_bytes, exc) from None
+        except asyncio.TimeoutError:
+            took = self._answer_timeout.total
+            raise RegistryError(self.name, step, f"the answer took longer than {took:g} s", transient=True) from None
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -386,7 +442,7 @@ class RegistryClient:
                 expect=(200,), headers={"Accept": ACCEPT},
             )
             async with resp:
-                data = await read_body(resp, MAX_MANIFEST_BYTES)
+                data = await self._read_answer(resp, MAX_MANIFEST_BYTES, step)
                 content_type = resp.headers.get("Content-Type", "")
             if len(data) > MAX_MANIFEST_BYTES:
                 raise RegistryError(self.name, step, "the manifest is larger than 4 MiB")
@@ -502,7 +558,7 @@ class RegistryClient:
                 async with resp:
                     if resp.status != 200:
                         return None
-                    return await read_body(resp, MAX_MANIFEST_BYTES), resp.headers.get("Link")
+                    return await self._read_answer(resp, MAX_MANIFEST_BYTES, step), resp.headers.get("Link")
 
             page = await self._call(op)
             if page is None:
@@ -561,7 +617,7 @@ class RegistryClient:
         async def op() -> tuple[aiohttp.ClientResponse, int]:
             resp = await self.request(
                 "GET", self.url(f"{repo}/blobs/{digest}"), step=f"read blob {digest[:19]} from {repo}",
-                scope=scope_for(repo, "pull"), expect=(200, 206), headers=headers,
+                scope=scope_for(repo, "pull"), expect=(200, 206), headers=headers, stream=True,
             )
             return resp, offset if resp.status == 206 else 0
 
@@ -599,6 +655,7 @@ class RegistryClient:
         async def op() -> bytes:
             resp = await self.request(
                 "GET", self.url(f"{repo}/blobs/{digest}"), step=step, scope=scope_for(repo, "pull"), expect=(200,),
+                stream=True,
             )
             pieces: list[bytes] = []
             held = 0
@@ -645,8 +702,13 @@ class RegistryClient:
 
         await self._call(op)
 
-    async def upload_offset(self, location: str, repo: str) -> int | None:
-        """How many bytes an upload session holds, or None when the session is gone."""
+    async def upload_offset(self, location: str, repo: str, expected: int | None = None) -> int | None:
+        """How many bytes an upload session holds, or None when the session is gone.
+
+        `expected`: the offset checkpointed for the session. Quay's upload status names one byte
+        more than the session holds (`bytes=0-<count>`, an exclusive end there while its PATCH
+        answers are inclusive): a claim of exactly `expected` + 1 is taken for `expected`.
+        """
         async def op() -> int | None:
             resp = await self.request(
                 "GET", URL(location, encoded=True), step=f"resume upload to {repo}",
@@ -655,7 +717,8 @@ class RegistryClient:
             async with resp:
                 if resp.status != 204:
                     return None
-                return _range_end(resp.headers.get("Range"))
+                held = _range_end(resp.headers.get("Range"))
+            return expected if expected is not None and held == expected + 1 else held
 
         return await self._call(op)
 
@@ -663,7 +726,7 @@ class RegistryClient:
         """Append one chunk; the answer's Location supersedes the old one (it signs the offset)."""
         resp = await self.request(
             "PATCH", URL(location, encoded=True), step=f"upload chunk to {repo}", scope=scope_for(repo, "pull,push"),
-            expect=(202,), body=body,
+            expect=(201, 202), body=body, stream=True,  # ECR answers 201
             headers={
                 "Content-Type": "application/octet-stream",
                 "Content-Range": f"{start}-{start + length - 1}",
@@ -678,7 +741,7 @@ class RegistryClient:
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
         resp = await self.request(
             "PUT", with_query(location, digest=digest), step=f"commit blob {digest[:19]} to {repo}",
-            scope=scope_for(repo, "pull,push"), expect=(201, 204), headers=headers, body=body,
+            scope=scope_for(repo, "pull,push"), expect=(201, 204), headers=headers, body=body, stream=True,
         )
         resp.release()
 
@@ -717,17 +780,19 @@ class _WatchedBody:
             self._handed_at = None
 
 
+_RANGE = re.compile(r"\s*(?:bytes=)?\s*\d+\s*-\s*(-?\d+)\s*")
+
+
 def _range_end(value: str | None) -> int:
-    """Bytes held, from an upload's `Range: 0-END` (inclusive end; absent or 0-0 on an empty one)."""
-    if not value or "-" not in value:
+    """Bytes held, from an upload's `Range: 0-END` (inclusive end; absent, 0-0 or 0--1 on an
+    empty one), Quay's `bytes=` prefix allowed."""
+    match = _RANGE.fullmatch(value or "")
+    if not match:
         return 0
-    end = value.rsplit("-", 1)[1]
-    try:
-        held = int(end) + 1
-    except ValueError:
-        return 0
-    # 2.8 answers "0-0" both for empty and for 1 byte; an empty session is the common case.
-    return 0 if value.strip().endswith("0-0") else held
+    end = int(match.group(1))
+    # 2.8 answers "0-0" both for empty and for 1 byte, an empty session being the common case;
+    # zot answers "0--1" for an empty one.
+    return 0 if end <= 0 else end + 1
 
 
 _LINK_NEXT = re.compile(r'<([^>]*)>\s*;[^,]*\brel="?next"?', re.IGNORECASE)
@@ -740,7 +805,7 @@ def _next_page(registry: str, step: str, url: URL, link: str | None) -> URL | No
     if not match:
         return None
     nxt = url.join(URL(match.group(1), encoded=True))
-    if nxt.origin() != url.origin() or nxt.path != url.path:
+    if not same_origin(nxt, url) or nxt.path != url.path:
         raise RegistryError(registry, step, f"the next page is elsewhere ({nxt.origin()}{nxt.path}), not read")
     return nxt
 

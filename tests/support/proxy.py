@@ -149,6 +149,9 @@ class FaultProxy(BackgroundService):
         # OCI 1.1 referrers API emulation (see the module docstring); page size None: one page.
         self.referrers_api = False
         self.referrers_page_size: int | None = None
+        # Added to the end of the Range an upload session's status answers: a registry that
+        # misreports what a session holds (Quay's is one past the truth).
+        self.upload_range_shift = 0
         self._lock = threading.Lock()
         self._counters = ProxyCounters()
         self._log: deque[ProxyRequest] = deque(maxlen=10_000)
@@ -530,6 +533,9 @@ class FaultProxy(BackgroundService):
                 continue
             if name.lower() == "location" and value.startswith(self.upstream_url):
                 value = self.url + value[len(self.upstream_url):]
+            if name.lower() == "range" and kind == "upload_get" and self.upload_range_shift:
+                start, _, end = value.rpartition("-")
+                value = f"{start}-{int(end) + self.upload_range_shift}"
             response.headers.add(name, value)
         is_blob_body = kind == "blob_get" and upstream.status in (200, 206)
         length = upstream.content_length
