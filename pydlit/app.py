@@ -13,7 +13,6 @@ from aiohttp import web
 from .api import ApiError, routes
 from .credentials import CredentialStore
 from .keys import SESSION, SETTINGS, STORE, WORKER
-from .secretbox import SecretBox, load_key
 from .settings import Settings
 from .store import Store
 from .worker import Worker
@@ -55,12 +54,14 @@ OPEN_PATHS = frozenset({"/healthz"})
 
 def token_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
     """With PYDLIT_API_TOKEN set, every call but the health check needs `Bearer <token>`."""
-    expected = f"Bearer {token}".encode()
+    # Header values arrive decoded as UTF-8 with surrogate escapes: the same escapes give back
+    # the bytes sent, so a byte that is not UTF-8 compares unequal instead of failing to encode.
+    expected = f"Bearer {token}".encode("utf-8", "surrogateescape")
 
     @web.middleware
     async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         if request.path not in OPEN_PATHS:
-            given = request.headers.get("Authorization", "").encode()
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, expected):
                 raise ApiError(401, "missing or wrong API token: send Authorization: Bearer <PYDLIT_API_TOKEN>")
         return await handler(request)
@@ -81,7 +82,7 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[STORE] = await Store.open(settings.db, box=SecretBox(load_key(settings.db, settings.secret_key)))
+    app[STORE] = await Store.open(settings.db, secret_key=settings.secret_key)
     yield
     await app[STORE].close()
 

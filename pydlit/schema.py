@@ -158,8 +158,13 @@ REQUEST_SCHEMA: dict = {
                     },
                 },
                 "json": {
-                    "description": "JSON payload to send to the token endpoint.",
-                    "type": "object",
+                    "description": (
+                        "JSON payload to send to the token endpoint: an object, or a string"
+                        " holding one (as the original pydlit's requests send it)."
+                    ),
+                    # What a string must hold is checked by validate_request: the keywords
+                    # that could say so (contentSchema) only annotate, they do not validate.
+                    "type": ["object", "string"],
                 },
                 "basicauth": {
                     "type": "object",
@@ -239,6 +244,7 @@ _TOKEN_TYPES = {"bearer": "Bearer", "jwt": "JWT"}
 # mistake: name the place, never the value.
 _UNECHOED_KEYS = frozenset({"auth", "ca_cert"})
 _BAD_HOST_OR_PORT = "must have a port between 1 and 65535 and, if bracketed, an IPv6 host"
+_JSON_STRING_PROBLEM = "must be a JSON object or a string holding one, and this string holds no JSON object"
 
 
 class RequestError(ValueError):
@@ -353,7 +359,15 @@ def _locations(body: dict) -> Iterator[tuple[list[str | int], dict]]:
         yield ["targets", index], target
 
 
-def _normalise_auth(auth: dict) -> None:
+def _normalise_auth(path: list[str | int], auth: dict) -> None:
+    payload = auth.get("json")
+    if isinstance(payload, str):
+        try:
+            auth["json"] = json.loads(payload)
+        except (ValueError, RecursionError):
+            auth["json"] = None
+        if not isinstance(auth["json"], dict):
+            raise RequestError(_message([*path, "auth", "json"], _JSON_STRING_PROBLEM, False, None))
     if "token_type" in auth:
         auth["token_type"] = _TOKEN_TYPES[auth["token_type"].lower()]
     header = auth.get("header")
@@ -368,7 +382,8 @@ def validate_request(body: object) -> dict:
     In the copy, the source and every target have verify_tls (default False);
     referrers is set (False); every target has overwrite (False), image and ref (None: same as the
     source); auth token_type is spelled "Bearer" or "JWT"; a "Name: value"
-    auth header is an object. Endpoints are kept exactly as given.
+    auth header is an object, and so is an auth json given as a string holding one. Endpoints
+    are kept exactly as given.
 
     Raises RequestError naming the JSON path of the most relevant problem;
     values under auth are never echoed.
@@ -383,10 +398,10 @@ def validate_request(body: object) -> dict:
             raise RequestError(_message([*path, "endpoint"], problem, True, location["endpoint"]))
 
     request = copy.deepcopy(body)
-    for _, location in _locations(request):
+    for path, location in _locations(request):
         location.setdefault("verify_tls", False)
         if "auth" in location:
-            _normalise_auth(location["auth"])
+            _normalise_auth(path, location["auth"])
     request.setdefault("referrers", False)
     for target in request["targets"]:
         target.setdefault("overwrite", False)

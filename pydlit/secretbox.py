@@ -68,7 +68,7 @@ class SecretBox:
         return json.loads(data)
 
 
-def load_key(db_path: str, env_key: str | None) -> bytes:
+def load_key(db_path: str, env_key: str | None, create: bool = True) -> bytes:
     """The 32-byte key: from env_key (PYDLIT_SECRET_KEY) when set, else from `<db_path>.key`.
 
     env_key is used as is when it is the urlsafe base64 of 32 bytes (padded or not, as from
@@ -78,6 +78,8 @@ def load_key(db_path: str, env_key: str | None) -> bytes:
 
     Without env_key the key file is created on first start (32 random bytes, urlsafe base64,
     mode 0600) and read on later starts; a key file that group or others may access is refused.
+    `create=False` (the database holds credentials sealed with the key) refuses to make a new
+    one: it could not open them, and every job that brought credentials would fail.
     """
     if env_key and env_key.strip():
         text = env_key.strip()
@@ -93,7 +95,14 @@ def load_key(db_path: str, env_key: str | None) -> bytes:
     try:
         return _read_key_file(path)
     except FileNotFoundError:
-        pass
+        if not create:
+            raise SecretError(
+                f"the secret key file {path} is missing, and the job database holds credentials sealed"
+                " with a key: put the file back, or set PYDLIT_SECRET_KEY to the key they were sealed"
+                f" with. If that key is lost for good, delete them (sqlite3 {db_path} 'DELETE FROM"
+                " job_secrets') and start again: the jobs that brought them then fail, asking to be"
+                " submitted again"
+            ) from None
     return _create_key_file(path)
 
 

@@ -1,12 +1,18 @@
 """Service settings: defaults, overridden by PYDLIT_* environment variables, then by flags."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass, field
 
 from .registry.client import RetryPolicy
 from .transfer import Tuning
+
+MiB = 1024 * 1024
+# Far beyond any sensible value, yet well inside what timers and sizes can hold.
+MAX_SIZE_MIB = 4096
+MAX_SECONDS = 86400
 
 
 @dataclass(frozen=True)
@@ -37,50 +43,76 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise SystemExit(f"pydlit: {name} must be a number, not {raw!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise SystemExit(f"pydlit: {name} must be a number, not {raw!r}")
+    return value
+
+
+def _ranged(
+    env: dict[str, str], name: str, default: float, low: float, high: float, unit: str = "", *, above: bool = False
+) -> float:
+    """A number from low (or, `above`, over it) to high: outside, a value hangs jobs, spins, or
+    overflows a timer or a date."""
+    value = _float(env, name, default)
+    if value < low or (above and value == low) or value > high:
+        bounds = f"above {low:g} and at most {high:g}" if above else f"from {low:g} to {high:g}"
+        raise SystemExit(f"pydlit: {name} must be a number {bounds}{unit}, not {env.get(name)!r}")
+    return value
+
+
+def _whole(env: dict[str, str], name: str, default: int, low: int, high: int | None = None) -> int:
+    value = _float(env, name, default)
+    if value != int(value) or value < low or (high is not None and value > high):
+        bounds = f"at least {low}" + (f" and at most {high}" if high is not None else "")
+        raise SystemExit(f"pydlit: {name} must be a whole number of {bounds}, not {env.get(name)!r}")
+    return int(value)
 
 
 def _count(env: dict[str, str], name: str, default: int) -> int:
     """A setting that must be at least 1: a zero there would make every copy wait forever."""
-    value = _float(env, name, default)
-    if value < 1 or value != int(value):
-        raise SystemExit(f"pydlit: {name} must be a whole number of at least 1, not {env.get(name)!r}")
-    return int(value)
+    return _whole(env, name, default, 1)
 
 
 def from_env(env: dict[str, str] | None = None) -> Settings:
-    """Settings with every PYDLIT_* variable applied."""
+    """Settings with every PYDLIT_* variable applied; a value out of its range stops the start
+    with a message naming the variable and the range."""
     env = dict(os.environ if env is None else env)
     base = Settings()
     retry = RetryPolicy(
-        attempts=int(_float(env, "PYDLIT_RETRY_ATTEMPTS", base.retry.attempts)),
-        base_delay=_float(env, "PYDLIT_RETRY_BASE_DELAY", base.retry.base_delay),
-        max_delay=_float(env, "PYDLIT_RETRY_MAX_DELAY", base.retry.max_delay),
-        max_total=_float(env, "PYDLIT_RETRY_MAX_TOTAL", base.retry.max_total),
+        attempts=_whole(env, "PYDLIT_RETRY_ATTEMPTS", base.retry.attempts, 1, 100),
+        base_delay=_ranged(env, "PYDLIT_RETRY_BASE_DELAY", base.retry.base_delay, 0, 3600, " s"),
+        max_delay=_ranged(env, "PYDLIT_RETRY_MAX_DELAY", base.retry.max_delay, 0, 3600, " s"),
+        max_total=_ranged(env, "PYDLIT_RETRY_MAX_TOTAL", base.retry.max_total, 0, MAX_SECONDS, " s"),
     )
-    mib = 1024 * 1024
+    # A chunk under one source piece, zero above all, would send empty PATCHes forever.
+    chunk_mib = _ranged(env, "PYDLIT_CHUNK_MIB", base.tuning.chunk_size / MiB, base.tuning.piece_size / MiB, MAX_SIZE_MIB, " MiB")
+    # Any room at all lets one piece through at a time; none would block every read.
+    buffer_mib = _ranged(env, "PYDLIT_BUFFER_MIB", base.tuning.buffer_size / MiB, 0, MAX_SIZE_MIB, " MiB", above=True)
     tuning = Tuning(
-        chunk_size=int(_float(env, "PYDLIT_CHUNK_MIB", base.tuning.chunk_size / mib) * mib),
-        buffer_size=int(_float(env, "PYDLIT_BUFFER_MIB", base.tuning.buffer_size / mib) * mib),
+        chunk_size=int(chunk_mib * MiB),
+        buffer_size=math.ceil(buffer_mib * MiB),
         parallel_blobs=_count(env, "PYDLIT_PARALLEL_BLOBS", base.tuning.parallel_blobs),
         max_streams=_count(env, "PYDLIT_MAX_STREAMS", base.tuning.max_streams),
-        detach_after_s=_float(env, "PYDLIT_DETACH_AFTER_S", base.tuning.detach_after_s),
+        detach_after_s=_ranged(env, "PYDLIT_DETACH_AFTER_S", base.tuning.detach_after_s, 0, 3600, " s"),
     )
     return Settings(
         host=env.get("PYDLIT_HOST") or base.host,
-        port=int(_float(env, "PYDLIT_PORT", base.port)),
+        port=_whole(env, "PYDLIT_PORT", base.port, 1, 65535),
         db=env.get("PYDLIT_DB") or base.db,
-        concurrency=int(_float(env, "PYDLIT_CONCURRENCY", base.concurrency)),
+        concurrency=_whole(env, "PYDLIT_CONCURRENCY", base.concurrency, 0),
         node=env.get("PYDLIT_NODE") or base.node,
-        lease_s=_float(env, "PYDLIT_LEASE_S", base.lease_s),
-        stop_grace_s=_float(env, "PYDLIT_STOP_GRACE_S", base.stop_grace_s),
-        stall_timeout_s=_float(env, "PYDLIT_STALL_TIMEOUT_S", base.stall_timeout_s),
+        # A lease must outlast a few renewals, or a busy moment hands a live job to another node.
+        lease_s=_ranged(env, "PYDLIT_LEASE_S", base.lease_s, 3 * base.heartbeat_s, MAX_SECONDS, " s"),
+        stop_grace_s=_ranged(env, "PYDLIT_STOP_GRACE_S", base.stop_grace_s, 0, 3600, " s"),
+        stall_timeout_s=_ranged(env, "PYDLIT_STALL_TIMEOUT_S", base.stall_timeout_s, 1, 3600, " s"),
         retry=retry,
         tuning=tuning,
         log_level=(env.get("PYDLIT_LOG_LEVEL") or base.log_level).upper(),
-        retention_days=_float(env, "PYDLIT_RETENTION_DAYS", base.retention_days),
+        # Up to a century: beyond, the cutoff date overflows and pruning dies quietly each hour.
+        retention_days=_ranged(env, "PYDLIT_RETENTION_DAYS", base.retention_days, 0, 36500, " days"),
         api_token=env.get("PYDLIT_API_TOKEN") or None,
         secret_key=env.get("PYDLIT_SECRET_KEY") or None,
         credentials=env.get("PYDLIT_CREDENTIALS") or None,

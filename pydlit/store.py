@@ -19,6 +19,7 @@ import aiosqlite
 from .secretbox import SecretBox, SecretError, load_key
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+WAL_ATTEMPTS = 50  # 0.1 s apart: as long as busy_timeout waits for any other lock
 ENDED = ("FINISHED", "FAILED")
 
 
@@ -44,7 +45,7 @@ class _NewJob:
     """A submitted job's rows, waiting for the commit it shares with others."""
 
     job: tuple[Any, ...]
-    secrets: tuple[Any, ...]
+    secrets: tuple[Any, ...] | None  # None: the job brought no credentials
     targets: list[tuple[Any, ...]]
     committed: asyncio.Future[None]
 
@@ -71,15 +72,18 @@ class Store:
         self._committer: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, path: str | Path, clock: Callable[[], datetime] = utcnow, box: SecretBox | None = None) -> Store:
+    async def open(
+        cls, path: str | Path, clock: Callable[[], datetime] = utcnow, box: SecretBox | None = None,
+        secret_key: str | None = None,
+    ) -> Store:
         """Open (and migrate) the DB; credentials are sealed with `box`, by default with the key
-        kept beside the DB (created on first start)."""
-        box = box or SecretBox(load_key(str(path), None))
+        from `secret_key` (PYDLIT_SECRET_KEY) or kept beside the DB, created on first start."""
         db = await aiosqlite.connect(str(path), isolation_level=None)
         try:
             db.row_factory = sqlite3.Row
-            await db.execute("PRAGMA journal_mode=WAL")
+            # Before anything that locks: a process starting beside this one waits, not fails.
             await db.execute("PRAGMA busy_timeout=5000")
+            await _use_wal(db)
             await db.execute("PRAGMA foreign_keys=ON")
             # A commit need not wait for the disk: WAL keeps every write through a crash of this
             # process, and a power cut can cost the last progress writes, which a job repeats
@@ -88,6 +92,9 @@ class Store:
             # bottleneck under load: 10-50 ms per write with registries busy on the same disk.
             await db.execute("PRAGMA synchronous=NORMAL")
             await migrate(db)
+            if box is None:
+                # A key file made now could not open what is sealed: the old key is missing.
+                box = SecretBox(load_key(str(path), secret_key, create=not await _holds_credentials(db)))
         except BaseException:
             await db.close()
             raise
@@ -137,7 +144,8 @@ class Store:
         now = self._now()
         job = _NewJob(
             (job_id, source, json.dumps(request), now),
-            (job_id, self._box.seal(secrets)),
+            # Nothing sealed for a job without credentials, so a lost key never fails it.
+            (job_id, self._box.seal(secrets)) if _brings_credentials(secrets) else None,
             [(job_id, i, t["endpoint"], t["image"], t["ref"], now) for i, t in enumerate(targets)],
             asyncio.get_running_loop().create_future(),
         )
@@ -171,23 +179,31 @@ class Store:
     async def _insert_jobs(self, batch: list[_NewJob]) -> None:
         async with self._transaction(durable=True):
             await self._db.executemany("INSERT INTO jobs (id, source, request, created_at) VALUES (?, ?, ?, ?)", [j.job for j in batch])
-            await self._db.executemany("INSERT INTO job_secrets (job_id, sealed) VALUES (?, ?)", [j.secrets for j in batch])
+            await self._db.executemany(
+                "INSERT INTO job_secrets (job_id, sealed) VALUES (?, ?)", [j.secrets for j in batch if j.secrets]
+            )
             await self._db.executemany(
                 "INSERT INTO job_targets (job_id, idx, endpoint, image, ref, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
                 [t for j in batch for t in j.targets],
             )
 
     async def claim(self, owner: str, lease_s: float) -> ClaimedJob | None:
-        """Atomically move the oldest QUEUED job to RUNNING under `owner`'s lease."""
+        """Atomically move a job to RUNNING under `owner`'s lease: a RUNNING one whose lease
+        expired first (its process died, whatever its node's name; should it still live, every
+        write it makes from now on fails its fence), else the oldest QUEUED one. A job taken
+        over keeps its checkpoints, and the claim counts as an attempt. Each half is one index
+        search: a long queue costs a claim nothing more."""
         now = self._clock()
         async with self._tx:
             rows = await self._db.execute_fetchall(
                 """UPDATE jobs SET state = 'RUNNING', attempt = attempt + 1, lease_owner = ?,
                           lease_expires = ?, started_at = coalesce(started_at, ?)
-                   WHERE id = (SELECT id FROM jobs WHERE state = 'QUEUED' ORDER BY created_at LIMIT 1)
+                   WHERE id = coalesce(
+                       (SELECT id FROM jobs WHERE state = 'RUNNING' AND lease_expires < ? ORDER BY created_at LIMIT 1),
+                       (SELECT id FROM jobs WHERE state = 'QUEUED' ORDER BY created_at LIMIT 1))
                    RETURNING id, request, attempt, cancel_requested,
                              (SELECT sealed FROM job_secrets WHERE job_id = jobs.id) AS sealed""",
-                (owner, iso(now + timedelta(seconds=lease_s)), iso(now)),
+                (owner, iso(now + timedelta(seconds=lease_s)), iso(now), iso(now)),
             )
         if not rows:
             return None
@@ -228,13 +244,28 @@ class Store:
             (_like_prefix(owner_prefix), self._now()),
         )
 
-    async def finish(self, job_id: str, owner: str, state: str, error: str | None) -> None:
-        """End a job; its credentials and checkpoints go with it (the job_ended trigger)."""
-        await self._fenced(
-            "UPDATE jobs SET state = ?, error = ?, finished_at = ?, lease_owner = NULL, lease_expires = NULL "
-            "WHERE id = ? AND state = 'RUNNING' AND lease_owner = ?",
-            (state, error, self._now(), job_id, owner),
+    async def finish(
+        self, job_id: str, owner: str, state: str, error: str | None, target_error: str | None = None
+    ) -> None:
+        """End a job; its credentials and checkpoints go with it (the job_ended trigger). With
+        `target_error`, its targets not yet ended fail with it, in the same transaction."""
+        now = self._now()
+        end = (
+            """UPDATE jobs SET state = ?, error = ?, finished_at = ?, lease_owner = NULL, lease_expires = NULL
+               WHERE id = ? AND state = 'RUNNING' AND lease_owner = ?""",
+            (state, error, now, job_id, owner),
         )
+        if target_error is None:
+            await self._fenced(*end)
+            return
+        async with self._transaction():
+            await self._db.execute(
+                "UPDATE job_targets SET state = 'FAILED', error = ?, updated_at = ? "
+                f"WHERE job_id = ? AND state IN ('PENDING', 'RUNNING') AND {self._LEASED}",
+                (target_error, now, job_id, job_id, owner),
+            )
+            if (await self._db.execute(*end)).rowcount == 0:
+                raise LeaseLost(job_id)
 
     async def _fenced(self, sql: str, params: tuple[Any, ...]) -> None:
         if await self._write(sql, params) == 0:
@@ -273,8 +304,18 @@ class Store:
             (job_id, idx, digest, location, offset, self._now(), job_id, owner),
         )
 
-    async def drop_upload(self, job_id: str, idx: int, digest: str) -> None:
-        await self._write("DELETE FROM uploads WHERE job_id = ? AND target_idx = ? AND digest = ?", (job_id, idx, digest))
+    async def drop_upload(self, job_id: str, owner: str, idx: int, digest: str) -> None:
+        """Forget a checkpoint (none there: nothing to do); a worker that lost the lease must
+        not take the new owner's resume point away."""
+        async with self._tx:
+            cur = await self._db.execute(
+                f"DELETE FROM uploads WHERE job_id = ? AND target_idx = ? AND digest = ? AND {self._LEASED}",
+                (job_id, idx, digest, job_id, owner),
+            )
+            if cur.rowcount == 0:
+                rows = await self._db.execute_fetchall(f"SELECT {self._LEASED}", (job_id, owner))
+                if not next(iter(rows))[0]:
+                    raise LeaseLost(job_id)
 
     async def uploads(self, job_id: str) -> dict[tuple[int, str], tuple[str, int]]:
         rows = await self._db.execute_fetchall("SELECT target_idx, digest, location, offset FROM uploads WHERE job_id = ?", (job_id,))
@@ -377,23 +418,61 @@ async def migrate(db: aiosqlite.Connection, folder: Path = MIGRATIONS) -> int:
     files = sorted((int(m.group(1)), p) for p in folder.glob("*.sql") if (m := re.match(r"(\d+)_", p.name)))
     if not files:
         raise StoreError(f"no migrations found in {folder}")
-    async with db.execute("PRAGMA user_version") as cur:
-        version = (await cur.fetchone())[0]
+    version = await _user_version(db)
     newest = files[-1][0]
     if version > newest:
         raise StoreError(f"the database is at schema version {version}, newer than this pydlit knows ({newest}); refusing to start")
     for number, path in files:
         if number <= version:
             continue
-        # executescript commits any open transaction first, so the transaction lives in the script.
-        script = f"BEGIN IMMEDIATE;\n{path.read_text()}\nPRAGMA user_version = {number};\nCOMMIT;"
+        # Statement by statement, not with executescript, which would commit the transaction
+        # that the version check below must share with the script.
         try:
-            await db.executescript(script)
+            await db.execute("BEGIN IMMEDIATE")
+            # A process starting beside this one may have applied it since the read above.
+            version = await _user_version(db)
+            if number > version:
+                for statement in _statements(path.read_text()):
+                    await db.execute(statement)
+                await db.execute(f"PRAGMA user_version = {number}")
+            await db.execute("COMMIT")
         except sqlite3.Error as exc:
             if db.in_transaction:
                 await db.execute("ROLLBACK")
             raise StoreError(f"migration {path.name} failed: {exc}") from exc
     return newest
+
+
+async def _use_wal(db: aiosqlite.Connection) -> None:
+    # While a process starting beside this one turns a new database to WAL, SQLite answers
+    # "locked" at once, busy_timeout or not; asked again a moment later, it finds WAL in place.
+    for attempt in range(WAL_ATTEMPTS):
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == WAL_ATTEMPTS - 1:
+                raise
+        await asyncio.sleep(0.1)
+
+
+async def _user_version(db: aiosqlite.Connection) -> int:
+    async with db.execute("PRAGMA user_version") as cur:
+        return int((await cur.fetchone())[0])
+
+
+def _statements(script: str) -> list[str]:
+    """The script's statements, cut where SQLite's parser sees one end: not at a ';' inside a
+    string, a comment or a trigger's body."""
+    statements, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            statements.append(pending)
+            pending = ""
+    if pending.strip():
+        statements.append(pending)  # unfinished: SQLite names the problem when it runs
+    return statements
 
 
 def _view(job: sqlite3.Row, targets: list[sqlite3.Row]) -> dict[str, Any]:
@@ -423,6 +502,22 @@ def _view(job: sqlite3.Row, targets: list[sqlite3.Row]) -> dict[str, Any]:
             for t in targets
         ],
     }
+
+
+def asks_credentials(request: dict[str, Any]) -> bool:
+    """Whether a job's stored request (its auth values redacted) brought credentials."""
+    return "auth" in request["source"] or any("auth" in t for t in request["targets"])
+
+
+def _brings_credentials(secrets: dict[str, Any]) -> bool:
+    return bool(secrets.get("source")) or any(secrets.get("targets") or ())
+
+
+async def _holds_credentials(db: aiosqlite.Connection) -> bool:
+    """Whether a job still waits with credentials sealed in the DB. Rows that an earlier pydlit
+    sealed for jobs without any do not count: their requests bring no auth."""
+    rows = await db.execute_fetchall("SELECT jobs.request FROM job_secrets JOIN jobs ON jobs.id = job_secrets.job_id")
+    return any(asks_credentials(json.loads(r["request"])) for r in rows)
 
 
 def _like_prefix(prefix: str) -> str:

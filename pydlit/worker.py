@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import ssl
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -17,10 +19,28 @@ from .logs import job_context
 from .registry.auth import ChallengeCache, TokenCache
 from .registry.client import KnownRepositories, RegistryClient
 from .settings import Settings
-from .store import ClaimedJob, LeaseLost, Store
+from .store import ClaimedJob, LeaseLost, Store, asks_credentials
 from .transfer import ImageCopy, MemoryEvents, Source, SourceError, Stopped, Target
 
 log = logging.getLogger(__name__)
+
+# Why a job's task is cancelled: a DELETE, a lease another worker took, the shutdown grace ran out.
+CANCEL_REASONS = ("user", "lease", "shutdown")
+NOT_COPIED = "not copied: the job failed before this target finished"
+
+
+@dataclass(frozen=True)
+class Ending:
+    """What a job's run writes last: its end state (None: back to the queue, checkpoints kept),
+    the job's error, and the error its targets not yet ended take."""
+
+    state: str | None
+    error: str | None = None
+    target_error: str | None = None
+
+
+REQUEUE = Ending(None)
+CANCELLED = Ending("FAILED", "cancelled", "cancelled")
 
 
 class JobEvents(MemoryEvents):
@@ -57,7 +77,7 @@ class JobEvents(MemoryEvents):
         await super().save_upload(idx, digest, location, offset)
 
     async def drop_upload(self, idx: int, digest: str) -> None:
-        await self.store.drop_upload(self.job_id, idx, digest)
+        await self.store.drop_upload(self.job_id, self.owner, idx, digest)
         await super().drop_upload(idx, digest)
 
     async def mount_sources(self, registry: str, digest: str) -> list[str]:
@@ -94,8 +114,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
-        # Why a job task was cancelled: "user" (DELETE), "lease" (another owner), else shutdown.
-        self._cancel_reason: dict[str, str] = {}
+        # The CANCEL_REASONS each running job's task was cancelled for, first one first.
+        self._cancels: dict[str, list[str]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._housekeeping_task: asyncio.Task[None] | None = None
 
@@ -111,10 +131,19 @@ class Worker:
         self._wake.set()
 
     def cancel(self, job_id: str, reason: str = "user") -> None:
-        """Stop a job this worker runs; it ends FAILED "cancelled" with its uploads cancelled."""
+        """Stop a job this worker runs, once per reason (the heartbeat repeats a DELETE every
+        second): "user" ends it FAILED "cancelled" with its uploads cancelled, "shutdown" puts
+        it back in the queue, "lease" leaves it to its new owner."""
         task = self._running.get(job_id)
-        if task is not None and not task.done():
-            self._cancel_reason.setdefault(job_id, reason)
+        if task is None or task.done():
+            return
+        reasons = self._cancels.setdefault(job_id, [])
+        if reason in reasons:
+            return
+        reasons.append(reason)
+        # A task cancelled before its first step dies before its first line, leaving the job
+        # RUNNING with nobody to end it: it reads the reason when it starts instead.
+        if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:
             task.cancel()
 
     async def _housekeeping(self) -> None:
@@ -141,8 +170,9 @@ class Worker:
         if tasks:
             log.info("stopping: waiting for %d job(s) to reach a safe point", len(tasks))
             _, pending = await asyncio.wait(tasks, timeout=self.settings.stop_grace_s)
-            for task in pending:
-                task.cancel()
+            for job_id, task in list(self._running.items()):
+                if task in pending:
+                    self.cancel(job_id, "shutdown")
             if pending:
                 await asyncio.wait(pending, timeout=5)
 
@@ -157,6 +187,11 @@ class Worker:
                     job = await self.store.claim(self.owner, self.settings.lease_s)
                 except Exception:
                     log.exception("claiming a job failed")
+            if job is not None and job.id in self._running:
+                # Its lease ran out while this very worker ran it (the loop was held up that long):
+                # the claim renewed it, and the task running it goes on.
+                log.warning("job %s: its lease had expired while it ran here", job.id)
+                continue
             if job is not None:
                 task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
                 self._running[job.id] = task
@@ -167,6 +202,7 @@ class Worker:
 
     def _job_done(self, job_id: str) -> None:
         self._running.pop(job_id, None)
+        self._cancels.pop(job_id, None)
         self._wake.set()
 
     async def _run(self, job: ClaimedJob) -> None:
@@ -175,70 +211,99 @@ class Worker:
 
     async def _run_job(self, job: ClaimedJob) -> None:
         log.info("job %s: started (attempt %d)", job.id, job.attempt)
-        events = JobEvents(self.store, job.id, self.owner, await self.store.uploads(job.id))
+        events = JobEvents(self.store, job.id, self.owner, {})
         beat = asyncio.create_task(self._heartbeat(job.id, events))
         n_targets = len(job.request["targets"])
         copy: ImageCopy | None = None
+        ending: Ending | None = None  # None: the lease is lost, there is nothing to write
+        # The handlers below do not await: a cancel lands inside this try, where it is caught.
         try:
-            if job.cancel_requested:
-                raise asyncio.CancelledError()  # asked for before a crash took its worker
-            if job.secrets is None:
+            if job.cancel_requested or self._cancels.get(job.id):
+                raise asyncio.CancelledError()  # asked for before a crash took its worker, or before this task ran
+            events.uploads.update(await self.store.uploads(job.id))
+            if asks_credentials(job.request) and not job.secrets:
                 raise SourceError(
-                    "the job's credentials were sealed with another secret key (PYDLIT_SECRET_KEY or the "
-                    ".key file beside the database changed); submit the job again"
+                    "the job's credentials cannot be opened: the secret key (PYDLIT_SECRET_KEY or the "
+                    ".key file beside the database) changed or was lost; submit the job again"
                 )
             try:
                 copy = self._build(job, events)
             except (ValueError, ssl.SSLError) as exc:
                 raise SourceError(f"the request cannot be run: {exc}") from None
             await copy.run()
-            await events.flush()
             failed = [i for i, s in events.states.items() if s == "FAILED"]
-            state = "FAILED" if failed else "FINISHED"
-            error = f"{len(failed)} of {n_targets} target(s) failed" if failed else None
-            await self.store.finish(job.id, self.owner, state, error)
-            log.info("job %s: %s%s", job.id, state, f" ({error})" if error else "")
+            ending = Ending("FAILED", f"{len(failed)} of {n_targets} target(s) failed") if failed else Ending("FINISHED")
         except SourceError as exc:
-            await self._fail_job(job.id, events, n_targets, str(exc))
+            ending = Ending("FAILED", str(exc), NOT_COPIED)
         except Stopped:
-            await events.flush()
-            await self.store.release(job.id, self.owner)
-            log.info("job %s: checkpointed and requeued for the next start", job.id)
+            ending = REQUEUE
         except LeaseLost:
             log.warning("job %s: lease lost; another worker owns it now", job.id)
         except asyncio.CancelledError:
-            reason = self._cancel_reason.pop(job.id, "user" if job.cancel_requested else "shutdown")
-            if reason == "user":
-                await self._cancelled(job, events, copy, n_targets)
-            elif reason == "shutdown":
-                log.warning("job %s: cancelled at shutdown; it resumes from its last checkpoint", job.id)
-                with contextlib.suppress(Exception):
-                    await self.store.release(job.id, self.owner)
+            ending = self._cancelled(job)
         except Exception as exc:  # a bug must fail one job, never the worker
             log.exception("job %s: internal error", job.id)
-            with contextlib.suppress(Exception):
-                await self._fail_job(job.id, events, n_targets, f"internal error: {type(exc).__name__}: {exc}")
+            ending = Ending("FAILED", f"internal error: {type(exc).__name__}: {exc}", NOT_COPIED)
+        try:
+            if ending is CANCELLED and copy is not None:
+                await self._give_back_uploads(job.id, copy, events)
+        except asyncio.CancelledError:
+            log.warning("job %s: stopped giving its upload sessions back to the registries", job.id)
         finally:
             beat.cancel()
+            if ending is not None:
+                await self._settle(job.id, events, ending)
 
-    async def _cancelled(self, job: ClaimedJob, events: JobEvents, copy: ImageCopy | None, n_targets: int) -> None:
-        """A user cancelled the job: give the registries their upload sessions back, then end it."""
-        if copy is not None:
-            for (idx, _digest), (location, _offset) in list(events.uploads.items()):
-                target = copy.targets[idx]
+    def _cancelled(self, job: ClaimedJob) -> Ending | None:
+        """How a cancelled job ends, by the first reason it was cancelled for."""
+        reasons = self._cancels.get(job.id)
+        reason = reasons[0] if reasons else "user" if job.cancel_requested else "shutdown"
+        if reason == "user":
+            return CANCELLED
+        if reason == "shutdown":
+            log.warning("job %s: cancelled at shutdown; it resumes from its last checkpoint", job.id)
+            return REQUEUE
+        return None  # the heartbeat found the lease lost, and said so
+
+    async def _give_back_uploads(self, job_id: str, copy: ImageCopy, events: JobEvents) -> None:
+        """A user cancelled the job: give the registries their upload sessions back."""
+        for (idx, _digest), (location, _offset) in list(events.uploads.items()):
+            target = copy.targets[idx]
+            try:
                 await target.client.cancel_upload(location, target.repo)
-        with contextlib.suppress(LeaseLost):
-            await self._fail_job(job.id, events, n_targets, "cancelled", target_error="cancelled")
+            except (RuntimeError, OSError, aiohttp.ClientError) as exc:  # the session closed at shutdown
+                log.warning("job %s target %d: an upload session was not given back: %s", job_id, idx, type(exc).__name__)
 
-    async def _fail_job(
-        self, job_id: str, events: JobEvents, n_targets: int, reason: str,
-        target_error: str = "not copied: the job failed before this target finished",
-    ) -> None:
-        for idx in range(n_targets):
-            if events.states.get(idx) not in ("FINISHED", "SKIPPED", "FAILED"):
-                await events.target_state(idx, "FAILED", target_error)
-        await self.store.finish(job_id, self.owner, "FAILED", reason)
-        log.warning("job %s: FAILED (%s)", job_id, reason)
+    async def _settle(self, job_id: str, events: JobEvents, ending: Ending) -> None:
+        """Write how the job ended, to the end: a cancel landing meanwhile (the heartbeat finding
+        the lease lost, the shutdown grace running out) only interrupts the wait, never the
+        write, so the row is never left RUNNING with no task to end it."""
+        write = asyncio.ensure_future(self._write_ending(job_id, events, ending))
+        waits = len(CANCEL_REASONS) + 1  # a task is cancelled once per reason
+        for wait in range(waits):
+            try:
+                await asyncio.shield(write)
+                return
+            except asyncio.CancelledError:
+                if write.done() or wait == waits - 1:
+                    raise
+
+    async def _write_ending(self, job_id: str, events: JobEvents, ending: Ending) -> None:
+        try:
+            await events.flush()
+            if ending.state is None:
+                await self.store.release(job_id, self.owner)
+                log.info("job %s: checkpointed and requeued", job_id)
+                return
+            await self.store.finish(job_id, self.owner, ending.state, ending.error, ending.target_error)
+        except LeaseLost:
+            log.warning("job %s: lease lost before its end was written; another worker owns it now", job_id)
+            return
+        except Exception:
+            log.exception("job %s: writing its end failed; it is taken up again once its lease expires", job_id)
+            return
+        level = logging.WARNING if ending.state == "FAILED" else logging.INFO
+        log.log(level, "job %s: %s%s", job_id, ending.state, f" ({ending.error})" if ending.error else "")
 
     async def _heartbeat(self, job_id: str, events: JobEvents) -> None:
         while True:

@@ -306,16 +306,36 @@ async def test_secrets_are_deleted_when_the_job_ends(aiohttp_client, tmp_path: P
 
 
 async def test_redaction_does_not_touch_the_posted_document_shape(client, tmp_path: Path) -> None:
-    # Guard against redaction by accident: a request without any auth is stored as validated.
+    # Guard against redaction by accident: a request without any auth is stored as validated,
+    # and nothing is sealed for it (so that a lost key can never fail it).
     payload = body()
     _, answer = await post(client, copy.deepcopy(payload))
     with db(tmp_path) as conn:
         stored = json.loads(conn.execute("SELECT request FROM jobs WHERE id = ?", (answer["id"],)).fetchone()["request"])
-        sealed = conn.execute("SELECT sealed FROM job_secrets WHERE job_id = ?", (answer["id"],)).fetchone()["sealed"]
-    secrets = unseal(tmp_path, sealed)
+        sealed = conn.execute("SELECT count(*) FROM job_secrets").fetchone()[0]
     assert "auth" not in stored["source"] and all("auth" not in t for t in stored["targets"])
     assert stored["source"]["endpoint"] == payload["source"]["endpoint"]
-    assert secrets == {"source": None, "targets": [None, None]}
+    assert sealed == 0
+
+
+async def test_an_auth_json_string_is_sealed_as_the_object_it_holds(client, tmp_path: Path) -> None:
+    # The original pydlit's request reference shows auth.json as a string holding the payload.
+    payload = body()
+    payload["source"]["auth"] = {"url": "http://127.0.0.1:9/token", "json": json.dumps({"password": PASSWORD})}
+    status, answer = await post(client, payload)
+    assert status == 201, answer
+    with db(tmp_path) as conn:
+        stored = conn.execute("SELECT request FROM jobs WHERE id = ?", (answer["id"],)).fetchone()["request"]
+        sealed = conn.execute("SELECT sealed FROM job_secrets WHERE job_id = ?", (answer["id"],)).fetchone()["sealed"]
+    assert PASSWORD not in stored
+    assert json.loads(stored)["source"]["auth"] == {"url": "<redacted>", "json": "<redacted>"}
+    assert unseal(tmp_path, sealed)["source"]["json"] == {"password": PASSWORD}
+
+    payload["source"]["auth"]["json"] = f"password={PASSWORD}"
+    status, answer = await post(client, payload)
+    assert status == 400 and "source.auth.json" in answer["msg"] and "JSON object" in answer["msg"]
+    assert PASSWORD not in answer["msg"]
+    assert job_count(tmp_path) == 1
 
 
 @pytest.mark.parametrize("depth", [100_000, 900])
@@ -329,3 +349,26 @@ async def test_deeply_nested_bodies_are_a_400(client, tmp_path: Path, depth: int
         assert resp.status == 400, await resp.text()
         assert (await resp.json())["status"] == "error"
     assert job_count(tmp_path) == 0
+
+
+# -- the API token ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, status",
+    [(b"Bearer tok-secret", 200), (b"Bearer \xff", 401), (b"Bearer tok-secre\xff", 401), ("Bearer é".encode(), 401)],
+)
+async def test_an_authorization_header_that_is_not_utf8_is_a_401(aiohttp_client, tmp_path: Path, value: bytes, status: int) -> None:
+    # Raw bytes on the wire: the test client would refuse to send a byte that is not UTF-8.
+    client = await aiohttp_client(create_app(settings(tmp_path, api_token="tok-secret")))
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(b"GET /api/distribute/image HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: " + value + b"\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == f"HTTP/1.1 {status} ".encode() + (b"OK" if status == 200 else b"Unauthorized")
+    if status == 401:
+        assert b"missing or wrong API token" in payload

@@ -55,6 +55,15 @@ def test_json_with_registries(tmp_path: Path) -> None:
     assert store.hosts == ["registry.example:5000", "token.example"]
 
 
+def test_a_json_payload_given_as_a_string_is_read_as_the_object_it_holds(tmp_path: Path) -> None:
+    # As a request's auth may give it, after the original pydlit's request reference.
+    payload = {"username": "u", "password": PASSWORD}
+    store = load(tmp_path, {"token.example": {"url": "https://auth.example/token", "json": json.dumps(payload)}})
+    assert store.lookup("https://token.example") == {"url": "https://auth.example/token", "json": payload}
+    refused(tmp_path, {"token.example": {"url": "https://auth.example/token", "json": f"password={PASSWORD}"}},
+            "'token.example'", "auth.json", "JSON object")
+
+
 def test_json_without_the_registries_wrapper(tmp_path: Path) -> None:
     store = load(tmp_path, {"registry.example:5000": BASIC})
     assert store.lookup("http://registry.example:5000/v2/") == BASIC

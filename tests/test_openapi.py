@@ -112,6 +112,17 @@ def test_request_schema_accepts_the_example_and_rejects_a_body_without_targets(d
     assert not validator.is_valid(unknown_key)
 
 
+def test_request_schema_takes_an_auth_json_payload_as_an_object_or_a_string(doc: dict) -> None:
+    # The original pydlit's request reference gives it as a string holding the JSON object.
+    validator = validator_for(doc, request_schema_ref(doc))
+    example = json.loads(EXAMPLE.read_text())
+    for payload in ({"username": "u"}, '{"username": "u"}'):
+        example["source"]["auth"] = {"url": "https://auth.example/token", "json": payload}
+        validator.validate(example)
+    example["source"]["auth"]["json"] = 7
+    assert not validator.is_valid(example)
+
+
 def test_request_schema_is_exactly_request_schema_with_its_defs_moved(doc: dict) -> None:
     schemas = doc["components"]["schemas"]
     body = resolve(doc, request_schema_ref(doc))

@@ -1,18 +1,40 @@
-"""Operations (issue: secrets, API token, job list, cancel, progress, metrics, retention) against
-the real service process and real registries."""
+"""Operations (issue: secrets, API token, job list, cancel, progress, metrics, retention, leases,
+settings, migrations) against the real service process and real registries, and against the worker
+and the store in this process, with an injectable clock, where a race must be hit exactly."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import sqlite3
+import threading
 import time
 import urllib.request
+from datetime import datetime, timedelta
+from pathlib import Path
 
+import aiohttp
+import aiosqlite
 import pytest
+from aiohttp import web
 from support.images import manifest_digest, push_image
+from support.proxy import FaultProxy
 from support.service import job_body
 
+from pydlit.registry.client import RetryPolicy
+from pydlit.secretbox import SecretBox, SecretError
+from pydlit.settings import Settings, from_env
+from pydlit.store import MIGRATIONS, LeaseLost, Store, StoreError, migrate
+from pydlit.worker import Worker
+
 MiB = 1024 * 1024
+CLOSED = "http://127.0.0.1:9"  # nothing listens: a job that runs fails at once, without leaving loopback
+REQUEST = {"source": {"endpoint": CLOSED, "image": "team/app", "ref": "v1"}, "targets": [{"endpoint": CLOSED}]}
+TARGETS = [{"endpoint": CLOSED, "image": "team/app", "ref": "v1"}]
+NO_AUTH = {"source": None, "targets": [None]}  # what the API hands the store for a request without auth
+DIGEST = "sha256:" + "a" * 64
+T0 = datetime.fromisoformat("2026-01-01T00:00:00+00:00")
 
 
 def call(svc, method, path, token=None, data=None):
@@ -240,3 +262,419 @@ def test_two_services_on_one_database_run_every_job_exactly_once(service_factory
     assert started[0] | started[1] == set(ids)
     assert not started[0] & started[1], "a job ran in both services"
     assert started[0] and started[1], f"one service ran everything: {[len(s) for s in started]}"
+
+
+# -- cancelling a running job ----------------------------------------------------------------------
+
+
+class SlowToGiveBack(FaultProxy):
+    """Answers an upload session's DELETE only after 2.5 s: two and a half heartbeats."""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "DELETE":
+            await asyncio.sleep(2.5)
+        return await super()._handle(request)
+
+
+def test_a_cancel_whose_sessions_take_long_to_give_back_still_ends_the_job(service_factory, proxy_factory, registries, repo_name):
+    push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[8 * MiB], seed=40)
+    slow = proxy_factory(registries.target_a, cls=SlowToGiveBack)
+    slow.rate_limit(1 * MiB, download=False, upload=True)
+    svc = service_factory(env={"PYDLIT_CHUNK_MIB": "1"})
+    job_id = svc.submit(job_body(registries.source, repo_name, "v1", [slow]))
+    wait_for(lambda: svc.status(job_id)["bytes_done"] > 0)
+    with sqlite3.connect(svc.db_path) as db:
+        sessions = [r[0] for r in db.execute("select location from uploads where job_id = ?", (job_id,))]
+
+    # Meanwhile the heartbeat finds the cancel request again: the job's end must still be written.
+    status, _ = call(svc, "DELETE", f"/api/distribute/image/{job_id}")
+    view = svc.wait(job_id, timeout=15)
+
+    assert status == 200 and (view["value"], view["error"]) == ("FAILED", "cancelled"), view
+    assert view["targets"][0]["state"] == "FAILED" and view["targets"][0]["error"] == "cancelled"
+    assert sessions and all(call_url("GET", s.replace(slow.url, registries.target_a.url)) == 404 for s in sessions)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def worker_settings(tmp_path: Path, **overrides: object) -> Settings:
+    base = Settings(
+        db=str(tmp_path / "t.db"), node="node-b", concurrency=2, poll_s=0.02, heartbeat_s=0.05, lease_s=30.0,
+        stop_grace_s=2.0, retry=RetryPolicy(attempts=1, base_delay=0.0, max_delay=0.0, max_total=1.0),
+    )
+    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+
+
+async def ended(store: Store, job_id: str, timeout: float = 10.0, step: float = 0.02) -> dict:
+    view: dict = {}
+    for _ in range(int(timeout / step)):
+        view = await store.job_view(job_id)
+        if view["value"] in ("FINISHED", "FAILED"):
+            return view
+        await asyncio.sleep(step)
+    raise AssertionError(f"job still {view.get('value')} after {timeout}s: {view}")
+
+
+@pytest.mark.asyncio
+async def test_a_cancel_while_a_claimed_job_reads_its_checkpoints_ends_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await Store.open(tmp_path / "t.db")
+    reading = asyncio.Event()
+    real_uploads = store.uploads
+
+    async def slow_uploads(job_id: str) -> dict:
+        reading.set()
+        await asyncio.sleep(0.3)  # under load, the one DB thread is queued behind every job's writes
+        return await real_uploads(job_id)
+
+    monkeypatch.setattr(store, "uploads", slow_uploads)
+    job_id = await store.enqueue(REQUEST, NO_AUTH, TARGETS, "x")
+    async with aiohttp.ClientSession() as session:
+        worker = Worker(store, session, worker_settings(tmp_path))
+        await worker.start()
+        try:
+            await asyncio.wait_for(reading.wait(), timeout=5)
+            assert await store.request_cancel(job_id) == "RUNNING"  # what DELETE does
+            worker.cancel(job_id)
+            view = await ended(store, job_id)
+        finally:
+            await worker.stop()
+            await store.close()
+    assert (view["value"], view["error"]) == ("FAILED", "cancelled")
+    assert [(t["state"], t["error"]) for t in view["targets"]] == [("FAILED", "cancelled")]
+
+
+@pytest.mark.asyncio
+async def test_a_cancel_before_a_claimed_jobs_task_first_runs_ends_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await Store.open(tmp_path / "t.db")
+    job_id = await store.enqueue(REQUEST, NO_AUTH, TARGETS, "x")
+    async with aiohttp.ClientSession() as session:
+        worker = Worker(store, session, worker_settings(tmp_path, concurrency=1))
+        real_claim = store.claim
+
+        async def claim_then_delete(owner: str, lease_s: float):  # type: ignore[no-untyped-def]
+            job = await real_claim(owner, lease_s)
+            if job is not None:
+                await store.request_cancel(job.id)
+                # The DELETE's call lands after the claim loop made the job's task, and before
+                # that task's first step (it was scheduled first).
+                asyncio.get_running_loop().call_soon(worker.cancel, job.id)
+            return job
+
+        monkeypatch.setattr(store, "claim", claim_then_delete)
+        await worker.start()
+        try:
+            view = await ended(store, job_id, timeout=5)
+        finally:
+            await worker.stop()
+            await store.close()
+    assert (view["value"], view["error"]) == ("FAILED", "cancelled")
+
+
+@pytest.mark.asyncio
+async def test_cancels_landing_while_a_job_writes_its_end_do_not_stop_the_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await Store.open(tmp_path / "t.db")
+    writing = asyncio.Event()
+    real_finish = store.finish
+
+    async def slow_finish(*args: object) -> None:
+        writing.set()
+        await asyncio.sleep(0.3)
+        await real_finish(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "finish", slow_finish)
+    job_id = await store.enqueue(REQUEST, NO_AUTH, TARGETS, "x")
+    async with aiohttp.ClientSession() as session:
+        worker = Worker(store, session, worker_settings(tmp_path))
+        await worker.start()
+        try:
+            await asyncio.wait_for(writing.wait(), timeout=5)  # the source could not be read
+            for reason in ("lease", "shutdown", "user"):  # the heartbeat, a SIGTERM, a DELETE
+                worker.cancel(job_id, reason)
+                await asyncio.sleep(0.05)
+            view = await ended(store, job_id)
+        finally:
+            await worker.stop()
+            await store.close()
+    assert view["value"] == "FAILED" and "127.0.0.1:9" in view["error"]
+
+
+# -- leases of dead processes ----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_claim_takes_over_an_expired_lease_and_fences_out_its_old_owner(tmp_path: Path) -> None:
+    clock = Clock()
+    store = await Store.open(tmp_path / "t.db", clock=clock)
+    location = "http://127.0.0.1:9/v2/team/app/blobs/uploads/1?_state=s"
+    try:
+        job_id = await store.enqueue(REQUEST, NO_AUTH, TARGETS, "x")
+        assert (await store.claim("old-host/1", 30)).attempt == 1
+        await store.save_upload(job_id, "old-host/1", 0, DIGEST, location, 4 * MiB)
+        clock.advance(29)
+        assert await store.claim("new-host/1", 30) is None  # a live lease stays with its owner
+        clock.advance(2)
+
+        taken = await store.claim("new-host/1", 30)
+
+        assert taken is not None and taken.id == job_id and taken.attempt == 2
+        assert await store.uploads(job_id) == {(0, DIGEST): (location, 4 * MiB)}  # it resumes there
+        # Should the old owner still live, it changes nothing: not even the new owner's checkpoint.
+        with pytest.raises(LeaseLost):
+            await store.drop_upload(job_id, "old-host/1", 0, DIGEST)
+        with pytest.raises(LeaseLost):
+            await store.save_upload(job_id, "old-host/1", 0, DIGEST, location, 5 * MiB)
+        with pytest.raises(LeaseLost):
+            await store.finish(job_id, "old-host/1", "FAILED", "stale", "stale")
+        assert await store.uploads(job_id) == {(0, DIGEST): (location, 4 * MiB)}
+        await store.drop_upload(job_id, "new-host/1", 0, DIGEST)
+        await store.drop_upload(job_id, "new-host/1", 0, DIGEST)  # gone already: nothing to do
+        assert await store.uploads(job_id) == {}
+        assert (await store.job_view(job_id))["targets"][0]["state"] == "PENDING"
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_running_worker_takes_up_a_dead_nodes_job_once_its_lease_expires(tmp_path: Path) -> None:
+    clock = Clock()
+    store = await Store.open(tmp_path / "t.db", clock=clock)
+    job_id = await store.enqueue(REQUEST, NO_AUTH, TARGETS, "x")
+    # A container that died holding the job; the one that replaces it has another hostname.
+    await store.claim("3f2a9c1b0d4e/aaaaaaaaaaaa", 30)
+    async with aiohttp.ClientSession() as session:
+        worker = Worker(store, session, worker_settings(tmp_path, node="9b8c7d6e5f4a"))
+        await worker.start()
+        try:
+            await asyncio.sleep(0.2)  # ten polls
+            view = await store.job_view(job_id)
+            assert (view["value"], view["attempt"]) == ("RUNNING", 1)
+            clock.advance(31)
+            view = await ended(store, job_id)
+        finally:
+            await worker.stop()
+            await store.close()
+    assert view["attempt"] == 2
+    assert view["value"] == "FAILED" and "127.0.0.1:9" in view["error"]  # it ran: nothing listens there
+
+
+def test_a_live_node_takes_up_the_job_of_a_killed_one(service_factory, proxy_factory, registries, repo_name, tmp_path):
+    image = push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[8 * MiB], seed=43)
+    slow = proxy_factory(registries.target_a)
+    slow.rate_limit(1 * MiB, download=False, upload=True)
+    db = tmp_path / "shared.db"
+    env = {"PYDLIT_CHUNK_MIB": "1", "PYDLIT_LEASE_S": "3"}
+    dying = service_factory(env={**env, "PYDLIT_NODE": "old-pod"}, db_path=db)
+    job_id = dying.submit(job_body(registries.source, repo_name, "v1", [slow]))
+    wait_for(lambda: dying.status(job_id)["bytes_done"] > 0)
+    # Started while the job's lease is live, under another name: its start leaves the job alone.
+    living = service_factory(env={**env, "PYDLIT_NODE": "new-pod"}, db_path=db)
+    assert living.status(job_id)["value"] == "RUNNING"
+
+    dying.kill()
+    slow.rate_limit(None)
+    view = living.wait(job_id, timeout=30)
+
+    assert (view["value"], view["attempt"]) == ("FINISHED", 2), view
+    assert manifest_digest(registries.target_a, repo_name, "v1") == image.digest
+    assert f"job {job_id}: started (attempt 2)" in living.log_text()
+
+
+# -- the secret key --------------------------------------------------------------------------------
+
+WITH_AUTH = {**REQUEST, "source": {**REQUEST["source"], "auth": {"basicauth": "<redacted>"}}}
+SECRETS = {"source": {"basicauth": {"user": "u", "password": "pw-SECRET-31337"}}, "targets": [None]}
+
+
+@pytest.mark.asyncio
+async def test_a_changed_key_fails_only_the_jobs_that_brought_credentials(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    old_key = SecretBox(b"k" * 32)
+    first = await Store.open(db, box=old_key)
+    anonymous = await first.enqueue(REQUEST, NO_AUTH, TARGETS, "anonymous")
+    legacy = await first.enqueue(REQUEST, NO_AUTH, TARGETS, "legacy")
+    with_auth = await first.enqueue(WITH_AUTH, SECRETS, TARGETS, "with auth")
+    await first.close()
+    with sqlite3.connect(db) as conn:
+        assert [r[0] for r in conn.execute("SELECT job_id FROM job_secrets")] == [with_auth]
+        # What an earlier pydlit sealed for every job, credentials or not.
+        conn.execute("INSERT INTO job_secrets (job_id, sealed) VALUES (?, ?)", (legacy, old_key.seal(NO_AUTH)))
+
+    store = await Store.open(db, box=SecretBox(b"x" * 32))  # PYDLIT_SECRET_KEY changed
+    async with aiohttp.ClientSession() as session:
+        worker = Worker(store, session, worker_settings(tmp_path))
+        await worker.start()
+        try:
+            views = {job_id: await ended(store, job_id) for job_id in (anonymous, legacy, with_auth)}
+        finally:
+            await worker.stop()
+            await store.close()
+    for job_id in (anonymous, legacy):
+        assert "key" not in views[job_id]["error"] and "127.0.0.1:9" in views[job_id]["error"]  # it ran
+    assert "credentials cannot be opened" in views[with_auth]["error"]
+    assert "submit the job again" in views[with_auth]["error"]
+
+
+@pytest.mark.asyncio
+async def test_start_makes_no_new_key_file_while_credentials_wait_sealed_with_the_old_one(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    key_file = tmp_path / "t.db.key"
+    store = await Store.open(db)
+    await store.enqueue(REQUEST, NO_AUTH, TARGETS, "anonymous")
+    await store.close()
+    key_file.unlink()
+    store = await Store.open(db)  # nothing sealed waits: a new key costs nothing
+    job_id = await store.enqueue(WITH_AUTH, SECRETS, TARGETS, "with auth")
+    await store.close()
+    key_file.unlink()
+
+    with pytest.raises(SecretError) as caught:
+        await Store.open(db)
+
+    msg = str(caught.value)
+    assert f"the secret key file {key_file} is missing" in msg and "PYDLIT_SECRET_KEY" in msg
+    assert "DELETE FROM job_secrets" in msg and "pw-SECRET" not in msg
+    assert not key_file.exists()
+    # The way out the message names: the job that brought credentials then fails, saying why.
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM job_secrets")
+    store = await Store.open(db)
+    async with aiohttp.ClientSession() as session:
+        worker = Worker(store, session, worker_settings(tmp_path))
+        await worker.start()
+        try:
+            view = await ended(store, job_id)
+        finally:
+            await worker.stop()
+            await store.close()
+    assert view["value"] == "FAILED" and "credentials cannot be opened" in view["error"]
+
+
+# -- two processes starting on one database --------------------------------------------------------
+
+
+def newest_migration() -> int:
+    return max(int(p.name.split("_")[0]) for p in MIGRATIONS.glob("*.sql"))
+
+
+@pytest.mark.asyncio
+async def test_a_migration_another_process_applies_meanwhile_is_skipped(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("PRAGMA journal_mode=WAL")
+    first = min(MIGRATIONS.glob("*.sql"))
+    # The other process is inside its first migration when this one reads the schema version.
+    other.executescript(f"BEGIN IMMEDIATE;\n{first.read_text()}\nPRAGMA user_version = 1;")
+    commit = threading.Timer(0.3, other.execute, ("COMMIT",))
+    commit.start()
+    try:
+        store = await Store.open(db, box=SecretBox(b"k" * 32))
+        await store.close()
+    finally:
+        commit.join()
+        other.close()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == newest_migration()
+
+
+@pytest.mark.asyncio
+async def test_a_new_database_is_turned_to_wal_while_another_process_writes_to_it(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    # Its write lock on the database, not yet WAL, as while the other process turns it to WAL:
+    # SQLite answers a switch to WAL with "locked" at once then, whatever busy_timeout says.
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE scratch (x INTEGER)")
+    commit = threading.Timer(0.3, other.execute, ("COMMIT",))
+    commit.start()
+    try:
+        store = await Store.open(db, box=SecretBox(b"k" * 32))
+        await store.close()
+    finally:
+        commit.join()
+        other.close()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == newest_migration()
+
+
+@pytest.mark.asyncio
+async def test_migrations_run_statement_by_statement_and_a_bad_one_still_names_its_file(tmp_path: Path) -> None:
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    # Semicolons inside a comment, a string and a trigger's body do not end a statement.
+    (folder / "0001_first.sql").write_text(
+        "-- a comment; with a semicolon\nCREATE TABLE a (x TEXT DEFAULT ';');\n"
+        "CREATE TRIGGER t AFTER INSERT ON a BEGIN DELETE FROM a WHERE x = 'gone'; END;\n"
+    )
+    (folder / "0002_unfinished.sql").write_text("CREATE TABLE b (x INTEGER")
+    db = await aiosqlite.connect(str(tmp_path / "m.db"), isolation_level=None)
+    try:
+        with pytest.raises(StoreError, match="0002_unfinished.sql"):
+            await migrate(db, folder)
+        async with db.execute("PRAGMA user_version") as cur:
+            assert (await cur.fetchone())[0] == 1
+        async with db.execute("SELECT type, name FROM sqlite_master ORDER BY name") as cur:
+            assert [tuple(r) for r in await cur.fetchall()] == [("table", "a"), ("trigger", "t")]
+    finally:
+        await db.close()
+
+
+# -- settings --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, value, rule",
+    [
+        ("PYDLIT_CHUNK_MIB", "0", "a number from 1 to 4096 MiB"),
+        ("PYDLIT_CHUNK_MIB", "0.5", "a number from 1 to 4096 MiB"),
+        ("PYDLIT_CHUNK_MIB", "8192", "a number from 1 to 4096 MiB"),
+        ("PYDLIT_BUFFER_MIB", "0", "a number above 0 and at most 4096 MiB"),
+        ("PYDLIT_BUFFER_MIB", "-1", "a number above 0 and at most 4096 MiB"),
+        ("PYDLIT_RETENTION_DAYS", "-1", "a number from 0 to 36500 days"),
+        ("PYDLIT_RETENTION_DAYS", "1e9", "a number from 0 to 36500 days"),
+        ("PYDLIT_LEASE_S", "0", "a number from 3 to 86400 s"),
+        ("PYDLIT_STALL_TIMEOUT_S", "0", "a number from 1 to 3600 s"),
+        ("PYDLIT_STOP_GRACE_S", "-5", "a number from 0 to 3600 s"),
+        ("PYDLIT_DETACH_AFTER_S", "-1", "a number from 0 to 3600 s"),
+        ("PYDLIT_RETRY_BASE_DELAY", "-1", "a number from 0 to 3600 s"),
+        ("PYDLIT_RETRY_MAX_DELAY", "1e12", "a number from 0 to 3600 s"),
+        ("PYDLIT_RETRY_MAX_TOTAL", "-1", "a number from 0 to 86400 s"),
+        ("PYDLIT_RETRY_ATTEMPTS", "0", "a whole number of at least 1 and at most 100"),
+        ("PYDLIT_RETRY_ATTEMPTS", "2.5", "a whole number of at least 1 and at most 100"),
+        ("PYDLIT_PORT", "0", "a whole number of at least 1 and at most 65535"),
+        ("PYDLIT_PORT", "70000", "a whole number of at least 1 and at most 65535"),
+        ("PYDLIT_CONCURRENCY", "-1", "a whole number of at least 0"),
+        ("PYDLIT_CONCURRENCY", "1.5", "a whole number of at least 0"),
+        ("PYDLIT_CHUNK_MIB", "inf", "a number"),
+        ("PYDLIT_RETENTION_DAYS", "nan", "a number"),
+    ],
+)
+def test_a_setting_out_of_its_range_stops_the_start_naming_it_and_the_range(name: str, value: str, rule: str) -> None:
+    with pytest.raises(SystemExit) as caught:
+        from_env({name: value})
+    assert str(caught.value) == f"pydlit: {name} must be {rule}, not {value!r}"
+
+
+def test_settings_at_the_edges_of_their_ranges_are_taken() -> None:
+    s = from_env({
+        "PYDLIT_CHUNK_MIB": "1", "PYDLIT_BUFFER_MIB": "0.000001", "PYDLIT_RETENTION_DAYS": "0", "PYDLIT_CONCURRENCY": "0",
+        "PYDLIT_LEASE_S": "3", "PYDLIT_STOP_GRACE_S": "0", "PYDLIT_PORT": "65535", "PYDLIT_RETRY_ATTEMPTS": "1",
+    })
+    assert (s.tuning.chunk_size, s.tuning.buffer_size) == (MiB, 2)  # room for one piece at a time
+    assert (s.retention_days, s.concurrency, s.lease_s, s.stop_grace_s, s.port, s.retry.attempts) == (0, 0, 3, 0, 65535, 1)
+
+
+def test_the_service_does_not_start_with_a_chunk_of_zero(service_factory):
+    svc = service_factory(env={"PYDLIT_CHUNK_MIB": "0"}, start=False)
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        svc.start()
+    assert "pydlit: PYDLIT_CHUNK_MIB must be a number from 1 to 4096 MiB, not '0'" in svc.log_text()

@@ -174,7 +174,11 @@ def test_given_values_are_kept():
         (with_auth({"header": {"X-Token": 1}}), 'source.auth.header["X-Token"]: must be a string'),
         (with_auth({"header": {"X-Token": "a\r\nInjected: 1"}}),
          'source.auth.header["X-Token"]: must not contain line breaks'),
-        (with_auth({"json": "payload"}), "source.auth.json: must be an object"),
+        (with_auth({"json": 7}), "source.auth.json: must be an object or a string"),
+        (with_auth({"json": "payload"}, where="target"),
+         "targets[0].auth.json: must be a JSON object or a string holding one, and this string holds no JSON object"),
+        (with_auth({"json": '["not", "an", "object"]'}),
+         "source.auth.json: must be a JSON object or a string holding one, and this string holds no JSON object"),
         (with_auth({"basicauth": {"user": "u"}}), "source.auth.basicauth: 'password' is a required property"),
         (with_auth({"basicauth": {"password": "p"}}), "source.auth.basicauth: 'user' is a required property"),
         (with_auth({"basicauth": {"user": "", "password": "p"}}), "source.auth.basicauth.user: must not be empty"),
@@ -260,6 +264,26 @@ def test_header_is_normalised_to_an_object(header, expected):
 def test_token_type_is_normalised(token_type, expected):
     request = validate_request(with_auth({"url": "https://auth/token", "token_type": token_type}))
     assert request["source"]["auth"] == {"url": "https://auth/token", "token_type": expected}
+
+
+@pytest.mark.parametrize("where", ["source", "target"])
+def test_an_auth_json_string_holding_an_object_is_that_object(where):
+    # The original pydlit's request reference shows `"json": "<...put it here.>"`: a string.
+    payload = {"client_id": "pydlit", "secret": "s3cr3t", "nested": {"a": [1, 2]}}
+    request = validate_request(with_auth({"url": "https://auth/token", "json": json.dumps(payload)}, where))
+    side = request["source"] if where == "source" else request["targets"][0]
+    assert side["auth"] == {"url": "https://auth/token", "json": payload}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"password": "secret-876543219"', "secret-876543219", '"secret-876543219"', "", "[" * 5000],
+    ids=["unfinished-object", "not-json", "json-string", "empty", "nested-too-deeply"],
+)
+def test_an_auth_json_string_without_an_object_is_refused_unechoed(text):
+    message = error_for(with_auth({"json": text}))
+    assert message.startswith("source.auth.json: must be a JSON object or a string holding one")
+    assert "876543219" not in message
 
 
 def test_full_auth_block_is_accepted():

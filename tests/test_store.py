@@ -458,9 +458,9 @@ async def test_upload_checkpoints_round_trip(store: Store) -> None:
         (0, DIGEST_A): ("http://127.0.0.1:5001/up/1?_state=three", 4096),
         (1, DIGEST_A): ("http://127.0.0.1:5002/up/2?_state=two", 64),
     }
-    await store.drop_upload(job_id, 0, DIGEST_A)
+    await store.drop_upload(job_id, "node/a", 0, DIGEST_A)
     assert await store.uploads(job_id) == {(1, DIGEST_A): ("http://127.0.0.1:5002/up/2?_state=two", 64)}
-    await store.drop_upload(job_id, 1, DIGEST_B)  # not there: no effect
+    await store.drop_upload(job_id, "node/a", 1, DIGEST_B)  # not there: no effect
     assert len(await store.uploads(job_id)) == 1
 
 
