@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
     if args.concurrency < 0:
         parser.error("--concurrency must be 0 (queue jobs, run none) or more")
+    if not 1 <= args.port <= 65535:
+        parser.error("--port must be from 1 to 65535")
     return dataclasses.replace(env, host=args.host, port=args.port, db=args.db, concurrency=args.concurrency)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pydlit.cli import parse_args
 from pydlit.settings import Settings, from_env
 
 MiB = 1024 * 1024
@@ -40,3 +41,14 @@ def test_a_limit_that_would_stop_every_copy_is_refused(name: str, value: str) ->
 def test_a_value_that_is_not_a_number_is_refused_by_name() -> None:
     with pytest.raises(SystemExit, match="PYDLIT_CONCURRENCY must be a number, not 'many'"):
         from_env({"PYDLIT_CONCURRENCY": "many"})
+
+
+@pytest.mark.parametrize(("flags", "problem"), [
+    (["--port", "0"], "--port must be from 1 to 65535"),
+    (["--port", "65536"], "--port must be from 1 to 65535"),
+    (["--concurrency", "-1"], "--concurrency must be 0"),
+])
+def test_a_flag_out_of_its_range_stops_the_start_naming_it(flags: list[str], problem: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        parse_args(flags)
+    assert stop.value.code == 2 and problem in capsys.readouterr().err
