@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from aioresponses import CallbackResult
 from multidict import CIMultiDict
+from support.answers import trickle
 from support.mocked import aioresponses
 from yarl import URL
 
@@ -627,17 +628,8 @@ async def test_a_token_server_that_trickles_is_given_up_on(aiohttp_server, monke
     monkeypatch.setattr(bodies, "ANSWER_TIMEOUT_S", 1.0)
     done = asyncio.Event()
 
-    async def token(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await resp.prepare(request)
-        with contextlib.suppress(ConnectionError):
-            while not done.is_set():
-                await resp.write(b" ")
-                await asyncio.sleep(0.1)
-        return resp
-
     app = web.Application()
-    app.router.add_get("/token", token)
+    app.router.add_get("/token", lambda request: trickle(request, "application/json", done))
     server = await aiohttp_server(app)
     url = str(server.make_url("/token"))
     if flow == "url":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import email.utils
 import gzip
 import hashlib
@@ -18,6 +17,7 @@ import pytest
 from aiohttp import web
 from aioresponses import CallbackResult
 from multidict import CIMultiDict
+from support.answers import trickle
 from support.mocked import aioresponses
 from yarl import URL
 
@@ -1015,24 +1015,13 @@ async def test_an_answer_broken_off_mid_body_is_asked_again(aiohttp_server, how:
     assert asked == 2
 
 
-async def _trickle(request: web.Request, content_type: str, until: asyncio.Event) -> web.StreamResponse:
-    """A byte every 0.1 s, each far inside any stall timeout, until `until` is set."""
-    resp = web.StreamResponse(headers={"Content-Type": content_type})
-    await resp.prepare(request)
-    with contextlib.suppress(ConnectionError):
-        while not until.is_set():
-            await resp.write(b" ")
-            await asyncio.sleep(0.1)
-    return resp
-
-
 @pytest.mark.asyncio
 async def test_an_answer_that_trickles_is_cut_off_by_the_total_timeout(aiohttp_server, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bodies, "ANSWER_TIMEOUT_S", 1.0)
     done = asyncio.Event()
 
     async def manifest(request: web.Request) -> web.StreamResponse:
-        return await _trickle(request, DOCKER_MANIFEST, done)
+        return await trickle(request, DOCKER_MANIFEST, done)
 
     base = await registry_answering(aiohttp_server, "/v2/team/app/manifests/v1", manifest)
     async with aiohttp.ClientSession() as s:

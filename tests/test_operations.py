@@ -565,14 +565,9 @@ def newest_migration() -> int:
     return max(int(p.name.split("_")[0]) for p in MIGRATIONS.glob("*.sql"))
 
 
-@pytest.mark.asyncio
-async def test_a_migration_another_process_applies_meanwhile_is_skipped(tmp_path: Path) -> None:
-    db = tmp_path / "t.db"
-    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
-    other.execute("PRAGMA journal_mode=WAL")
-    first = min(MIGRATIONS.glob("*.sql"))
-    # The other process is inside its first migration when this one reads the schema version.
-    other.executescript(f"BEGIN IMMEDIATE;\n{first.read_text()}\nPRAGMA user_version = 1;")
+async def open_while_other_commits_later(db: Path, other: sqlite3.Connection) -> None:
+    """Open (and migrate) the store while `other`, another process's connection, holds its open
+    transaction for 0.3 s more; `other` is closed after."""
     commit = threading.Timer(0.3, other.execute, ("COMMIT",))
     commit.start()
     try:
@@ -581,6 +576,17 @@ async def test_a_migration_another_process_applies_meanwhile_is_skipped(tmp_path
     finally:
         commit.join()
         other.close()
+
+
+@pytest.mark.asyncio
+async def test_a_migration_another_process_applies_meanwhile_is_skipped(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("PRAGMA journal_mode=WAL")
+    first = min(MIGRATIONS.glob("*.sql"))
+    # The other process is inside its first migration when this one reads the schema version.
+    other.executescript(f"BEGIN IMMEDIATE;\n{first.read_text()}\nPRAGMA user_version = 1;")
+    await open_while_other_commits_later(db, other)
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == newest_migration()
 
@@ -593,14 +599,7 @@ async def test_a_new_database_is_turned_to_wal_while_another_process_writes_to_i
     # SQLite answers a switch to WAL with "locked" at once then, whatever busy_timeout says.
     other.execute("BEGIN IMMEDIATE")
     other.execute("CREATE TABLE scratch (x INTEGER)")
-    commit = threading.Timer(0.3, other.execute, ("COMMIT",))
-    commit.start()
-    try:
-        store = await Store.open(db, box=SecretBox(b"k" * 32))
-        await store.close()
-    finally:
-        commit.join()
-        other.close()
+    await open_while_other_commits_later(db, other)
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == newest_migration()
