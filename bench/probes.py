@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Two measurements behind the README's performance notes that bench.py's scenarios do not make.
+"""Measurements behind the README's performance notes that bench.py's scenarios do not make.
 
     python bench/probes.py registry-cost [--calls 400]
         CPU seconds the registry's own process spends per request, by kind of request: what any
@@ -8,6 +8,9 @@
         One small image per job (3 x 256 KiB, a new repository each) through proxies that hold
         every request for the given time: the median of the jobs' own run time (started_at to
         finished_at), which counts the round trips that come one after another.
+    python bench/probes.py one-registry [--repos 3] [--reps 3] [--rev REV]
+        One job copying a 256 MiB image (4 layers) to several repositories of one registry: the
+        job's run time and the blob bytes that registry was sent (through a counting proxy).
 
 Everything runs on 127.0.0.1, with the registries and the service of bench.py.
 """
@@ -133,6 +136,34 @@ def long_link(root: Path, latency_s: float, jobs: int, rev: str | None) -> None:
         regs.sweep()
 
 
+def one_registry(root: Path, repos: int, reps: int, rev: str | None) -> None:
+    Service.code_dir, described = snapshot_code(root, rev)
+    regs = Registries(root)
+    source = regs.new("source")
+    image = push_image(source, "one/img", "v1", layer_sizes=(64 * 1024 * 1024,) * 4, seed=6000)
+    runs, sent = [], []
+    try:
+        for rep in range(reps):
+            target = regs.new(f"one-{rep}")
+            proxy = FaultProxy(target).start()
+            try:
+                with Service(root, {}, "one-registry") as svc:
+                    _, [status] = svc.run_jobs([body_for(source, "one/img", "v1", [(proxy, f"one/out{i}") for i in range(repos)])])
+                started, finished = (datetime.fromisoformat(status[k]).timestamp() for k in ("started_at", "finished_at"))
+                runs.append(finished - started)
+                sent.append(proxy.blob_upload_bytes())
+            finally:
+                proxy.stop()
+                regs.drop([target])
+        print(f"pydlit: {described}")
+        print(f"{image.total_bytes / 2**20:.0f} MiB to {repos} repositories of one registry, {reps} reps: job run median "
+              f"{statistics.median(runs):.2f} s (min {min(runs):.2f}, max {max(runs):.2f}); blob bytes sent to the "
+              f"registry {statistics.median(sent) / image.total_bytes:.2f}x the image")
+    finally:
+        regs.drop([source])
+        regs.sweep()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="probe", required=True)
@@ -142,12 +173,18 @@ def main() -> int:
     link.add_argument("--latency-ms", type=float, default=25.0)
     link.add_argument("--jobs", type=int, default=12)
     link.add_argument("--rev", default=None, help="a git revision's pydlit/ instead of the work tree")
+    one = sub.add_parser("one-registry")
+    one.add_argument("--repos", type=int, default=3)
+    one.add_argument("--reps", type=int, default=3)
+    one.add_argument("--rev", default=None, help="a git revision's pydlit/ instead of the work tree")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="pydlit-probe-") as tmp:
         if args.probe == "registry-cost":
             registry_cost(Path(tmp), args.calls)
-        else:
+        elif args.probe == "long-link":
             long_link(Path(tmp), args.latency_ms / 1000, args.jobs, args.rev)
+        else:
+            one_registry(Path(tmp), args.repos, args.reps, args.rev)
     return 0
 
 
