@@ -25,6 +25,8 @@ class Pipe:
         self._eof = False
         self._error: BaseException | None = None
         self.closed = False
+        self._starved = 0.0
+        self._starving_since: float | None = None
 
     @property
     def error(self) -> BaseException | None:
@@ -34,6 +36,16 @@ class Pipe:
     def held(self) -> int:
         """Bytes put and not yet taken: 0 means the writer is waiting for the reader."""
         return self._held
+
+    @property
+    def full(self) -> bool:
+        """The reader must wait for this pipe's writer before it puts more."""
+        return self._held >= self._limit and not self.closed
+
+    def starved(self) -> float:
+        """Seconds the writer has waited for the reader so far, a wait still going on included."""
+        since = self._starving_since
+        return self._starved + (0.0 if since is None else asyncio.get_running_loop().time() - since)
 
     async def put(self, piece: bytes, timeout: float | None = None) -> bool:
         """Queue the piece once there is room; False if `timeout` passed first (nothing queued)."""
@@ -67,7 +79,14 @@ class Pipe:
     async def get(self, most: int) -> bytes:
         """Up to `most` bytes; raises the reader's error, or EOFError at a premature end."""
         async with self._cond:
-            await self._cond.wait_for(lambda: self._items or self._eof or self.closed)
+            if not (self._items or self._eof or self.closed):
+                loop = asyncio.get_running_loop()
+                self._starving_since = loop.time()
+                try:
+                    await self._cond.wait_for(lambda: self._items or self._eof or self.closed)
+                finally:
+                    self._starved += loop.time() - self._starving_since
+                    self._starving_since = None
             if self.closed:
                 raise PipeClosed()
             if not self._items:

@@ -25,7 +25,7 @@ from .registry.trees import push_levels, read_tree
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-_IDLE_CHECK_S = 0.1  # how often a read held up by one full buffer looks whether the others sit idle
+_IDLE_CHECK_S = 0.1  # how often a read held up by one full buffer looks again whether the others sit idle
 _GIVE_BACK_S = 2.0  # how long a cancelled copy spends giving its unused upload sessions back
 
 
@@ -162,7 +162,7 @@ class _Sink:
     done: bool = False
     monolithic: bool = False  # the registry refused PATCH: one PUT with the whole blob
     verified: asyncio.Future[bool] | None = None  # the verdict on the bytes this sink was fed
-    held_back: float = 0.0  # seconds the shared read waited on this sink while another sat idle
+    held_back: float = 0.0  # how long another sink sat idle, waiting for the read this sink held up
 
 
 class ImageCopy:
@@ -665,7 +665,10 @@ class ImageCopy:
 
     async def _put(self, s: _Sink, piece: bytes, sinks: list[_Sink], began: float) -> bool:
         """Queue the piece for the sink, waiting while its buffer is full; False when the sink should
-        leave the shared read: it has kept another sink idle long enough, and for over half the read."""
+        leave the shared read: while it held the read up, another sink sat idle long enough, and
+        for over half the read, so that one could go at least twice as fast on its own. (Targets a
+        little apart in speed, as registries sharing a machine are, stay together: a second read
+        of the source would cost more than it saves.)"""
         assert s.pipe is not None
         after = self.tuning.detach_after_s
         if after <= 0 or len(sinks) < 2:
@@ -675,12 +678,15 @@ class ImageCopy:
         while True:
             if s.held_back >= after and s.held_back * 2 > loop.time() - began:
                 return False
-            # Every wait counts, short ones too: a target that frees a piece just in time, again
-            # and again, holds the others to its pace as surely as one that stops.
-            waited = loop.time()
+            if not s.pipe.full:
+                return await s.pipe.put(piece)
+            # Counted while this sink holds the read up: how long the most starved other sink
+            # waited meanwhile, short waits too (a target that frees a piece just in time, again
+            # and again, holds the others to its pace as surely as one that stops).
+            others = [o.pipe for o in sinks if o is not s and o.pipe is not None and not o.pipe.closed]
+            before = [o.starved() for o in others]
             delivered = await s.pipe.put(piece, timeout=_IDLE_CHECK_S)
-            if any(o is not s and o.pipe is not None and not o.pipe.closed and o.pipe.held == 0 for o in sinks):
-                s.held_back += loop.time() - waited
+            s.held_back += max((o.starved() - b for o, b in zip(others, before, strict=True)), default=0.0)
             if delivered:
                 return True
 

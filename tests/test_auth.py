@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -629,7 +630,7 @@ async def test_a_token_server_that_trickles_is_given_up_on(aiohttp_server, monke
     done = asyncio.Event()
 
     app = web.Application()
-    app.router.add_get("/token", lambda request: trickle(request, "application/json", done))
+    app.router.add_get("/token", functools.partial(trickle, content_type="application/json", until=done))
     server = await aiohttp_server(app)
     url = str(server.make_url("/token"))
     if flow == "url":
