@@ -734,7 +734,6 @@ class ImageCopy:
         if isinstance(s.error, Stopped):
             raise s.error
 
-
     async def _abandon(self, s: _Sink, blob: Blob) -> None:
         """The sink's session is given back: the blob starts over in a new one."""
         location, s.location = s.location, None
