@@ -191,19 +191,20 @@ class Store:
         """Atomically move a job to RUNNING under `owner`'s lease: a RUNNING one whose lease
         expired first (its process died, whatever its node's name; should it still live, every
         write it makes from now on fails its fence), else the oldest QUEUED one. A job taken
-        over keeps its checkpoints, and the claim counts as an attempt. Each half is one index
-        search: a long queue costs a claim nothing more."""
+        over keeps its checkpoints, and the claim counts as an attempt, unless the owner takes
+        back its own (its loop was held up past the lease: the same run goes on). Each half is
+        one index search: a long queue costs a claim nothing more."""
         now = self._clock()
         async with self._tx:
             rows = await self._db.execute_fetchall(
-                """UPDATE jobs SET state = 'RUNNING', attempt = attempt + 1, lease_owner = ?,
+                """UPDATE jobs SET state = 'RUNNING', attempt = attempt + (lease_owner IS NOT ?), lease_owner = ?,
                           lease_expires = ?, started_at = coalesce(started_at, ?)
                    WHERE id = coalesce(
                        (SELECT id FROM jobs WHERE state = 'RUNNING' AND lease_expires < ? ORDER BY created_at LIMIT 1),
                        (SELECT id FROM jobs WHERE state = 'QUEUED' ORDER BY created_at LIMIT 1))
                    RETURNING id, request, attempt, cancel_requested,
                              (SELECT sealed FROM job_secrets WHERE job_id = jobs.id) AS sealed""",
-                (owner, iso(now + timedelta(seconds=lease_s)), iso(now), iso(now)),
+                (owner, owner, iso(now + timedelta(seconds=lease_s)), iso(now), iso(now)),
             )
         if not rows:
             return None

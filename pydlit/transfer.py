@@ -18,7 +18,7 @@ import aiohttp
 from .metrics import DOWNLOADED, UPLOADED
 from .pipe import Pipe, PipeClosed
 from .referrers import DigestTag, ReferrerPusher, Referrers, find_digest_tags, find_referrers, tag_names
-from .registry.client import RegistryClient, RegistryError, broken_stream, retrying
+from .registry.client import RegistryClient, RegistryError, broken_stream, out_of_budget, retrying
 from .registry.manifests import Blob, Manifest, Tree
 from .registry.trees import push_levels, read_tree
 
@@ -188,6 +188,9 @@ class ImageCopy:
         # Per target: the blobs it still lacks, and what wakes its manifest push (see _copy_to).
         self._lacking: dict[int, set[str]] = {}
         self._complete: dict[int, asyncio.Event] = {}
+        # Told whenever a target gets a blob or fails: what targets waiting to link a blob from
+        # another target of their registry wait on.
+        self._settled = asyncio.Condition()
 
     async def run(self) -> None:
         # The targets' tags are looked up while the source tree is read: one round trip less.
@@ -273,6 +276,8 @@ class ImageCopy:
             target.failed = True
             if target.idx in self._complete:
                 self._complete[target.idx].set()
+            async with self._settled:
+                self._settled.notify_all()
             log.warning("target %s/%s failed: %s", target.client.name, target.repo, error)
             await self.events.target_state(target.idx, "FAILED", str(error))
 
@@ -379,10 +384,23 @@ class ImageCopy:
         # A registry takes the bytes once: its other targets wait for them, then link them (a
         # mount, or nothing in the same repository) instead of uploading them again.
         first, later = self._one_per_registry(blob, need)
-        await self._send(blob, first)
-        if later:
-            linked = await asyncio.gather(*(self._link_from(t, blob, first) for t in later))
-            await self._send(blob, [t for t, ok in zip(later, linked, strict=True) if not ok and not t.failed])
+        if not later:
+            await self._send(blob, first)
+            return
+
+        async def send_first() -> None:
+            try:
+                await self._send(blob, first)
+            finally:
+                async with self._settled:
+                    self._settled.notify_all()
+
+        sending = asyncio.ensure_future(send_first())
+        try:
+            linked = await asyncio.gather(*(self._link_from(t, blob, first, sending) for t in later))
+        finally:
+            await _gather_all([sending])
+        await self._send(blob, [t for t, ok in zip(later, linked, strict=True) if not ok and not t.failed])
 
     def _one_per_registry(self, blob: Blob, need: list[Target]) -> tuple[list[Target], list[Target]]:
         """The targets that get the blob's bytes, and those that wait to link it from one of them."""
@@ -390,16 +408,19 @@ class ImageCopy:
         later: list[Target] = []
         for t in need:
             # A session to resume is worth more than what another target's upload would spare.
-            if any(f.client.key == t.client.key for f in first) and not self.events.saved_upload(t.idx, blob.digest):
+            if any(f.client.key == t.client.key for f in first) and not self._resumable(t, blob):
                 later.append(t)
             else:
                 first.append(t)
         return first, later
 
-    async def _link_from(self, t: Target, blob: Blob, first: list[Target]) -> bool:
-        """Whether `t` now holds the blob, linked from a target on its registry that took it."""
-        peer = next((f for f in first if f.client.key == t.client.key and blob.digest not in self._lacking[f.idx]), None)
-        if peer is None:
+    async def _link_from(self, t: Target, blob: Blob, first: list[Target], sending: asyncio.Future[None]) -> bool:
+        """Whether `t` now holds the blob, linked from the target of its registry that takes it,
+        as soon as that one has it: not held to the pace of the other registries' uploads."""
+        peer = next(f for f in first if f.client.key == t.client.key)
+        async with self._settled:
+            await self._settled.wait_for(lambda: blob.digest not in self._lacking[peer.idx] or peer.failed or sending.done())
+        if blob.digest in self._lacking[peer.idx]:
             return False  # it failed there: `t` gets the bytes itself
         try:
             # Other credentials may not read the peer's repository: the mount is then refused.
@@ -423,6 +444,7 @@ class ImageCopy:
         sinks = [_Sink(t) for t in need]
         policy = self.source.client.policy
         mismatches = 0
+        started = asyncio.get_running_loop().time()
         for attempt in range(1, policy.attempts + 1):
             await asyncio.gather(*(self._open_session(s, blob) for s in sinks))
             live = [s for s in sinks if s.error is None]
@@ -451,12 +473,24 @@ class ImageCopy:
             self._check_stop()
             if attempt == policy.attempts:
                 break
-            # A registry that said when to come back (429 Retry-After) is obeyed.
+            # A registry that said when to come back (429 Retry-After) is obeyed, within the
+            # step's time budget; one that asks for longer fails its target now.
+            elapsed = asyncio.get_running_loop().time() - started
+            waiting = []
+            for s in sinks:
+                refused = out_of_budget(policy, s.error, elapsed) if isinstance(s.error, RegistryError) else None
+                if refused is not None:
+                    await self._fail(s.target, refused)
+                else:
+                    waiting.append(s)
+            sinks = waiting
+            if not sinks:
+                return
             waits = [s.error.retry_after for s in sinks if isinstance(s.error, RegistryError) and s.error.retry_after is not None]
             for s in sinks:
                 log.info("blob %s to %s: attempt %d failed (%s), retrying", blob.digest[:19], s.target.client.name, attempt, s.error)
                 s.error = None
-            await asyncio.sleep(policy.delay(attempt, max(waits) if waits else None))
+            await asyncio.sleep(policy.delay(attempt, max(waits) if waits else None, elapsed))
         # Out of attempts: only the sinks of the last round are still unfinished.
         for s in sinks:
             await self._fail(s.target, s.error or RegistryError(s.target.client.name, "upload", "gave up"))
@@ -520,7 +554,7 @@ class ImageCopy:
             if not t.fresh and await t.client.head_blob(t.repo, blob.digest):
                 await self._blob_done(t, blob)
                 return True
-            if self.events.saved_upload(t.idx, blob.digest):
+            if self._resumable(t, blob):
                 return False  # a session to resume beats a mount attempt
             candidates = await self.events.mount_sources(t.client.key, blob.digest)
             if self.source.client.key == t.client.key:
@@ -533,6 +567,10 @@ class ImageCopy:
             await self._fail(t, exc)
         return False
 
+    def _resumable(self, t: Target, blob: Blob) -> bool:
+        """A session of an earlier attempt holds part of the blob: one sent in chunks."""
+        return blob.size > self.tuning.chunk_size and self.events.saved_upload(t.idx, blob.digest) is not None
+
     async def _blob_done(self, t: Target, blob: Blob) -> None:
         self.events.blob_progress(t.idx, blob.digest, blob.size)
         lacking = self._lacking.get(t.idx)
@@ -540,6 +578,8 @@ class ImageCopy:
             lacking.discard(blob.digest)
             if not lacking:
                 self._complete[t.idx].set()
+            async with self._settled:
+                self._settled.notify_all()
         if self.events.saved_upload(t.idx, blob.digest):
             await self.events.drop_upload(t.idx, blob.digest)
         await self.events.remember_blob(t.client.key, t.repo, blob.digest)
@@ -557,6 +597,9 @@ class ImageCopy:
                     self.events.blob_progress(t.idx, blob.digest, held)
                     return
                 log.info("upload session for %s at %s is gone; starting that blob over", blob.digest[:19], t.client.name)
+            elif saved:
+                # One PUT carries the blob: a session of an earlier try is given back, not resumed.
+                await t.client.cancel_upload(saved[0], t.repo)
             s.location = await t.client.start_upload(t.repo)
             s.offset = 0
             self.events.blob_progress(t.idx, blob.digest, 0)

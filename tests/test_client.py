@@ -1,10 +1,11 @@
 """RegistryClient error paths a real registry cannot easily be made to produce (faked with aioresponses),
-and the client's small pure helpers."""
+the client's small pure helpers, and a real registry's answers where they depend on its configuration."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import email.utils
+import functools
 import gzip
 import hashlib
 import json
@@ -19,6 +20,7 @@ from aioresponses import CallbackResult
 from multidict import CIMultiDict
 from support.answers import trickle
 from support.mocked import aioresponses
+from support.registry import Registry
 from yarl import URL
 
 from pydlit.registry import bodies
@@ -502,31 +504,118 @@ async def test_a_ping_redirected_to_another_host_does_not_learn_its_challenge(sl
     assert "Authorization" not in sent_headers(get)
 
 
+UPLOADS = f"{BASE}/v2/team/app/blobs/uploads/"
+
+
+def authorizations(m: aioresponses, method: str) -> list[str | None]:
+    """The Authorization each `method` request carried, in order."""
+    return [sent_headers(c).get("Authorization") for (meth, _), cs in m.requests.items() if meth == method for c in cs]
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("challenge", ['Basic realm="Registry"', BEARER_CHALLENGE], ids=["basic", "bearer"])
 @pytest.mark.parametrize(
     "elsewhere",
-    [
-        "http://127.0.0.2:5000/v2/team/app/blobs/uploads/u1?_state=x",
-        "http://127.0.0.1:5001/v2/team/app/blobs/uploads/u1?_state=x",
-        "https://127.0.0.1:5000/v2/team/app/blobs/uploads/u1?_state=x",
-    ],
+    ["http://127.0.0.2:5000", "http://127.0.0.1:5001", "https://127.0.0.1:5000"],
     ids=["host", "port", "scheme"],
 )
-async def test_an_upload_location_on_another_origin_is_sent_no_credentials(sleeps: list[float], challenge: str, elsewhere: str) -> None:
+async def test_an_upload_location_the_registry_names_on_another_origin_is_sent_its_credentials(
+    sleeps: list[float], challenge: str, elsewhere: str
+) -> None:
     # Quay, Harbor and distribution build the Location from a configured hostname, which need
-    # not be the one the registry is reached by.
+    # not be the one the registry is reached by. A host named by one it named is trusted too.
+    first, then = f"{elsewhere}/v2/team/app/blobs/uploads/u1?_state=x", "http://127.0.0.3:5000/v2/team/app/blobs/uploads/u1?_state=y"
     with aioresponses() as m:
         m.get(PING, status=401, headers={"WWW-Authenticate": challenge}, repeat=True)
         m.get(REALM_RE, callback=Tokens("tok-1"), repeat=True)
-        m.post(f"{BASE}/v2/team/app/blobs/uploads/", status=202, headers={"Location": elsewhere})
+        m.post(UPLOADS, status=202, headers={"Location": first})
+        m.patch(first, status=202, headers={"Location": then})
+        m.put(re.compile(re.escape(then)), status=201)
+        async with aiohttp.ClientSession() as s:
+            client = make_client(s, auth={"basicauth": {"user": "alice", "password": PASSWORD}})
+            location = await client.start_upload("team/app")
+            location = await client.patch_chunk(location, "team/app", b"data", 0, 4)
+            await client.finish_upload(location, "team/app", DIGEST)
+        [post] = authorizations(m, "POST")
+    assert post is not None and post.split()[0] in ("Basic", "Bearer")
+    assert authorizations(m, "PATCH") == authorizations(m, "PUT") == [post]
+
+
+@pytest.mark.asyncio
+async def test_the_challenge_of_an_origin_the_registry_names_is_followed(sleeps: list[float]) -> None:
+    elsewhere = "http://localhost:5000/v2/team/app/blobs/uploads/u1?_state=x"
+    tokens = Tokens("tok-1", "tok-2")
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": BEARER_CHALLENGE}, repeat=True)
+        m.get(REALM_RE, callback=tokens, repeat=True)
+        m.post(UPLOADS, status=202, headers={"Location": elsewhere})
+        m.put(re.compile(re.escape(elsewhere)), status=401, headers={"WWW-Authenticate": BEARER_CHALLENGE + ',error="invalid_token"'})
         m.put(re.compile(re.escape(elsewhere)), status=201)
         async with aiohttp.ClientSession() as s:
             await make_client(s, auth={"basicauth": {"user": "alice", "password": PASSWORD}}).upload_blob("team/app", DIGEST, b"data")
-        [post] = calls(m, "POST", f"{BASE}/v2/team/app/blobs/uploads/")
-        [put] = [c for (meth, _), cs in m.requests.items() if meth == "PUT" for c in cs]
-    assert sent_headers(post)["Authorization"].split()[0] in ("Basic", "Bearer")
-    assert "Authorization" not in sent_headers(put)
+    assert authorizations(m, "PUT") == ["Bearer tok-1", "Bearer tok-2"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("challenge", ['Basic realm="Registry"', BEARER_CHALLENGE], ids=["basic", "bearer"])
+async def test_an_upload_location_that_drops_tls_is_sent_no_credentials(sleeps: list[float], challenge: str) -> None:
+    # They would cross the network in clear where the registry has TLS; nor is a host such a
+    # Location's answer names trusted.
+    base = "https://registry.test"
+    plain, then = "http://registry.test/v2/team/app/blobs/uploads/u1?_state=x", "https://127.0.0.3/v2/team/app/blobs/uploads/u1?_state=y"
+    tokens = Tokens("tok-1")
+    with aioresponses() as m:
+        m.get(f"{base}/v2/", status=401, headers={"WWW-Authenticate": challenge}, repeat=True)
+        m.get(REALM_RE, callback=tokens, repeat=True)
+        m.post(f"{base}/v2/team/app/blobs/uploads/", status=202, headers={"Location": plain})
+        m.patch(plain, status=202, headers={"Location": then})
+        m.put(re.compile(re.escape(then)), status=401, headers={"WWW-Authenticate": challenge}, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            client = RegistryClient(s, base, auth={"basicauth": {"user": "alice", "password": PASSWORD}}, policy=POLICY)
+            location = await client.start_upload("team/app")
+            location = await client.patch_chunk(location, "team/app", b"data", 0, 4)
+            with pytest.raises(RegistryError) as caught:
+                await client.finish_upload(location, "team/app", DIGEST)
+        [post] = authorizations(m, "POST")
+    assert post is not None
+    assert authorizations(m, "PATCH") == authorizations(m, "PUT") == [None]
+    assert len(tokens.calls) == (1 if challenge == BEARER_CHALLENGE else 0)
+    assert caught.value.status == 401 and "answered by https://127.0.0.3, not by the registry" in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_a_checkpointed_session_on_an_origin_not_named_to_this_client_is_started_over(sleeps: list[float]) -> None:
+    # An earlier process saw the registry name that host; this one has not, and sends it nothing.
+    elsewhere = "http://localhost:5000/v2/team/app/blobs/uploads/u1?_state=x"
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": BEARER_CHALLENGE}, repeat=True)
+        m.get(REALM_RE, callback=Tokens("tok-1"), repeat=True)
+        m.get(elsewhere, status=401, headers={"WWW-Authenticate": BEARER_CHALLENGE})
+        async with aiohttp.ClientSession() as s:
+            client = make_client(s, auth={"basicauth": {"user": "alice", "password": PASSWORD}})
+            assert await client.upload_offset(elsewhere, "team/app", expected=4) is None
+        [resume] = calls(m, "GET", elsewhere)
+    assert "Authorization" not in sent_headers(resume)
+
+
+@pytest.mark.asyncio
+async def test_a_registry_reached_by_another_name_than_its_own_takes_a_chunked_upload(registries, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # distribution with http.host names itself so in every Location; it is reached here by IP.
+    registry = Registry(tmp_path / "named", "token", token_server=registries.token_server)
+    config = json.loads(registry.config_path.read_text())
+    config["http"]["host"] = f"http://localhost:{registry.port}"
+    registry.config_path.write_text(json.dumps(config))
+    data = b"pydlit" * 500
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with registry:
+        async with aiohttp.ClientSession() as s:
+            client = RegistryClient(s, registry.endpoint, auth=registry.request_auth, policy=RetryPolicy(attempts=1), push=True)
+            location = await client.start_upload("team/app")
+            assert URL(location).host == "localhost"
+            location = await client.patch_chunk(location, "team/app", data[:1000], 0, 1000)
+            assert await client.upload_offset(location, "team/app") == 1000
+            await client.finish_upload(location, "team/app", digest, data[1000:], len(data) - 1000)
+            assert await client.head_blob("team/app", digest)
 
 
 @pytest.mark.parametrize(
@@ -1032,6 +1121,35 @@ async def test_an_answer_that_trickles_is_cut_off_by_the_total_timeout(aiohttp_s
     done.set()
     assert time.monotonic() - started < 4
     assert "read manifest team/app:v1" in str(caught.value) and "the answer took longer than 1 s" in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_a_request_waiting_for_a_pooled_connection_is_not_cut_off_by_the_answer_timeout(aiohttp_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    # Long blob streams may hold every connection to a registry: what waits behind them was
+    # never sent, and a bound on its answer must not run out meanwhile.
+    monkeypatch.setattr(bodies, "ANSWER_TIMEOUT_S", 0.3)
+    done = asyncio.Event()
+
+    async def ping(_: web.Request) -> web.Response:
+        return web.Response()
+
+    async def manifest(_: web.Request) -> web.Response:
+        return web.Response(body=MANIFEST, content_type=DOCKER_MANIFEST)
+
+    app = web.Application()
+    app.router.add_get("/v2/", ping)
+    app.router.add_get(f"/v2/team/app/blobs/{DIGEST}", functools.partial(trickle, content_type="application/octet-stream", until=done))
+    app.router.add_get("/v2/team/app/manifests/v1", manifest)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=1)) as s:
+        client = RegistryClient(s, str(server.make_url("/v2/")), policy=RetryPolicy(attempts=1), stall_timeout=5.0)
+        blob, _ = await client.open_blob("team/app", DIGEST)
+        waiting = asyncio.create_task(client.get_manifest("team/app", "v1"))
+        await asyncio.sleep(1.0)
+        assert not waiting.done()
+        blob.release()
+        done.set()
+        assert (await asyncio.wait_for(waiting, 5)).data == MANIFEST
 
 
 @pytest.mark.asyncio

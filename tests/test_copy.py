@@ -537,6 +537,30 @@ def test_targets_on_one_registry_take_the_bytes_once(service, registries, repo_n
         assert_same_tree(image, read_back(registries.target_a, repo, tag))
 
 
+def test_a_target_linking_from_its_registry_is_not_held_to_another_registrys_pace(
+    service, registries, repo_name, proxy_factory
+):
+    image = push_image(registries.source, repo_name, "v1", "oci", (1_500_000, 40_001), seed=_seed())
+    slow = proxy_factory(registries.target_b)
+    slow.rate_limit(400 * 1024, download=False, upload=True)  # ~4 s for the image
+    targets = [(registries.target_a, {}), (registries.target_a, {"image": f"{repo_name}-b"}), (slow, {})]
+    started = time.monotonic()
+    job = service.submit(job_body(registries.source, repo_name, "v1", targets))
+    ended: dict[int, float] = {}
+    for _ in range(1200):
+        status = service.status(job)
+        for i, t in enumerate(status["targets"]):
+            if t["state"] in ("FINISHED", "FAILED"):
+                ended.setdefault(i, time.monotonic() - started)
+        if job_state(status) in ("FINISHED", "FAILED"):
+            break
+        time.sleep(0.05)
+
+    _assert_all_finished(status, image.total_bytes)
+    assert ended[1] < ended[2] / 2, ended
+    assert_same_tree(image, read_back(registries.target_a, f"{repo_name}-b", "v1"))
+
+
 def test_a_target_that_may_not_mount_from_its_peer_uploads_itself(service, registries, repo_name):
     reg, ts = registries.token, registries.token_server
     image = push_image(registries.source, repo_name, "v1", "schema2", (1_500_000, 40_001), seed=_seed())

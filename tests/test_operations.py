@@ -439,6 +439,10 @@ async def test_a_claim_takes_over_an_expired_lease_and_fences_out_its_old_owner(
         await store.drop_upload(job_id, "new-host/1", 0, DIGEST)  # gone already: nothing to do
         assert await store.uploads(job_id) == {}
         assert (await store.job_view(job_id))["targets"][0]["state"] == "PENDING"
+        # An owner taking back its own expired lease (its loop was held up) goes on with the
+        # same run: no attempt more.
+        clock.advance(31)
+        assert (await store.claim("new-host/1", 30)).attempt == 2
     finally:
         await store.close()
 

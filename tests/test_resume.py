@@ -186,6 +186,30 @@ def test_429_burst_with_retry_after_on_upload_requests_is_waited_out(
     sent = target.blob_upload_bytes()
     report(f"429 burst on {method}", "uploaded", sent, image.total_bytes)
     assert sent <= 1.2 * image.total_bytes
+    if kind == "upload_put":
+        # The largest blob goes first and takes both 429s; one PUT carries it, so each refused
+        # session is given back rather than left to the registry's purge.
+        refused = {r.path for r in faulted(target, kind)}
+        assert refused <= {r.path for r in target.requests if r.method == "DELETE"}, target.requests
+
+
+@pytest.mark.parametrize(("kind", "size"), [("upload_put", 2 * MiB), ("upload_patch", 2 * CHUNK + 5)], ids=["one-PUT", "chunked"])
+def test_a_retry_after_past_the_budget_fails_a_streamed_blob_at_once(
+    registries, proxy_factory, service_factory, repo_name, kind, size
+):
+    push_image(registries.source, repo_name, "v1", layer_sizes=(size,), seed=4212)
+    target = proxy_factory(registries.target_a)
+    target.fail_next(100, 429, kinds=kind, retry_after=3600)
+    service = service_factory(env=service_env(PYDLIT_RETRY_MAX_TOTAL="5"))
+
+    started = time.monotonic()
+    status = service.wait(service.submit(job_body(registries.source, repo_name, "v1", [target])), timeout=60)
+
+    assert time.monotonic() - started < 5, status
+    assert job_state(status) == "FAILED", status
+    assert "asked to wait 3600 s" in status["targets"][0]["error"], status
+    refused = [r.path for r in faulted(target, kind)]
+    assert refused and len(set(refused)) == len(refused), target.requests  # none asked again
 
 
 @pytest.mark.parametrize(

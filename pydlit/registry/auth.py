@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from .bodies import NO_COMPRESSION, answer_timeout, read_body
+from .bodies import NO_COMPRESSION, read_body, request_timeout
 
 # A token is refreshed this long before it expires, so that a request never carries a token
 # that dies on the wire (Docker Hub's live 300 s; a multi-GB upload outlives several).
@@ -178,7 +178,7 @@ class Authenticator:
         self._tokens = shared if shared is not None and not self.has_credentials else TokenCache()
         self._lock = asyncio.Lock()
         self._oauth2 = self.user == IDENTITY_TOKEN_USER and bool(self.password)
-        self._timeout = answer_timeout(stall_timeout)
+        self._timeout = request_timeout(stall_timeout)
 
     @property
     def has_credentials(self) -> bool:

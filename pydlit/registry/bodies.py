@@ -2,11 +2,15 @@
 read into memory only as far as it could be what was asked for, and only for so long."""
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
 # A manifest, a listing page, a ping's or a token server's answer is at most a few MiB. The stall
 # timeout cuts a peer that goes silent, not one that trickles a byte just before it fires: only a
-# bound on the whole exchange ends that (4 MiB in this long is still 35 KiB/s). Blob streams take
+# bound on reading the whole body ends that (4 MiB in this long is still 35 KiB/s). It starts once
+# the headers are in, not with the request: a request may first wait for a pooled connection
+# while blob streams hold every one to that host, for as long as those take. Blob streams take
 # as long as their size needs and are bounded by the stall timeout alone.
 ANSWER_TIMEOUT_S = 120.0
 CONNECT_TIMEOUT_S = 30.0
@@ -16,14 +20,19 @@ CONNECT_TIMEOUT_S = 30.0
 NO_COMPRESSION = {"Accept-Encoding": "identity"}
 
 
-def answer_timeout(stall_timeout: float) -> aiohttp.ClientTimeout:
-    """The timeout of a request whose answer is read whole (anything but a blob's stream)."""
-    return aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S, sock_read=stall_timeout)
+def request_timeout(stall_timeout: float) -> aiohttp.ClientTimeout:
+    """A request's timeout: no total (see ANSWER_TIMEOUT_S), a stall cuts it."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=stall_timeout)
 
 
 async def read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body, or its first limit + 1 bytes when it is longer. (`content.read(n)` gives
-    what has arrived so far, which over TLS may be one 16 KiB record.)"""
+    """The whole body, or its first limit + 1 bytes when it is longer; asyncio.TimeoutError when
+    reading it takes longer than ANSWER_TIMEOUT_S."""
+    return await asyncio.wait_for(_read(resp, limit), ANSWER_TIMEOUT_S)
+
+
+async def _read(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    # `content.read(n)` gives what has arrived so far, which over TLS may be one 16 KiB record.
     data = bytearray()
     while len(data) <= limit:
         piece = await resp.content.read(limit + 1 - len(data))

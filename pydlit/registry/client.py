@@ -21,7 +21,8 @@ from yarl import URL
 
 from ..metrics import RETRIES, request_timer
 from .auth import REDIRECTS, Authenticator, AuthError, ChallengeCache, TokenCache, merge_scopes, parse_challenges, scope_for
-from .bodies import CONNECT_TIMEOUT_S, NO_COMPRESSION, answer_timeout, read_body
+from . import bodies
+from .bodies import CONNECT_TIMEOUT_S, NO_COMPRESSION, read_body, request_timeout
 from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
 from .manifests import ACCEPT, MAX_MANIFEST_BYTES, OCI_INDEX, Manifest, ManifestError, index_descriptors, parse_manifest
 
@@ -67,14 +68,9 @@ async def retrying(policy: RetryPolicy, op: Callable[[], Awaitable[T]], on_retry
             elapsed = time.monotonic() - started
             if not exc.transient or attempt >= policy.attempts:
                 raise
-            if exc.retry_after is not None and elapsed + exc.retry_after > policy.max_total:
-                left = max(0.0, policy.max_total - elapsed)
-                raise RegistryError(
-                    exc.registry, exc.step,
-                    f"{exc.message} (the registry asked to wait {exc.retry_after:.0f} s, "
-                    f"longer than the {left:.0f} s left to retry this step)",
-                    status=exc.status, code=exc.code, retry_after=exc.retry_after,
-                ) from None
+            refused = out_of_budget(policy, exc, elapsed)
+            if refused is not None:
+                raise refused from None
             delay = policy.delay(attempt, exc.retry_after, elapsed)
             if elapsed + delay > policy.max_total:
                 raise
@@ -83,6 +79,19 @@ async def retrying(policy: RetryPolicy, op: Callable[[], Awaitable[T]], on_retry
                 on_retry(exc)
             log.info("retrying in %.1fs after: %s", delay, exc)
             await asyncio.sleep(delay)
+
+
+def out_of_budget(policy: RetryPolicy, exc: RegistryError, elapsed: float) -> RegistryError | None:
+    """The error to fail with at once when the registry asks to wait (Retry-After) longer than
+    the step has left of its time budget; None when the wait fits."""
+    if exc.retry_after is None or elapsed + exc.retry_after <= policy.max_total:
+        return None
+    left = max(0.0, policy.max_total - elapsed)
+    return RegistryError(
+        exc.registry, exc.step,
+        f"{exc.message} (the registry asked to wait {exc.retry_after:.0f} s, longer than the {left:.0f} s left to retry this step)",
+        status=exc.status, code=exc.code, retry_after=exc.retry_after,
+    )
 
 
 def split_endpoint(endpoint: str) -> tuple[str, str]:
@@ -186,8 +195,7 @@ class RegistryClient:
         self._auth = Authenticator(auth, push=push, shared=tokens, stall_timeout=stall_timeout)
         self._ssl = ssl_for(verify_tls, ca_cert)
         self._stall = stall_timeout
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=stall_timeout)
-        self._answer_timeout = answer_timeout(stall_timeout)
+        self._timeout = request_timeout(stall_timeout)
         self._challenges = challenges or ChallengeCache()
         self._repos = repos if repos is not None else KnownRepositories()
         # A challenge learned over TLS nobody verified must not tell a verifying job where to
@@ -195,6 +203,9 @@ class RegistryClient:
         self._challenge_key = f"{self.base} {'verify' if verify_tls else 'no-verify'} {ca_cert or ''}"
         self._pinged = False
         self._ping_lock = asyncio.Lock()
+        # Origins trusted with the credentials: the registry's own, and those it names for itself
+        # in upload Locations (see _location).
+        self._trusted: list[URL] = [self._origin]
 
     @property
     def key(self) -> str:
@@ -223,20 +234,14 @@ class RegistryClient:
         expect: tuple[int, ...],
         headers: dict[str, str] | None = None,
         body: Callable[[], Body] | Body = None,
-        stream: bool = False,
     ) -> aiohttp.ClientResponse:
         """One authenticated request; the caller owns (and must release) the response.
 
         `body` may be a factory, so that the request can be sent again after an auth challenge;
         a one-shot stream that meets a challenge fails as transient, for the caller to resume.
-        `stream`: the request moves a blob's bytes, or commits them, which takes as long as the
-        blob's size needs: only the stall timeout bounds it, not the total one of the others.
         """
         url = url if isinstance(url, URL) else URL(url)
-        # Credentials go to the registry's own origin alone, as Docker's client sends them only
-        # to hosts it pinged: an upload Location may name another host (Quay, Harbor and
-        # distribution build it from a configured hostname).
-        ours = same_origin(url, self._origin)
+        ours = self._trusts(url)
         await self._ensure_ping(step)
         tries = 0
         while True:
@@ -250,11 +255,11 @@ class RegistryClient:
             data = body() if callable(body) else body
             if data is not None and not isinstance(data, bytes):
                 data = _WatchedBody(data)
-            resp = await self._send(method, url, step=step, headers=hdrs, data=data, stream=stream)
-            # A 401 from another origin (the storage a blob GET was redirected to) is not the
-            # registry's challenge: following it would send the registry's credentials to the
+            resp = await self._send(method, url, step=step, headers=hdrs, data=data)
+            # A 401 from an origin not trusted (the storage a blob GET was redirected to) is not
+            # the registry's challenge: following it would send the registry's credentials to the
             # token realm that host names. It is an error like any other (see _error).
-            if resp.status == 401 and tries < 3 and same_origin(resp.url, self._origin):
+            if resp.status == 401 and tries < 3 and ours and same_origin(resp.url, url):
                 challenges = parse_challenges(resp.headers.getall("WWW-Authenticate", []))
                 resp.release()
                 scope = self._on_challenge(challenges, scope, step, sent_static)
@@ -273,12 +278,16 @@ class RegistryClient:
                 raise RegistryError(self.name, step, str(exc), transient=True) from None
             raise RegistryError(self.name, step, str(exc), status=401, code="UNAUTHORIZED") from None
 
+    def _trusts(self, url: URL) -> bool:
+        """Whether credentials may go to `url`, and its 401 be taken for the registry's challenge."""
+        return any(same_origin(url, origin) for origin in self._trusted)
+
     async def _send(
-        self, method: str, url: URL, *, step: str, headers: dict[str, str], data: Any, stream: bool = False
+        self, method: str, url: URL, *, step: str, headers: dict[str, str], data: Any
     ) -> aiohttp.ClientResponse:
         timer = request_timer(method, url.path)
         headers = {**headers, **NO_COMPRESSION}
-        timeout = self._timeout if stream else self._answer_timeout
+        timeout = self._timeout
         if data is not None and not isinstance(data, bytes):
             # The response timer starts once the body is in the kernel's buffers, which a slow
             # link may take a while to drain: allow for that on top of the stall timeout.
@@ -401,8 +410,8 @@ class RegistryClient:
         code, message = parse_error_body(body)
         if not message:
             message = {401: "authentication failed", 403: "access denied", 404: "not found"}.get(resp.status, resp.reason or "")
-        if not same_origin(resp.url, self._origin):
-            # A redirect's or an upload Location's host: a refusal there is not the registry's.
+        if not self._trusts(resp.url):
+            # A redirect's host, or a Location's not trusted: a refusal there is not the registry's.
             message = f"{message} (answered by {resp.url.origin()}, not by the registry)"
         return RegistryError(
             self.name,
@@ -422,7 +431,7 @@ class RegistryClient:
         except aiohttp.ClientError as exc:  # the stall timeout's error included
             raise broken_stream(self.name, step, resp.content.total_bytes, exc) from None
         except asyncio.TimeoutError:
-            took = self._answer_timeout.total
+            took = bodies.ANSWER_TIMEOUT_S
             raise RegistryError(self.name, step, f"the answer took longer than {took:g} s", transient=True) from None
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
@@ -617,7 +626,7 @@ class RegistryClient:
         async def op() -> tuple[aiohttp.ClientResponse, int]:
             resp = await self.request(
                 "GET", self.url(f"{repo}/blobs/{digest}"), step=f"read blob {digest[:19]} from {repo}",
-                scope=scope_for(repo, "pull"), expect=(200, 206), headers=headers, stream=True,
+                scope=scope_for(repo, "pull"), expect=(200, 206), headers=headers,
             )
             return resp, offset if resp.status == 206 else 0
 
@@ -655,7 +664,6 @@ class RegistryClient:
         async def op() -> bytes:
             resp = await self.request(
                 "GET", self.url(f"{repo}/blobs/{digest}"), step=step, scope=scope_for(repo, "pull"), expect=(200,),
-                stream=True,
             )
             pieces: list[bytes] = []
             held = 0
@@ -709,11 +717,20 @@ class RegistryClient:
         more than the session holds (`bytes=0-<count>`, an exclusive end there while its PATCH
         answers are inclusive): a claim of exactly `expected` + 1 is taken for `expected`.
         """
+        url = URL(location, encoded=True)
+
         async def op() -> int | None:
-            resp = await self.request(
-                "GET", URL(location, encoded=True), step=f"resume upload to {repo}",
-                scope=scope_for(repo, "pull,push"), expect=(204, 404, 400),
-            )
+            try:
+                resp = await self.request(
+                    "GET", url, step=f"resume upload to {repo}", scope=scope_for(repo, "pull,push"), expect=(204, 404, 400),
+                )
+            except RegistryError as exc:
+                # A session checkpointed by an earlier process, on a host the registry named for
+                # itself then: this client has not seen the registry name it, so sends it no
+                # credentials. A new session's Location will be trusted.
+                if exc.status == 401 and not self._trusts(url):
+                    return None
+                raise
             async with resp:
                 if resp.status != 204:
                     return None
@@ -726,7 +743,7 @@ class RegistryClient:
         """Append one chunk; the answer's Location supersedes the old one (it signs the offset)."""
         resp = await self.request(
             "PATCH", URL(location, encoded=True), step=f"upload chunk to {repo}", scope=scope_for(repo, "pull,push"),
-            expect=(201, 202), body=body, stream=True,  # ECR answers 201
+            expect=(201, 202), body=body,  # ECR answers 201
             headers={
                 "Content-Type": "application/octet-stream",
                 "Content-Range": f"{start}-{start + length - 1}",
@@ -741,7 +758,7 @@ class RegistryClient:
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
         resp = await self.request(
             "PUT", with_query(location, digest=digest), step=f"commit blob {digest[:19]} to {repo}",
-            scope=scope_for(repo, "pull,push"), expect=(201, 204), headers=headers, body=body, stream=True,
+            scope=scope_for(repo, "pull,push"), expect=(201, 204), headers=headers, body=body,
         )
         resp.release()
 
@@ -760,7 +777,15 @@ class RegistryClient:
         if not loc:
             raise RegistryError(self.name, "upload", "the registry answered without a Location", status=resp.status)
         # Relative Locations are resolved against the request URL, keeping the signed query as is.
-        return str(URL(str(resp.url)).join(URL(loc, encoded=True)))
+        url = URL(str(resp.url)).join(URL(loc, encoded=True))
+        # Quay, Harbor and distribution name themselves in Locations by a configured hostname,
+        # not always the one they are reached by: such an origin is the registry's own. Except
+        # where credentials would go in clear to a registry that has TLS: that upload fails
+        # with the host's 401 rather than leak them.
+        downgrade = self._origin.scheme == "https" and url.scheme != "https"
+        if self._trusts(resp.url) and not downgrade and not self._trusts(url):
+            self._trusted.append(url.origin())
+        return str(url)
 
 
 class _WatchedBody:
