@@ -46,9 +46,10 @@ class Tuning:
     parallel_manifests: int = 8
     mount_candidates: int = 3
     preflight_wait_s: float = 3.0  # how long targets wait for each other before the shared read
-    # A target that has held the shared read back this long while another target sat idle, and
-    # for over half the read, takes the rest of that blob from a read of its own: the others go
-    # on at their own pace, at the cost of reading that part of the source again. 0: never.
+    # A target that has held the shared read back while another target sat idle this long, and
+    # for over three quarters of the read, takes the rest of that blob from a read of its own:
+    # the others go on at their own pace, at the cost of reading that part of the source again.
+    # 0: never.
     detach_after_s: float = 2.0
 
 
@@ -709,9 +710,10 @@ class ImageCopy:
     async def _put(self, s: _Sink, piece: bytes, sinks: list[_Sink], began: float) -> bool:
         """Queue the piece for the sink, waiting while its buffer is full; False when the sink should
         leave the shared read: while it held the read up, another sink sat idle long enough, and
-        for over half the read, so that one could go at least twice as fast on its own. (Targets a
-        little apart in speed, as registries sharing a machine are, stay together: a second read
-        of the source would cost more than it saves.)"""
+        for over three quarters of the read, so that one could go at least four times as fast on
+        its own. (Targets a little apart in speed, as registries sharing a machine are, stay
+        together: a second read of the source, and the buffers it fills, would cost more than
+        it saves.)"""
         assert s.pipe is not None
         after = self.tuning.detach_after_s
         if after <= 0 or len(sinks) < 2:
@@ -719,7 +721,7 @@ class ImageCopy:
             return True
         loop = asyncio.get_running_loop()
         while True:
-            if s.held_back >= after and s.held_back * 2 > loop.time() - began:
+            if s.held_back >= after and s.held_back * 4 > (loop.time() - began) * 3:
                 return False
             if not s.pipe.full:
                 return await s.pipe.put(piece)
