@@ -460,6 +460,40 @@ def test_sigkill_mid_transfer_restart_resumes(registries, proxy_factory, service
     assert sent <= 1.6 * image.total_bytes
 
 
+def test_after_a_restart_a_blob_sent_in_one_put_is_mounted_rather_than_sent_again(
+    registries, proxy_factory, service_factory, repo_name
+):
+    # Streamed, yet one PUT carries it (its session is kept only to be given back), and larger
+    # than what the kernel's socket buffers take at once, so a SIGKILL does cut it.
+    layer = 14 * MiB + 7
+    image = push_image(registries.source, repo_name, "v1", layer_sizes=(layer,), seed=4213)
+    target = proxy_factory(registries.target_a)
+    service = service_factory(env=service_env(PYDLIT_CHUNK_MIB="16"))
+    # The image lands in one repository of the target, which the service remembers.
+    finished(service, service.submit(job_body(registries.source, repo_name, "v1", [target])))
+    # A second job, to another repository: its two mounts are refused once (as a registry may
+    # refuse one), so the layer goes up in one slow PUT, which a SIGKILL cuts.
+    target.reset_counters()
+    target.fail_next(2, 404, methods="POST", kinds="upload_post")
+    target.rate_limit(2 * MiB, download=False)
+    job = service.submit(job_body(registries.source, repo_name, "v1", [(target, {"image": f"{repo_name}-b"})]))
+    deadline = time.monotonic() + 30
+    while target.uploaded_bytes("PUT", "upload_put") < MiB and time.monotonic() < deadline:
+        time.sleep(POLL)
+    assert service.kill() == -signal.SIGKILL
+    assert db_rows(service.db_path, "SELECT 1 FROM uploads WHERE job_id = ?", job), "the session was not kept"
+    target.rate_limit(None)
+    target.reset_counters()
+
+    service.start()
+    finished(service, job)
+
+    assert_copied(image, registries.target_a, f"{repo_name}-b")
+    mounted = [r for r in target.requests if r.kind == "upload_post" and r.status == 201]
+    assert mounted, "\n".join(f"{r.method} {r.kind} {r.status} {r.path[-60:]}" for r in target.requests)
+    assert target.blob_upload_bytes() < layer, target.counters()  # the layer was not sent again
+
+
 def test_sigkill_with_queued_jobs_every_job_finishes_after_restart(
     registries, proxy_factory, service_factory, repo_name
 ):
