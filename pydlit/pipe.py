@@ -50,9 +50,9 @@ class Pipe:
     async def put(self, piece: bytes, timeout: float | None = None) -> bool:
         """Queue the piece once there is room; False if `timeout` passed first (nothing queued)."""
         async with self._cond:
-            if self._held >= self._limit and not self.closed:
+            if self.full:
                 try:
-                    await asyncio.wait_for(self._cond.wait_for(lambda: self._held < self._limit or self.closed), timeout)
+                    await asyncio.wait_for(self._cond.wait_for(lambda: not self.full), timeout)
                 except asyncio.TimeoutError:
                     return False
             if not self.closed:

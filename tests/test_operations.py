@@ -324,18 +324,25 @@ async def ended(store: Store, job_id: str, timeout: float = 10.0, step: float = 
     raise AssertionError(f"job still {view.get('value')} after {timeout}s: {view}")
 
 
+def slowed(monkeypatch: pytest.MonkeyPatch, store: Store, method: str, seconds: float = 0.3) -> asyncio.Event:
+    """Make `store.<method>` take `seconds` longer; the event is set once it is called."""
+    called = asyncio.Event()
+    real = getattr(store, method)
+
+    async def slow(*args: object) -> object:
+        called.set()
+        await asyncio.sleep(seconds)
+        return await real(*args)
+
+    monkeypatch.setattr(store, method, slow)
+    return called
+
+
 @pytest.mark.asyncio
 async def test_a_cancel_while_a_claimed_job_reads_its_checkpoints_ends_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = await Store.open(tmp_path / "t.db")
-    reading = asyncio.Event()
-    real_uploads = store.uploads
-
-    async def slow_uploads(job_id: str) -> dict:
-        reading.set()
-        await asyncio.sleep(0.3)  # under load, the one DB thread is queued behind every job's writes
-        return await real_uploads(job_id)
-
-    monkeypatch.setattr(store, "uploads", slow_uploads)
+    # Under load, the one DB thread is queued behind every job's writes.
+    reading = slowed(monkeypatch, store, "uploads")
     job_id = await store.enqueue(REQUEST, NO_AUTH, TARGETS, "x")
     async with aiohttp.ClientSession() as session:
         worker = Worker(store, session, worker_settings(tmp_path))
@@ -382,15 +389,7 @@ async def test_a_cancel_before_a_claimed_jobs_task_first_runs_ends_it(tmp_path: 
 @pytest.mark.asyncio
 async def test_cancels_landing_while_a_job_writes_its_end_do_not_stop_the_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = await Store.open(tmp_path / "t.db")
-    writing = asyncio.Event()
-    real_finish = store.finish
-
-    async def slow_finish(*args: object) -> None:
-        writing.set()
-        await asyncio.sleep(0.3)
-        await real_finish(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(store, "finish", slow_finish)
+    writing = slowed(monkeypatch, store, "finish")
     job_id = await store.enqueue(REQUEST, NO_AUTH, TARGETS, "x")
     async with aiohttp.ClientSession() as session:
         worker = Worker(store, session, worker_settings(tmp_path))
