@@ -19,7 +19,7 @@ from .metrics import DOWNLOADED, UPLOADED
 from .pipe import Pipe, PipeClosed
 from .referrers import DigestTag, ReferrerPusher, Referrers, find_digest_tags, find_referrers, tag_names
 from .registry.client import RegistryClient, RegistryError, broken_stream, out_of_budget, retrying
-from .registry.manifests import Blob, Manifest, Tree
+from .registry.manifests import Blob, Manifest, Tree, digest_matches
 from .registry.trees import push_levels, read_tree
 
 log = logging.getLogger(__name__)
@@ -540,7 +540,7 @@ class ImageCopy:
             for _ in range(2):
                 data = await src.client.read_blob(src.repo, blob.digest, blob.size)
                 DOWNLOADED.inc(len(data))
-                if _digest_matches(blob.digest, data):
+                if digest_matches(blob.digest, data):
                     return data
         except RegistryError as exc:
             raise SourceError(str(exc)) from None
@@ -837,14 +837,6 @@ def _unwatched(fut: _Fut) -> _Fut:
     no longer matters): asyncio is told it was seen."""
     fut.add_done_callback(lambda f: f.cancelled() or f.exception())
     return fut
-
-
-def _digest_matches(digest: str, data: bytes) -> bool:
-    """Checked here for the algorithms hashlib has; any other the registry checks as it commits."""
-    algo, _, hexdigest = digest.partition(":")
-    if algo not in ("sha256", "sha384", "sha512"):
-        return True
-    return hashlib.new(algo, data).hexdigest() == hexdigest
 
 
 async def _read_exact(pipe: Pipe, length: int) -> AsyncIterator[bytes]:

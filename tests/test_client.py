@@ -879,6 +879,24 @@ async def test_head_manifest_without_a_digest_header_reads_the_manifest_once(sle
     assert digest == "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("algo", ["sha256", "sha512"])
+async def test_a_manifest_asked_for_by_digest_must_hash_to_it(sleeps: list[float], algo: str) -> None:
+    # A registry serving other bytes under a digest (a corrupt store, a cache gone wrong) is
+    # something no test registry can be made to do.
+    right = f"{algo}:" + hashlib.new(algo, MANIFEST).hexdigest()
+    wrong = f"{algo}:" + hashlib.new(algo, MANIFEST + b" ").hexdigest()
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        for ref in (right, wrong):
+            m.get(f"{BASE}/v2/team/app/manifests/{ref}", status=200, body=MANIFEST, content_type=DOCKER_MANIFEST)
+        async with aiohttp.ClientSession() as s:
+            client = make_client(s)
+            assert (await client.get_manifest("team/app", right)).data == MANIFEST
+            with pytest.raises(RegistryError, match=f"the manifest's bytes do not hash to {wrong}"):
+                await client.get_manifest("team/app", wrong)
+
+
 # -- the referrers API: answers the test registries cannot give ---------------------------------------
 
 REFERRERS_URL = f"{BASE}/v2/team/app/referrers/{DIGEST}"

@@ -24,7 +24,9 @@ from .auth import REDIRECTS, Authenticator, AuthError, ChallengeCache, TokenCach
 from . import bodies
 from .bodies import CONNECT_TIMEOUT_S, NO_COMPRESSION, read_body, request_timeout
 from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
-from .manifests import ACCEPT, MAX_MANIFEST_BYTES, OCI_INDEX, Manifest, ManifestError, index_descriptors, parse_manifest
+from .manifests import (
+    ACCEPT, DIGEST, MAX_MANIFEST_BYTES, OCI_INDEX, Manifest, ManifestError, digest_matches, index_descriptors, parse_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -459,8 +461,8 @@ class RegistryClient:
                 manifest = parse_manifest(data, content_type)
             except ManifestError as exc:
                 raise RegistryError(self.name, step, str(exc)) from None
-            if ref.startswith("sha256:") and manifest.digest != ref:
-                raise RegistryError(self.name, step, f"the manifest's bytes hash to {manifest.digest}, not {ref}")
+            if DIGEST.fullmatch(ref) and not digest_matches(ref, data):
+                raise RegistryError(self.name, step, f"the manifest's bytes do not hash to {ref}")
             return manifest
 
         return await self._call(op)

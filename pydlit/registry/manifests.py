@@ -71,6 +71,14 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def digest_matches(digest: str, data: bytes) -> bool:
+    """Checked here for the algorithms hashlib has; any other the registry checks as it commits."""
+    algo, _, hexdigest = digest.partition(":")
+    if algo not in ("sha256", "sha384", "sha512"):
+        return True
+    return hashlib.new(algo, data).hexdigest() == hexdigest
+
+
 def parse_manifest(data: bytes, content_type: str) -> Manifest:
     """Read a manifest's references; `data` is kept as pulled so its digest never changes."""
     try:
