@@ -205,10 +205,10 @@ class ImageCopy:
                 self.tree = await read_tree(src.client, src.repo, src.ref)
                 if tags is not None:
                     await self._find_attached(await tags)
+                found = [*self.tree.blobs, *(b for t in self._attached_trees() for b in t.blobs)]
+                self.blobs = await self._held_at_source(list({b.digest: b for b in found}.values()))
             except RegistryError as exc:
                 raise SourceError(str(exc)) from None
-            found = [*self.tree.blobs, *(b for t in self._attached_trees() for b in t.blobs)]
-            self.blobs = list({b.digest: b for b in found}.values())
             total = sum(b.size for b in self.blobs)
             for t in self.targets:
                 self.events.set_total(t.idx, total)
@@ -232,6 +232,17 @@ class ImageCopy:
         self.referrers = await find_referrers(src.client, src.repo, self.tree, tags)
         named = [m.digest for t in [self.tree, *self._referrer_trees()] for m in (t.top, *t.children)]
         self.digest_tags = await find_digest_tags(src.client, src.repo, named, tags)
+
+    async def _held_at_source(self, blobs: list[Blob]) -> list[Blob]:
+        """The blobs to copy: a layer that names URLs is left to them when the source lacks it
+        (the registry need not hold it), and copied when it has it, so the target does too."""
+        src = self.source
+        doubtful = [b for b in blobs if b.maybe_elsewhere]
+        held = await asyncio.gather(*(src.client.head_blob(src.repo, b.digest) for b in doubtful))
+        absent = {b.digest for b, there in zip(doubtful, held) if not there}
+        for digest in absent:
+            log.info("layer %s is not at the source but at its URLs: left to them", digest)
+        return [b for b in blobs if b.digest not in absent]
 
     async def _copy_late(self, check: asyncio.Task[bool], target: Target) -> None:
         if await check:

@@ -23,6 +23,7 @@ from support.images import (
     manifest_digest,
     push_image,
     read_back,
+    sha256_digest,
     shared_layer_images,
 )
 from support.regclient import RegistryHTTP
@@ -168,6 +169,37 @@ def test_foreign_layer_is_not_copied(service, registries, repo_name):
     assert tree.foreign == image.foreign
     assert RegistryHTTP.for_endpoint(registries.target_a).blob_size(repo_name,
                                                                     foreign_digest) is None
+
+
+def test_a_layer_naming_urls_is_copied_when_the_source_holds_it(service, registries, repo_name):
+    # `urls` only says where else a layer may be fetched: a mirror must still hold what the
+    # source holds, unless the layer is non-distributable (not uploaded, as the image spec asks).
+    src = RegistryHTTP.for_endpoint(registries.source)
+    held, absent, nondistributable, config = (secrets.token_bytes(n) for n in (700, 900, 800, 300))
+    for blob in (held, nondistributable, config):
+        src.upload_monolithic(repo_name, blob, sha256_digest(blob))
+
+    def layer(media_type: str, data: bytes) -> dict:
+        digest = sha256_digest(data)
+        return {"mediaType": media_type, "size": len(data), "digest": digest,
+                "urls": [f"https://blobs.example.com/{digest}"]}
+
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
+        "config": {"mediaType": mt.OCI_CONFIG, "size": len(config), "digest": sha256_digest(config)},
+        "layers": [layer(mt.OCI_LAYER, held), layer(mt.OCI_LAYER, absent),
+                   layer(mt.OCI_NONDISTRIBUTABLE_LAYER, nondistributable)],
+    }).encode()
+    src.put_manifest(repo_name, "v1", mt.OCI_MANIFEST, manifest)
+
+    status = _run(service, job_body(registries.source, repo_name, "v1", [registries.target_a]))
+
+    _assert_all_finished(status, len(held) + len(config))
+    target = RegistryHTTP.for_endpoint(registries.target_a)
+    assert target.get_manifest(repo_name, "v1")[1] == manifest
+    sizes = {name: target.blob_size(repo_name, sha256_digest(b))
+             for name, b in (("held", held), ("absent", absent), ("nondistributable", nondistributable))}
+    assert sizes == {"held": len(held), "absent": None, "nondistributable": None}
 
 
 def test_schema1_source_fails_saying_it_is_deprecated(service, registries, repo_name):

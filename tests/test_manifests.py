@@ -116,7 +116,17 @@ def test_tree_blobs_are_unique_across_children() -> None:
     blobs = Tree(top, [amd64, arm64]).blobs
     assert [b.digest for b in blobs] == [d("c"), d("1"), d("2")]
     assert sum(b.size for b in blobs) == 1469 + 3000 + 4000
-    assert Blob(d("f"), 1, urls=("https://x",)).foreign
+
+
+def test_only_a_non_distributable_layer_with_urls_is_foreign() -> None:
+    nondistributable = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+    assert Blob(d("f"), 1, nondistributable, urls=("https://x",)).foreign
+    # Without URLs it can be fetched from nowhere else: copied like any layer.
+    assert not Blob(d("f"), 1, nondistributable).foreign
+    # A regular layer's URLs are only other places to fetch it from.
+    regular = Blob(d("f"), 1, "application/vnd.oci.image.layer.v1.tar+gzip", urls=("https://x",))
+    assert not regular.foreign and regular.maybe_elsewhere
+    assert not Blob(d("f"), 1, "application/vnd.oci.image.layer.v1.tar+gzip").maybe_elsewhere
 
 
 SCHEMA1 = {

@@ -20,6 +20,13 @@ SCHEMA1_TYPES = frozenset({DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED})
 # schema1: ask for every type we copy.
 ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# Layers the publisher may not allow registries to hold; with `urls` they are fetched from there.
+NONDISTRIBUTABLE = frozenset({
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+})
 DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
 
 
@@ -36,8 +43,14 @@ class Blob:
 
     @property
     def foreign(self) -> bool:
-        # Non-distributable layers live at their URLs; registries need not (and may refuse to) hold them.
-        return bool(self.urls)
+        # Not uploaded, as the image spec asks of non-distributable layers: they live at their URLs.
+        # Without URLs there is nowhere else to fetch one from, so it is copied like any layer.
+        return bool(self.urls) and self.media_type in NONDISTRIBUTABLE
+
+    @property
+    def maybe_elsewhere(self) -> bool:
+        """A layer whose URLs the source may serve it from instead of holding it."""
+        return bool(self.urls) and not self.foreign
 
 
 @dataclass(frozen=True)
