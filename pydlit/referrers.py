@@ -217,8 +217,12 @@ class ReferrerPusher:
             for tree in refs.trees:
                 if tree.top.digest in self.held:
                     continue
-                await self._put_below(tree)
-                indexed = await self.client.put_manifest(self.repo, tree.top.digest, tree.top)
+                try:
+                    await self._put_below(tree)
+                    indexed = await self.client.put_manifest(self.repo, tree.top.digest, tree.top)
+                except RegistryError as exc:
+                    exc.step += f" (a referrer of {refs.subject}; copy without referrers to leave them behind)"
+                    raise
                 if self.api is None:
                     self.api = indexed == refs.subject
             if self.api is None:

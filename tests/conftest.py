@@ -99,13 +99,14 @@ def repo_name(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def registry_factory(tmp_path: Path) -> Iterator[Callable[..., Registry]]:
-    """start_registry(kind="plain", token_server=None, users=None, schema1=False) for this test."""
+    """start_registry(kind="plain", token_server=None, users=None, schema1=False, allow_urls=True)
+    for this test."""
     started: list[Registry] = []
 
     def make(kind: str = "plain", token_server: TokenServer | None = None,
-             users: dict[str, str] | None = None, *, schema1: bool = False) -> Registry:
+             users: dict[str, str] | None = None, *, schema1: bool = False, allow_urls: bool = True) -> Registry:
         registry = start_registry(tmp_path / "registries", kind, token_server, users,
-                                  schema1=schema1)
+                                  schema1=schema1, allow_urls=allow_urls)
         started.append(registry)
         return registry
 

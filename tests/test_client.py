@@ -36,6 +36,7 @@ from pydlit.registry.client import (
     split_endpoint,
     with_query,
 )
+from pydlit.registry.errors import parse_error_body
 from pydlit.registry.manifests import DOCKER_MANIFEST
 
 BASE = "http://127.0.0.1:5000"
@@ -292,6 +293,19 @@ async def test_400_is_not_retried(sleeps: list[float]) -> None:
     assert sleeps == []
     text = str(caught.value)
     assert "push manifest team/app:v2" in text and "HTTP 400" in text and "MANIFEST_BLOB_UNKNOWN" in text
+
+
+@pytest.mark.asyncio
+async def test_a_manifest_pushed_by_digest_is_named_repo_at_digest(sleeps: list[float]) -> None:
+    from pydlit.registry.manifests import parse_manifest
+
+    manifest = parse_manifest(MANIFEST, DOCKER_MANIFEST)
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.put(f"{BASE}/v2/team/app/manifests/{manifest.digest}", status=400, body=errors_body("DIGEST_INVALID", "provided digest did not match"))
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError, match=f"push manifest team/app@{manifest.digest} failed: HTTP 400: DIGEST_INVALID"):
+                await make_client(s).put_manifest("team/app", manifest.digest, manifest)
 
 
 # -- auth ------------------------------------------------------------------------------------------
@@ -895,6 +909,21 @@ async def test_a_manifest_asked_for_by_digest_must_hash_to_it(sleeps: list[float
             assert (await client.get_manifest("team/app", right)).data == MANIFEST
             with pytest.raises(RegistryError, match=f"the manifest's bytes do not hash to {wrong}"):
                 await client.get_manifest("team/app", wrong)
+
+
+@pytest.mark.parametrize("body, code, message", [
+    # distribution 2.8's answer to a manifest whose foreign layer's URL it does not allow
+    (b'{"errors":[{"code":"UNKNOWN","message":"unknown error"},{"code":"UNKNOWN","message":"unknown error","detail":{}},'
+     b'{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry","detail":"sha256:ca02"}]}',
+     "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry (sha256:ca02); UNKNOWN: unknown error"),
+    (b'{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}',
+     "DENIED", "requested access to the resource is denied"),
+    (b'{"errors":[{"code":"UNKNOWN","message":"unknown error"}]}', "UNKNOWN", "unknown error"),
+    (b"<html>502 Bad Gateway</html>", None, "<html>502 Bad Gateway</html>"),
+    (b'{"errors":[]}', None, '{"errors":[]}'),
+])
+def test_an_error_body_tells_every_error_it_lists_the_most_telling_first(body: bytes, code: str | None, message: str) -> None:
+    assert parse_error_body(body) == (code, message)
 
 
 # -- the referrers API: answers the test registries cannot give ---------------------------------------

@@ -202,6 +202,47 @@ def test_a_layer_naming_urls_is_copied_when_the_source_holds_it(service, registr
     assert sizes == {"held": len(held), "absent": None, "nondistributable": None}
 
 
+def test_a_target_refusing_a_foreign_layers_urls_says_what_to_allow(service_factory, registries, registry_factory, repo_name):
+    # distribution's own default: no allow list, so a layer's URLs are refused with a 500 whose
+    # first errors say only UNKNOWN.
+    target = registry_factory(allow_urls=False)
+    image = push_image(registries.source, repo_name, "v1", "foreign", SMALL_LAYERS, seed=_seed())
+    (foreign_digest,) = image.foreign
+    svc = service_factory(env={"PYDLIT_RETRY_ATTEMPTS": "2", "PYDLIT_RETRY_MAX_DELAY": "0.2"})
+
+    status = _run(svc, job_body(registries.source, repo_name, "v1", [target]))
+
+    assert job_state(status) == "FAILED", _dump(status)
+    error = status["targets"][0]["error"]
+    assert f"push manifest {repo_name}:v1 failed: HTTP 500: MANIFEST_BLOB_UNKNOWN" in error, error
+    assert foreign_digest in error and "validation.manifests.urls.allow" in error, error
+
+
+def test_an_oci_artifact_manifest_is_read_and_a_target_refusing_it_says_so(service, registries, repo_name, proxy_factory):
+    # distribution 2.8 stores no artifact manifest: the source serves one through a stand-in,
+    # its blobs from the real registry behind it.
+    source = proxy_factory(registries.source)
+    blobs = [secrets.token_bytes(n) for n in (500, 40_000)]
+    for blob in blobs:
+        RegistryHTTP.for_endpoint(registries.source).upload_monolithic(repo_name, blob, sha256_digest(blob))
+    artifact = json.dumps({
+        "mediaType": mt.OCI_ARTIFACT, "artifactType": "application/vnd.example.sbom.v1",
+        "blobs": [{"mediaType": "application/json", "size": len(b), "digest": sha256_digest(b)} for b in blobs],
+    }).encode()
+    source.serve_manifest(repo_name, ["v1"], mt.OCI_ARTIFACT, artifact)
+
+    status = _run(service, job_body(source, repo_name, "v1", [registries.target_a]))
+
+    assert job_state(status) == "FAILED", _dump(status)
+    error = status["targets"][0]["error"]
+    assert f"push manifest {repo_name}:v1 failed: HTTP 400: MANIFEST_INVALID" in error, error
+    assert f"the registry may not take {mt.OCI_ARTIFACT}" in error, error
+    # Read, and its blobs sent, byte for byte: only the manifest's type is what the target refuses.
+    target = RegistryHTTP.for_endpoint(registries.target_a)
+    assert [target.blob_size(repo_name, sha256_digest(b)) for b in blobs] == [len(b) for b in blobs]
+    assert status["targets"][0]["bytes_done"] == sum(map(len, blobs)), _dump(status)
+
+
 def test_schema1_source_fails_saying_it_is_deprecated(service, registries, repo_name):
     push_image(registries.schema1_source, repo_name, "v1", "schema1", (1_000, 2_000),
                seed=_seed())

@@ -1,4 +1,4 @@
-"""parse_manifest: the four copyable media types, foreign layers, schema1, inferred OCI types, bad input."""
+"""parse_manifest: the copyable media types, foreign layers, schema1, inferred OCI types, bad input."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ from pydlit.registry.manifests import (
     DOCKER_MANIFEST,
     DOCKER_SCHEMA1,
     DOCKER_SCHEMA1_SIGNED,
+    OCI_ARTIFACT,
     OCI_INDEX,
     OCI_MANIFEST,
     Blob,
@@ -83,9 +84,30 @@ def test_declared_media_type_wins_over_content_type() -> None:
     assert m.media_type == OCI_MANIFEST
 
 
-def test_content_type_is_used_when_media_type_is_absent() -> None:
-    m = parse_manifest(image(None), DOCKER_MANIFEST + "; charset=utf-8")
-    assert m.media_type == DOCKER_MANIFEST
+def test_an_oci_content_type_is_used_when_media_type_is_absent() -> None:
+    assert parse_manifest(image(None), OCI_MANIFEST + "; charset=utf-8").media_type == OCI_MANIFEST
+    assert parse_manifest(index(None, [d("a")]), OCI_INDEX).media_type == OCI_INDEX
+
+
+@pytest.mark.parametrize("content_type, shape, inferred", [
+    (DOCKER_MANIFEST, "image", OCI_MANIFEST), (DOCKER_LIST, "index", OCI_INDEX),
+])
+def test_bytes_without_media_type_are_not_taken_for_docker_whatever_the_content_type(content_type, shape, inferred) -> None:
+    # Docker's schema2 types require the field: a registry refuses such bytes pushed under them.
+    data = image(None) if shape == "image" else index(None, [d("a")])
+    assert parse_manifest(data, content_type).media_type == inferred
+
+
+def test_an_oci_artifact_manifest_lists_its_blobs_and_subject() -> None:
+    doc = {"mediaType": OCI_ARTIFACT, "artifactType": "application/vnd.example.sbom",
+           "blobs": [LAYER_1, LAYER_2], "subject": {"mediaType": OCI_MANIFEST, "digest": d("5"), "size": 7}}
+    for data in (json.dumps(doc).encode(), json.dumps({k: v for k, v in doc.items() if k != "mediaType"}).encode()):
+        m = parse_manifest(data, "application/json")
+        assert m.media_type == OCI_ARTIFACT and m.data == data
+        assert [b.digest for b in m.blobs] == [d("1"), d("2")] and m.children == () and m.subject == d("5")
+    assert parse_manifest(json.dumps({"mediaType": OCI_ARTIFACT}).encode(), "").blobs == ()
+    with pytest.raises(ManifestError, match="malformed descriptor in blobs"):
+        parse_manifest(json.dumps({"mediaType": OCI_ARTIFACT, "blobs": [{"digest": d("1")}]}).encode(), "")
 
 
 @pytest.mark.parametrize("content_type", ["", "application/json", "application/octet-stream"])
@@ -161,7 +183,8 @@ def test_schema1_is_refused_as_deprecated(doc: dict, content_type: str) -> None:
         (b"{not json", "not valid JSON"),
         (b"\xff\xfe\x00", "not valid JSON"),
         (b"[1, 2]", "not a JSON object"),
-        (json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.artifact.manifest.v1+json"}).encode(), "unsupported manifest media type"),
+        (json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.example.thing+json"}).encode(),
+         r"unsupported manifest media type 'application/vnd.example.thing\+json' \(its keys: mediaType, schemaVersion\)"),
         (json.dumps({"schemaVersion": 2}).encode(), "unsupported manifest media type"),
     ],
 )

@@ -11,7 +11,7 @@ import random
 from typing import Any
 
 from support import mediatypes as mt
-from support.images import Image, assert_same_tree, list_tags, push_image, read_back
+from support.images import Image, assert_same_tree, list_tags, push_image, read_back, sha256_digest
 from support.referrers import Referrer, add_to_tag_index, fallback_tag, push_digest_tag, push_referrer, tag_index
 from support.regclient import RegistryHTTP
 from support.service import ServiceProcess, job_body, job_state
@@ -162,6 +162,30 @@ def test_through_the_referrers_api_at_both_ends(service, registries, proxy_facto
     target.reset_counters()
     _finished(_run(service, job_body(source, repo_name, "v1", [target])))
     assert target.count("PUT", "manifest_put") == 0 and list_tags(registries.target_a, repo_name) == ["v1"]
+
+
+def test_an_artifact_manifest_referrer_a_target_refuses_fails_it_saying_whose_it_is(service, registries, proxy_factory, repo_name):
+    # ORAS wrote the withdrawn artifact manifest type for a while; distribution 2.8 stores none,
+    # so the source's referrers API (emulated) lists one served by a stand-in.
+    source = proxy_factory(registries.source)
+    source.referrers_api = True
+    image = push_image(registries.source, repo_name, "v1", "oci", LAYERS, seed=random.getrandbits(48))
+    payload = b'{"sig":"artifact"}'
+    RegistryHTTP.for_endpoint(registries.source).upload_monolithic(repo_name, payload, sha256_digest(payload))
+    digest, media_type, size = _subject(image)
+    sig = json.dumps({"mediaType": mt.OCI_ARTIFACT, "artifactType": SIG,
+                      "blobs": [{"mediaType": SIG, "size": len(payload), "digest": sha256_digest(payload)}],
+                      "subject": {"mediaType": media_type, "digest": digest, "size": size}}).encode()
+    sig_digest = source.serve_manifest(repo_name, [], mt.OCI_ARTIFACT, sig)
+
+    status = _run(service, job_body(source, repo_name, "v1", [registries.target_a]))
+
+    assert job_state(status) == "FAILED", json.dumps(status, indent=1)
+    error = status["targets"][0]["error"]
+    assert f"push manifest {repo_name}@{sig_digest} (a referrer of {image.digest}; copy without referrers" in error, error
+    assert f"MANIFEST_INVALID: manifest invalid; the registry may not take {mt.OCI_ARTIFACT}" in error, error
+    # Its tag is never there without its signatures.
+    assert RegistryHTTP.for_endpoint(registries.target_a).head_manifest(repo_name, "v1") is None
 
 
 def test_a_referrer_the_source_cannot_serve_fails_the_job_with_its_digest(service, registries, repo_name):

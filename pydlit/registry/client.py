@@ -25,7 +25,8 @@ from . import bodies
 from .bodies import CONNECT_TIMEOUT_S, NO_COMPRESSION, read_body, request_timeout
 from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
 from .manifests import (
-    ACCEPT, DIGEST, MAX_MANIFEST_BYTES, OCI_INDEX, Manifest, ManifestError, digest_matches, index_descriptors, parse_manifest,
+    ACCEPT, DIGEST, MAX_MANIFEST_BYTES, OCI_ARTIFACT, OCI_INDEX,
+    Manifest, ManifestError, digest_matches, index_descriptors, parse_manifest,
 )
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,10 @@ def same_origin(a: URL, b: URL) -> bool:
     """Whether two URLs share scheme, host and port, a scheme's default port counted (yarl's
     origin() tells `https://h` and `https://h:443` apart)."""
     return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
+
+
+def _named(repo: str, ref: str) -> str:
+    return f"{repo}@{ref}" if DIGEST.fullmatch(ref) else f"{repo}:{ref}"
 
 
 def ssl_for(verify_tls: bool, ca_cert: str | None) -> ssl.SSLContext | bool:
@@ -445,7 +450,7 @@ class RegistryClient:
     # -- manifests ------------------------------------------------------------------------------
 
     async def get_manifest(self, repo: str, ref: str) -> Manifest:
-        step = f"read manifest {repo}@{ref}" if ref.startswith("sha") else f"read manifest {repo}:{ref}"
+        step = f"read manifest {_named(repo, ref)}"
 
         async def op() -> Manifest:
             resp = await self.request(
@@ -469,7 +474,7 @@ class RegistryClient:
 
     async def head_manifest(self, repo: str, ref: str) -> str | None:
         """The digest a tag or digest resolves to, or None when the registry has no such manifest."""
-        step = f"check manifest {repo}:{ref}"
+        step = f"check manifest {_named(repo, ref)}"
 
         async def op() -> str | None:
             resp = await self.request(
@@ -501,14 +506,24 @@ class RegistryClient:
 
         async def op() -> str | None:
             resp = await self.request(
-                "PUT", self.url(f"{repo}/manifests/{ref}"), step=f"push manifest {repo}:{ref}",
+                "PUT", self.url(f"{repo}/manifests/{ref}"), step=f"push manifest {_named(repo, ref)}",
                 scope=scope_for(repo, "pull,push"), expect=(200, 201),
                 headers={"Content-Type": manifest.media_type}, body=manifest.data,
             )
             resp.release()
             return resp.headers.get("OCI-Subject")
 
-        return await self._call(op)
+        try:
+            return await self._call(op)
+        except RegistryError as exc:
+            if exc.code == "MANIFEST_BLOB_UNKNOWN" and any(b.urls and b.digest in exc.message for b in manifest.blobs):
+                exc.message += (
+                    "; that layer is left to its URLs, which this registry does not accept: allow them in its "
+                    "configuration (distribution: validation.manifests.urls.allow)"
+                )
+            elif manifest.media_type == OCI_ARTIFACT and exc.status in (400, 415):
+                exc.message += f"; the registry may not take {OCI_ARTIFACT}, a type withdrawn before OCI 1.1"
+            raise
 
     async def list_referrers(self, repo: str, digest: str, limit: int) -> list[dict[str, Any]] | None:
         """The descriptors of the manifests whose subject is `digest`, from the referrers API, or

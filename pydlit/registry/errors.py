@@ -45,16 +45,24 @@ class RegistryError(Exception):
 
 
 def parse_error_body(body: bytes) -> tuple[str | None, str]:
-    """The first (code, message) of a registry error body; a 4xx body can be anything, so be lenient."""
+    """The (code, message) of a registry error body; a 4xx body can be anything, so be lenient.
+    Every error the body lists is told, the most telling first: distribution answers a manifest
+    naming an unknown blob with a 500 whose first errors say only UNKNOWN."""
     try:
-        errors = json.loads(body)["errors"]
-        first = errors[0]
-        code = str(first.get("code") or "") or None
-        message = str(first.get("message") or "")
-        detail = first.get("detail")
-        if detail and isinstance(detail, (str, int, float)):
-            message = f"{message} ({detail})"
-        return code, message
+        listed = json.loads(body)["errors"]
+        errors = list(dict.fromkeys(_error_words(e) for e in listed))
+        code, first = next((e for e in errors if e[0] not in (None, "UNKNOWN")), errors[0])
+        rest = [f"{c}: {m}" if c else m for c, m in errors if (c, m) != (code, first)]
+        return code, "; ".join([first, *rest])
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         text = body[:200].decode("utf-8", "replace").strip()
         return None, text
+
+
+def _error_words(error: dict) -> tuple[str | None, str]:
+    code = str(error.get("code") or "") or None
+    message = str(error.get("message") or "")
+    detail = error.get("detail")
+    if detail and isinstance(detail, (str, int, float)):
+        message = f"{message} ({detail})"
+    return code, message

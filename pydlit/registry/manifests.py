@@ -12,13 +12,15 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+# Withdrawn before OCI 1.1 was released, but ORAS, ACR and zot wrote it for a while.
+OCI_ARTIFACT = "application/vnd.oci.artifact.manifest.v1+json"
 
 INDEX_TYPES = frozenset({DOCKER_LIST, OCI_INDEX})
 IMAGE_TYPES = frozenset({DOCKER_MANIFEST, OCI_MANIFEST})
 SCHEMA1_TYPES = frozenset({DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED})
 # Without the OCI types an OCI manifest answers 404, and without schema2 a tag is rewritten to
 # schema1: ask for every type we copy.
-ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
+ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, OCI_ARTIFACT])
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 # Layers the publisher may not allow registries to hold; with `urls` they are fetched from there.
 NONDISTRIBUTABLE = frozenset({
@@ -103,8 +105,8 @@ def parse_manifest(data: bytes, content_type: str) -> Manifest:
     media_type = _media_type(doc, content_type)
     if media_type in SCHEMA1_TYPES or doc.get("schemaVersion") == 1:
         raise ManifestError(
-            "the source image is a Docker schema1 manifest, which is deprecated and refused by "
-            "current registries; rebuild or re-push it as Docker schema2 or OCI"
+            "it is a Docker schema1 manifest, which is deprecated and refused by current "
+            "registries; rebuild or re-push the image as Docker schema2 or OCI"
         )
     digest = sha256_digest(data)
     subject = _subject(doc)
@@ -115,7 +117,11 @@ def parse_manifest(data: bytes, content_type: str) -> Manifest:
         blobs = [_descriptor(doc.get("config"), "config")]
         blobs += [_descriptor(d, "layers") for d in doc.get("layers") or []]
         return Manifest(media_type, data, digest, blobs=tuple(blobs), subject=subject)
-    raise ManifestError(f"unsupported manifest media type {media_type!r}")
+    if media_type == OCI_ARTIFACT:
+        blobs = [_descriptor(d, "blobs") for d in doc.get("blobs") or []]
+        return Manifest(media_type, data, digest, blobs=tuple(blobs), subject=subject)
+    keys = ", ".join(sorted(doc)[:8])
+    raise ManifestError(f"unsupported manifest media type {media_type!r} (its keys: {keys})")
 
 
 def index_descriptors(data: bytes) -> list[dict]:
@@ -138,13 +144,17 @@ def _media_type(doc: dict, content_type: str) -> str:
     if isinstance(declared, str) and declared:
         return declared
     ct = content_type.split(";")[0].strip()
-    if ct in INDEX_TYPES | IMAGE_TYPES | SCHEMA1_TYPES:
+    # OCI allows omitting mediaType; Docker's schema2 types do not, so bytes without it are not
+    # theirs whatever the registry says (a registry refuses them under a Docker type).
+    if ct in (OCI_INDEX, OCI_MANIFEST, OCI_ARTIFACT) or ct in SCHEMA1_TYPES:
         return ct
-    # OCI allows omitting mediaType: infer it from the shape.
+    # Otherwise the shape tells.
     if "manifests" in doc:
         return OCI_INDEX
     if "config" in doc:
         return OCI_MANIFEST
+    if "blobs" in doc:
+        return OCI_ARTIFACT
     return ct
 
 

@@ -4,6 +4,7 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_ARTIFACT = "application/vnd.oci.artifact.manifest.v1+json"  # withdrawn before OCI 1.1
 SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 

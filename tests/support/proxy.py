@@ -7,6 +7,9 @@ pointing at the upstream are rewritten to the proxy, so clients stay behind it.
 With `referrers_api` on, the proxy also emulates the OCI 1.1 referrers API, which the upstream
 (distribution 2.8) lacks: it records manifests PUT with a `subject` and answers
 `GET /v2/<repo>/referrers/<digest>` itself.
+
+`serve_manifest` makes it answer GET and HEAD of a manifest itself, with given bytes: a registry
+holding a type the upstream refuses to store (the withdrawn OCI artifact manifest).
 """
 
 from __future__ import annotations
@@ -163,6 +166,7 @@ class FaultProxy(BackgroundService):
         self._stalls: list[_Rule] = []
         # (repo, subject digest) -> descriptors of the manifests that name it, in PUT order.
         self._referrers: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._stand_ins: dict[str, tuple[str, bytes]] = {}  # manifest path -> (type, bytes)
         self._next_free = {"up": 0.0, "down": 0.0}
         self._session: aiohttp.ClientSession | None = None
         self._server = BackgroundServer(self._make_app, "fault-proxy")
@@ -253,6 +257,18 @@ class FaultProxy(BackgroundService):
             self._corruptions.clear()
             self._stalls.clear()
         self.download_rate = self.upload_rate = None
+
+    def serve_manifest(self, repo: str, refs: Iterable[str], media_type: str, data: bytes) -> str:
+        """Answer GET and HEAD of the manifest under each of `refs` (tags, or its digest, which is
+        returned and always served) with these bytes; the upstream never sees those requests.
+        With `referrers_api` on, a manifest with a subject is listed under it."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        with self._lock:
+            for ref in {*refs, digest}:
+                self._stand_ins[f"/v2/{repo}/manifests/{ref}"] = (media_type, data)
+        if self.referrers_api:
+            self._add_referrer(f"/v2/{repo}/manifests/{digest}", media_type, data, digest)
+        return digest
 
     def reset_referrers(self) -> None:
         """Forget the subjects recorded by the referrers emulation (clear_faults keeps them)."""
@@ -419,6 +435,13 @@ class FaultProxy(BackgroundService):
         referrers = _REFERRERS.match(request.path) if self.referrers_api else None
         if referrers is not None and method == "GET":
             return self._referrers_page(request, kind, referrers[1], referrers[2])
+        stand_in = self._stand_ins.get(request.path) if method in ("GET", "HEAD") else None
+        if stand_in is not None:
+            self._record(request, kind, 200, "stand-in")
+            media_type, data = stand_in
+            headers = {"Docker-Content-Digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+                       "Content-Type": media_type}
+            return web.Response(body=data if method == "GET" else None, headers=headers)
 
         cut = None
         if request.body_exists:
@@ -457,12 +480,12 @@ class FaultProxy(BackgroundService):
             extra: dict[str, str] = {}
             if isinstance(body, bytes) and upstream.status == 201:
                 stored = upstream.headers.get("Docker-Content-Digest")
-                subject = self._add_referrer(request, body, stored)
+                subject = self._add_referrer(request.path, request.content_type, body, stored)
                 if subject is not None:
                     extra["OCI-Subject"] = subject
             return await self._relay(request, kind, upstream, extra)
 
-    def _add_referrer(self, request: web.Request, data: bytes, digest: str | None) -> str | None:
+    def _add_referrer(self, path: str, content_type: str, data: bytes, digest: str | None) -> str | None:
         """Record a stored manifest under its subject; returns the subject's digest, if any."""
         try:
             doc = json.loads(data)
@@ -470,11 +493,11 @@ class FaultProxy(BackgroundService):
             return None
         subject = doc.get("subject") if isinstance(doc, dict) else None
         subject_digest = subject.get("digest") if isinstance(subject, dict) else None
-        repo = _MANIFEST.match(request.path)
+        repo = _MANIFEST.match(path)
         if not isinstance(subject_digest, str) or repo is None:
             return None
         descriptor: dict[str, Any] = {
-            "mediaType": doc.get("mediaType") or request.content_type,
+            "mediaType": doc.get("mediaType") or content_type,
             "digest": digest or "sha256:" + hashlib.sha256(data).hexdigest(),
             "size": len(data),
         }

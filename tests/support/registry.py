@@ -64,6 +64,7 @@ class Registry:
         token_server: TokenServer | None = None,
         users: dict[str, str] | None = None,
         schema1: bool = False,
+        allow_urls: bool = True,
         port: int | None = None,
     ) -> None:
         if kind not in KINDS:
@@ -74,6 +75,7 @@ class Registry:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.kind = kind
         self.schema1 = schema1
+        self.allow_urls = allow_urls
         self.token_server = token_server
         self.port = port or free_port()
         self.host = f"127.0.0.1:{self.port}"
@@ -182,9 +184,10 @@ class Registry:
                 "cache": {"blobdescriptor": "inmemory"},
             },
             "http": http_cfg,
-            # 2.8 refuses every descriptor `urls` (foreign layers) unless an allow list is set.
-            "validation": {"manifests": {"urls": {"allow": ["^https?://"]}}},
         }
+        if self.allow_urls:
+            # 2.8 refuses every descriptor `urls` (foreign layers) unless an allow list is set.
+            config["validation"] = {"manifests": {"urls": {"allow": ["^https?://"]}}}
         if self.kind == "tls_htpasswd":
             ca = make_ca()
             server = make_server_cert(ca)
@@ -269,14 +272,16 @@ def start_registry(
     users: dict[str, str] | None = None,
     *,
     schema1: bool = False,
+    allow_urls: bool = True,
 ) -> Registry:
     """Start a registry in a fresh sub-directory of `tmp_dir`.
 
-    `schema1=True` sets `compatibility.schema1.enabled`, without which 2.8 refuses schema1 PUTs.
+    `schema1=True` sets `compatibility.schema1.enabled`, without which 2.8 refuses schema1 PUTs;
+    `allow_urls=False` leaves out the allow list without which it refuses a layer's `urls`.
     """
     Path(tmp_dir).mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix=f"registry-{kind}-", dir=tmp_dir))
-    return Registry(base, kind, token_server=token_server, users=users, schema1=schema1).start()
+    return Registry(base, kind, token_server=token_server, users=users, schema1=schema1, allow_urls=allow_urls).start()
 
 
 @atexit.register
