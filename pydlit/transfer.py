@@ -662,7 +662,7 @@ class ImageCopy:
 
         async def stream() -> None:
             nonlocal pos
-            resp, at = await src.client.open_blob(src.repo, blob.digest, pos)
+            resp, at = await src.client.open_blob(src.repo, blob.digest, pos, size=blob.size)
             async with resp:
                 skip = pos - at  # the registry ignored Range: drop what we already have
                 try:

@@ -243,6 +243,28 @@ def test_an_oci_artifact_manifest_is_read_and_a_target_refusing_it_says_so(servi
     assert status["targets"][0]["bytes_done"] == sum(map(len, blobs)), _dump(status)
 
 
+@pytest.mark.parametrize("size, off_by", [(3_000, 1), (3 * 1024 * 1024, -1)], ids=["read-whole", "streamed"])
+def test_a_descriptor_that_misstates_a_blobs_size_fails_saying_so(service, registries, repo_name, size, off_by):
+    # distribution 2.8 takes such a manifest; a copy of it cannot be right.
+    src = RegistryHTTP.for_endpoint(registries.source)
+    layer, config = secrets.token_bytes(size), secrets.token_bytes(200)
+    for blob in (layer, config):
+        src.upload_monolithic(repo_name, blob, sha256_digest(blob))
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
+        "config": {"mediaType": mt.OCI_CONFIG, "size": len(config), "digest": sha256_digest(config)},
+        "layers": [{"mediaType": mt.OCI_LAYER, "size": size + off_by, "digest": sha256_digest(layer)}],
+    }).encode()
+    src.put_manifest(repo_name, "v1", mt.OCI_MANIFEST, manifest)
+
+    status = _run(service, job_body(registries.source, repo_name, "v1", [registries.target_a]))
+
+    assert job_state(status) == "FAILED", _dump(status)
+    error = status["targets"][0]["error"]
+    said = f"the blob is {size} bytes, but the manifest's descriptor says {size + off_by}"
+    assert said in error and f"{registries.source.host}: read blob {sha256_digest(layer)[:19]}" in error, error
+
+
 def test_schema1_source_fails_saying_it_is_deprecated(service, registries, repo_name):
     push_image(registries.schema1_source, repo_name, "v1", "schema1", (1_000, 2_000),
                seed=_seed())

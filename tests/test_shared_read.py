@@ -49,7 +49,7 @@ class StandInSource:
     def __init__(self) -> None:
         self.reads_from: list[int] = []
 
-    async def open_blob(self, repo: str, digest: str, offset: int = 0) -> tuple[_Answer, int]:
+    async def open_blob(self, repo: str, digest: str, offset: int = 0, size: int | None = None) -> tuple[_Answer, int]:
         self.reads_from.append(offset)
         return _Answer(DATA[offset:]), offset
 

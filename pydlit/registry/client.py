@@ -635,17 +635,24 @@ class RegistryClient:
 
         return await self._call(op)
 
-    async def open_blob(self, repo: str, digest: str, offset: int = 0) -> tuple[aiohttp.ClientResponse, int]:
+    async def open_blob(
+        self, repo: str, digest: str, offset: int = 0, size: int | None = None,
+    ) -> tuple[aiohttp.ClientResponse, int]:
         """A streaming response for the blob from `offset`, and the offset it really starts at
-        (0 when the registry ignores Range)."""
+        (0 when the registry ignores Range). With `size`, the descriptor's, a length that
+        disagrees is an error before any byte is read."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
+        step = f"read blob {digest[:19]} from {repo}"
 
         async def op() -> tuple[aiohttp.ClientResponse, int]:
             resp = await self.request(
-                "GET", self.url(f"{repo}/blobs/{digest}"), step=f"read blob {digest[:19]} from {repo}",
+                "GET", self.url(f"{repo}/blobs/{digest}"), step=step,
                 scope=scope_for(repo, "pull"), expect=(200, 206), headers=headers,
             )
-            return resp, offset if resp.status == 206 else 0
+            at = offset if resp.status == 206 else 0
+            if size is not None:
+                self._check_length(resp, at, size, step)
+            return resp, at
 
         return await self._call(op)
 
@@ -685,6 +692,7 @@ class RegistryClient:
             pieces: list[bytes] = []
             held = 0
             async with resp:
+                self._check_length(resp, 0, size, step)
                 try:
                     async for piece in resp.content.iter_any():
                         held += len(piece)
@@ -698,6 +706,16 @@ class RegistryClient:
             return b"".join(pieces)  # the one copy: the pieces are joined, never grown
 
         return await self._call(op)
+
+    def _check_length(self, resp: aiohttp.ClientResponse, at: int, size: int, step: str) -> None:
+        # A manifest whose descriptor misstates a blob's size: said plainly, not as a short read
+        # retried until a Range past the real end is refused.
+        if resp.content_length is not None and at + resp.content_length != size:
+            resp.release()
+            raise RegistryError(
+                self.name, step, f"the blob is {at + resp.content_length} bytes, but the manifest's descriptor "
+                f"says {size}: the image's manifest is wrong (push it again with the right size)",
+            )
 
     async def start_upload(self, repo: str) -> str:
         return await self._call(lambda: self._open_upload(repo))
