@@ -475,7 +475,8 @@ def test_after_a_restart_a_blob_sent_in_one_put_is_mounted_rather_than_sent_agai
     # refuse one), so the layer goes up in one slow PUT, which a SIGKILL cuts.
     target.reset_counters()
     target.fail_next(2, 404, methods="POST", kinds="upload_post")
-    target.rate_limit(2 * MiB, download=False)
+    # 16 s for the PUT: a loaded machine's poll must not see it end before the kill.
+    target.rate_limit(MiB, download=False)
     job = service.submit(job_body(registries.source, repo_name, "v1", [(target, {"image": f"{repo_name}-b"})]))
     deadline = time.monotonic() + 30
     while target.uploaded_bytes("PUT", "upload_put") < MiB and time.monotonic() < deadline:
