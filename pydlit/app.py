@@ -13,6 +13,7 @@ from aiohttp import web
 from .api import ApiError, routes
 from .credentials import CredentialStore
 from .keys import SESSION, SETTINGS, STORE, WORKER
+from .nodelock import NodeLock
 from .settings import Settings
 from .store import Store
 from .worker import Worker
@@ -76,8 +77,16 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app.add_routes(routes)
-    app.cleanup_ctx.extend([_store_ctx, _session_ctx, _worker_ctx])
+    app.cleanup_ctx.extend([_node_ctx, _store_ctx, _session_ctx, _worker_ctx])
     return app
+
+
+async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    lock = NodeLock(settings.db, settings.node)
+    lock.acquire()  # NodeBusy: the start stops here, before any job is touched
+    yield
+    lock.release()
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

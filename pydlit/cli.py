@@ -5,16 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import os
+import socket
+import sqlite3
 import sys
 
 from aiohttp import web
 
 from . import commands
 from .app import create_app
+from .credentials import CredentialsError
 from .logs import setup_logging
+from .nodelock import NodeBusy
+from .secretbox import SecretError
 from .settings import Settings, from_env
+from .store import StoreError
 
 CLIENT_COMMANDS = ("submit", "status", "jobs", "copy")
 DEFAULT_SERVER = "http://127.0.0.1:5001"
@@ -81,8 +88,47 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(run_client(argv))
     settings = parse_args(argv[1:] if argv and argv[0] == "serve" else argv)
     setup_logging(settings.log_level, settings.log_format)
-    logging.getLogger(__name__).info("pydlit listening on %s:%d, jobs in %s", settings.host, settings.port, settings.db)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, shutdown_timeout=5, print=None)
+    log = logging.getLogger(__name__)
+    if not settings.api_token and not _loopback(settings.host):
+        if settings.credentials:
+            raise SystemExit(
+                f"pydlit: on {settings.host} without PYDLIT_API_TOKEN, anyone who can reach port {settings.port} "
+                "could copy images with the PYDLIT_CREDENTIALS registries' credentials: set PYDLIT_API_TOKEN, "
+                "or listen on 127.0.0.1"
+            )
+        log.warning("listening on %s without PYDLIT_API_TOKEN: anyone who can reach port %d can run copies",
+                    settings.host, settings.port)
+    # Bound before the start, which takes back this node's jobs: a port in use stops it first.
+    try:
+        sock = _listen(settings.host, settings.port)
+    except OSError as exc:
+        raise SystemExit(f"pydlit: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    app = create_app(settings)
+
+    async def started(app: web.Application) -> None:
+        log.info("pydlit listening on %s:%d, jobs in %s", settings.host, settings.port, settings.db)
+
+    app.on_startup.append(started)  # after the resources of cleanup_ctx are up
+    try:
+        web.run_app(app, sock=sock, shutdown_timeout=5, print=None)
+    except sqlite3.Error as exc:
+        raise SystemExit(f"pydlit: cannot use the job database {settings.db}: {exc}") from None
+    except (NodeBusy, SecretError, CredentialsError, StoreError) as exc:
+        raise SystemExit(f"pydlit: {exc}") from None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    return socket.create_server((host, port), family=family, backlog=128)
 
 
 if __name__ == "__main__":

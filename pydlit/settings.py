@@ -17,7 +17,7 @@ MAX_SECONDS = 86400
 
 @dataclass(frozen=True)
 class Settings:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # beyond this machine only when asked (the Docker image asks)
     port: int = 5001
     db: str = "./pydlit.db"
     concurrency: int = 16  # jobs running at once (their streamed blobs share tuning.max_streams)
@@ -71,6 +71,13 @@ def _whole(env: dict[str, str], name: str, default: int, low: int, high: int | N
     return int(value)
 
 
+def _choice(env: dict[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name) or default
+    if value.lower() not in choices:
+        raise SystemExit(f"pydlit: {name} must be one of {', '.join(choices)}, not {value!r}")
+    return value.lower()
+
+
 def _count(env: dict[str, str], name: str, default: int) -> int:
     """A setting that must be at least 1: a zero there would make every copy wait forever."""
     return _whole(env, name, default, 1)
@@ -110,11 +117,11 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         stall_timeout_s=_ranged(env, "PYDLIT_STALL_TIMEOUT_S", base.stall_timeout_s, 1, 3600, " s"),
         retry=retry,
         tuning=tuning,
-        log_level=(env.get("PYDLIT_LOG_LEVEL") or base.log_level).upper(),
+        log_level=_choice(env, "PYDLIT_LOG_LEVEL", base.log_level, ("debug", "info", "warning", "error")).upper(),
         # Up to a century: beyond, the cutoff date overflows and pruning dies quietly each hour.
         retention_days=_ranged(env, "PYDLIT_RETENTION_DAYS", base.retention_days, 0, 36500, " days"),
         api_token=env.get("PYDLIT_API_TOKEN") or None,
         secret_key=env.get("PYDLIT_SECRET_KEY") or None,
         credentials=env.get("PYDLIT_CREDENTIALS") or None,
-        log_format=(env.get("PYDLIT_LOG_FORMAT") or base.log_format).lower(),
+        log_format=_choice(env, "PYDLIT_LOG_FORMAT", base.log_format, ("text", "json")),
     )

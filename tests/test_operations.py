@@ -5,9 +5,14 @@ and the store in this process, with an injectable clock, where a race must be hi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
 import json
+import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -658,6 +663,8 @@ async def test_migrations_run_statement_by_statement_and_a_bad_one_still_names_i
         ("PYDLIT_CONCURRENCY", "1.5", "a whole number of at least 0"),
         ("PYDLIT_CHUNK_MIB", "inf", "a number"),
         ("PYDLIT_RETENTION_DAYS", "nan", "a number"),
+        ("PYDLIT_LOG_LEVEL", "LOUD", "one of debug, info, warning, error"),
+        ("PYDLIT_LOG_FORMAT", "xml", "one of text, json"),
     ],
 )
 def test_a_setting_out_of_its_range_stops_the_start_naming_it_and_the_range(name: str, value: str, rule: str) -> None:
@@ -673,6 +680,66 @@ def test_settings_at_the_edges_of_their_ranges_are_taken() -> None:
     })
     assert (s.tuning.chunk_size, s.tuning.buffer_size) == (MiB, 2)  # room for one piece at a time
     assert (s.retention_days, s.concurrency, s.lease_s, s.stop_grace_s, s.port, s.retry.attempts) == (0, 0, 3, 0, 65535, 1)
+
+
+def _job_row(db: Path, job_id: str) -> tuple:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute("SELECT state, attempt, lease_owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+
+
+def test_a_second_process_as_the_same_node_is_refused_and_takes_no_job(service_factory):
+    # A start takes back the jobs its node left RUNNING: never those of a live process.
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # takes connections, never answers
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}/v2"
+        first = service_factory(env={"PYDLIT_NODE": "one-node"})
+        job = first.submit({"source": {"endpoint": endpoint, "image": "team/app", "ref": "v1"}, "targets": [{"endpoint": endpoint}]})
+        wait_for(lambda: _job_row(first.db_path, job)[0] == "RUNNING")
+        running = _job_row(first.db_path, job)
+        second = service_factory(env={"PYDLIT_NODE": "one-node"}, db_path=first.db_path, start=False)
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            second.start()
+        log = second.log_text()
+        assert f"pydlit: another pydlit process (pid {first.pid}) runs as node 'one-node' on this job database" in log, log
+        assert _job_row(first.db_path, job) == running
+        # Once the first is gone, so is its lock: a start under its name goes on.
+        first.kill()
+        second.start()
+
+
+def test_a_port_in_use_stops_the_start_before_any_job_is_touched(service_factory):
+    first = service_factory(env={"PYDLIT_NODE": "first", "PYDLIT_CONCURRENCY": "0"})
+    job = first.submit({"source": {"endpoint": "http://127.0.0.1:9/v2", "image": "team/app", "ref": "v1"},
+                        "targets": [{"endpoint": "http://127.0.0.1:9/v2"}]})
+    queued = _job_row(first.db_path, job)
+    second = service_factory(env={"PYDLIT_NODE": "second"}, db_path=first.db_path, start=False)
+    second.port = first.port
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        second.start()
+    log = second.log_text()
+    assert f"pydlit: cannot listen on 127.0.0.1:{first.port}: Address already in use" in log, log
+    assert "Traceback" not in log and "pydlit listening on" not in log, log
+    assert _job_row(first.db_path, job) == queued
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"PYDLIT_CREDENTIALS": "/nonexistent.json"}, "could copy images with the PYDLIT_CREDENTIALS registries' credentials"),
+])
+def test_credentials_are_not_lent_to_the_network_without_an_api_token(tmp_path, env, said):
+    proc = subprocess.run([sys.executable, "-m", "pydlit", "--host", "0.0.0.0", "--port", "1", "--db", str(tmp_path / "x.db")],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and said in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_a_database_that_cannot_be_opened_is_named(service_factory, tmp_path):
+    not_sqlite = tmp_path / "not.db"
+    not_sqlite.write_bytes(b"this is not a database" * 100)
+    svc = service_factory(start=False, db_path=not_sqlite)
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        svc.start()
+    log = svc.log_text()
+    assert f"pydlit: cannot use the job database {not_sqlite}: file is not a database" in log, log
+    assert "Traceback" not in log, log
 
 
 def test_the_service_does_not_start_with_a_chunk_of_zero(service_factory):
