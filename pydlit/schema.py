@@ -19,6 +19,9 @@ from urllib.parse import urlsplit
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
+from .registry.client import split_endpoint
+from .registry.manifests import DIGEST
+
 MAX_TARGETS = 100
 
 # Every pattern below is a whole-string pattern written as ^...$ so that
@@ -407,4 +410,29 @@ def validate_request(body: object) -> dict:
         target.setdefault("overwrite", False)
         target.setdefault("image", None)
         target.setdefault("ref", None)
+    _check_destinations(request)
     return request
+
+
+def _check_destinations(request: dict) -> None:
+    """What the schema cannot say: where the targets lead, each with the source's image and ref
+    where it names none."""
+    source = request["source"]
+    source_ref = source["ref"]
+    seen = {_destination(source, source): "the source"}
+    for index, target in enumerate(request["targets"]):
+        ref = target["ref"] or source_ref
+        both_digests = DIGEST.fullmatch(ref) and DIGEST.fullmatch(source_ref)
+        if both_digests and ref != source_ref and ref.partition(":")[0] == source_ref.partition(":")[0]:
+            raise RequestError(
+                f"targets[{index}].ref: {ref} is not the source's digest {source_ref}: a manifest is pushed "
+                "under its own digest only (name a tag, or no ref)"
+            )
+        where = _destination(target, source)
+        if where in seen:
+            raise RequestError(f"targets[{index}]: the same repository and ref as {seen[where]}")
+        seen[where] = f"targets[{index}]"
+
+
+def _destination(location: dict, source: dict) -> tuple[str, str, str]:
+    return split_endpoint(location["endpoint"])[0].lower(), location.get("image") or source["image"], location.get("ref") or source["ref"]

@@ -19,7 +19,7 @@ from .metrics import DOWNLOADED, UPLOADED
 from .pipe import Pipe, PipeClosed
 from .referrers import DigestTag, ReferrerPusher, Referrers, find_digest_tags, find_referrers, tag_names
 from .registry.client import RegistryClient, RegistryError, broken_stream, out_of_budget, retrying
-from .registry.manifests import Blob, Manifest, Tree, digest_matches
+from .registry.manifests import DIGEST, Blob, Manifest, Tree, digest_matches
 from .registry.trees import push_levels, read_tree
 
 log = logging.getLogger(__name__)
@@ -318,6 +318,14 @@ class ImageCopy:
         current = await head
         if isinstance(current, RegistryError):
             await self._fail(t, current)
+            return False
+        if DIGEST.fullmatch(t.ref) and not digest_matches(t.ref, self.tree.top.data):
+            # Known before any blob goes: the registry would refuse the manifest at the end.
+            await self._fail(t, RegistryError(
+                t.client.name, f"push manifest {t.repo}@{t.ref}",
+                f"the source image is {self.tree.top.digest}: a manifest is pushed under its own digest only "
+                "(name a tag, or no ref)",
+            ))
             return False
         if current == self.tree.top.digest:
             for b in self.tree.blobs:

@@ -141,6 +141,19 @@ def test_ref_given_as_digest_copies_the_tree_by_digest(service, registries, repo
     assert list_tags(registries.target_a, repo_name) == []
 
 
+def test_a_target_digest_that_is_not_the_images_fails_before_any_blob_goes(service, registries, repo_name, proxy_factory):
+    image = push_image(registries.source, repo_name, "v1", "oci", SMALL_LAYERS, seed=_seed())
+    target = proxy_factory(registries.target_a)
+    wrong = "sha256:" + "0" * 64
+
+    status = _run(service, job_body(registries.source, repo_name, "v1", [(target, {"ref": wrong})]))
+
+    assert job_state(status) == "FAILED", _dump(status)
+    error = status["targets"][0]["error"]
+    assert f"push manifest {repo_name}@{wrong} failed: the source image is {image.digest}" in error, error
+    assert target.count("POST", "upload_post") == target.count("PUT") == 0, target.requests
+
+
 def test_target_image_and_ref_copy_under_another_name(service, registries, repo_name):
     image = push_image(registries.source, repo_name, "v1", "schema2", SMALL_LAYERS, seed=_seed())
     other = f"{repo_name}/mirror"

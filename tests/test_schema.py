@@ -347,7 +347,7 @@ def test_bad_repository_names_are_rejected(image):
 )
 def test_endpoint_forms_are_accepted_and_kept_verbatim(endpoint):
     body = with_source(endpoint=endpoint)
-    body["targets"][0]["endpoint"] = endpoint
+    body["targets"][0].update(endpoint=endpoint, image="mirror/app")
     request = validate_request(body)
     assert request["source"]["endpoint"] == endpoint
     assert request["targets"][0]["endpoint"] == endpoint
@@ -401,3 +401,33 @@ def test_error_does_not_depend_on_key_order():
         "targets": [dict(reversed(list(body["targets"][0].items())))],
     }
     assert error_for(body) == error_for(reordered)
+
+
+@pytest.mark.parametrize("targets, said", [
+    ([{"endpoint": "http://localhost:5000/v2/"}], "targets[0]: the same repository and ref as the source"),
+    ([{"endpoint": "http://LOCALHOST:5000", "image": "team/app", "ref": "v1"}], "targets[0]: the same repository and ref as the source"),
+    ([{"endpoint": "http://b:5000"}, {"endpoint": "http://b:5000/v2"}], "targets[1]: the same repository and ref as targets[0]"),
+    ([{"endpoint": "http://b:5000", "ref": "v2"}, {"endpoint": "http://b:5000", "image": "team/app", "ref": "v2"}],
+     "targets[1]: the same repository and ref as targets[0]"),
+])
+def test_a_target_leading_where_another_or_the_source_is_refused(targets, said):
+    body = {"source": {"endpoint": "http://localhost:5000", "image": "team/app", "ref": "v1"}, "targets": targets}
+    assert error_for(body) == said
+
+
+def test_targets_differing_in_registry_repository_or_ref_are_taken():
+    body = {"source": {"endpoint": "http://a:5000", "image": "team/app", "ref": "v1"},
+            "targets": [{"endpoint": "http://b:5000"}, {"endpoint": "http://b:5000", "ref": "v2"},
+                        {"endpoint": "http://b:5000", "image": "mirror/app"}, {"endpoint": "http://a:5000", "ref": "v2"},
+                        {"endpoint": "http://b:5000/prefix"}]}
+    assert len(validate_request(body)["targets"]) == 5
+
+
+def test_a_target_digest_other_than_the_source_digest_is_refused():
+    src, other = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    body = {"source": {"endpoint": "http://a:5000", "image": "team/app", "ref": src},
+            "targets": [{"endpoint": "http://b:5000", "ref": other}]}
+    assert error_for(body) == (f"targets[0].ref: {other} is not the source's digest {src}: a manifest is pushed under "
+                               "its own digest only (name a tag, or no ref)")
+    body["targets"][0]["ref"] = "sha256"  # a tag, whatever it looks like
+    assert validate_request(body)["targets"][0]["ref"] == "sha256"
