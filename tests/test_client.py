@@ -3,6 +3,7 @@ the client's small pure helpers, and a real registry's answers where they depend
 from __future__ import annotations
 
 import asyncio
+import socket
 import base64
 import email.utils
 import functools
@@ -745,6 +746,43 @@ async def test_a_failing_token_server_is_retried_not_taken_for_refused_credentia
     assert "could not be reached" in str(caught.value)
     assert caught.value.status is None  # not an HTTP 401: nobody refused anything
     assert len(sleeps) == 1 + POLICY.attempts - 1
+
+
+@pytest.mark.asyncio
+async def test_a_token_server_that_refuses_connections_is_said_so_in_words(sleeps: list[float]) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections are refused
+        async with aiohttp.ClientSession() as s:
+            auth = {"url": f"http://127.0.0.1:{port}/token?secret=s3cr3t", "token_type": "Bearer"}
+            with aioresponses(passthrough=[f"http://127.0.0.1:{port}"]) as m:
+                m.get(PING, status=200, repeat=True)
+                with pytest.raises(RegistryError) as caught:
+                    await make_client(s, auth=auth).get_manifest("team/app", "v1")
+    text = str(caught.value)
+    assert f"the token url 127.0.0.1:{port} could not be reached: cannot connect: " in text, text
+    assert "Connect call failed" in text and "s3cr3t" not in text, text
+
+
+@pytest.mark.parametrize("exc, words", [
+    (aiohttp.ServerTimeoutError("Timeout on reading data from socket"), "no byte arrived within the stall timeout (PYDLIT_STALL_TIMEOUT_S)"),
+    (asyncio.TimeoutError(), "no byte arrived within the stall timeout (PYDLIT_STALL_TIMEOUT_S)"),
+    (aiohttp.ServerDisconnectedError(), "the server closed the connection"),
+    (aiohttp.ClientPayloadError("Response payload is not completed"), "the answer broke off"),
+])
+def test_a_failed_connection_is_told_in_words(exc: BaseException, words: str) -> None:
+    assert bodies.connection_problem(exc) == words
+
+
+@pytest.mark.asyncio
+async def test_a_web_page_where_a_manifest_was_expected_asks_whether_the_endpoint_is_a_registry(sleeps: list[float]) -> None:
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.get(MANIFEST_URL, status=200, body="<html><body>Welcome to nginx!</body></html>", content_type="text/html")
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError) as caught:
+                await make_client(s).get_manifest("team/app", "v1")
+    assert str(caught.value).endswith(f"the manifest is not valid JSON (the answer is text/html: is {BASE} a registry?)")
 
 
 # -- whole blobs and the repository probe ----------------------------------------------------------

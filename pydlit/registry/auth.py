@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from .bodies import NO_COMPRESSION, read_body, request_timeout
+from .bodies import NO_COMPRESSION, connection_problem, read_body, request_timeout
 
 # A token is refreshed this long before it expires, so that a request never carries a token
 # that dies on the wire (Docker Hub's live 300 s; a multi-GB upload outlives several).
@@ -311,7 +311,7 @@ class Authenticator:
                     raise AuthError(f"the token url {_host(url)} answered HTTP {resp.status}", transient=resp.status >= 500 or resp.status == 429)
                 raw = await read_body(resp, MAX_TOKEN_BYTES)
         except aiohttp.ClientError as exc:
-            raise AuthError(f"the token url {_host(url)} could not be reached: {type(exc).__name__}", transient=True) from None
+            raise AuthError(f"the token url {_host(url)} could not be reached: {connection_problem(exc)}", transient=True) from None
         except asyncio.TimeoutError:
             raise AuthError(f"the token url {_host(url)} did not answer in time", transient=True) from None
         try:
@@ -349,7 +349,7 @@ async def _ask(
             except ValueError:
                 raise AuthError(f"the token server {_host(realm)} answered something that is not a token") from None
     except aiohttp.ClientError as exc:
-        raise AuthError(f"the token server {_host(realm)} could not be reached: {type(exc).__name__}", transient=True) from None
+        raise AuthError(f"the token server {_host(realm)} could not be reached: {connection_problem(exc)}", transient=True) from None
     except asyncio.TimeoutError:
         raise AuthError(f"the token server {_host(realm)} did not answer in time", transient=True) from None
 

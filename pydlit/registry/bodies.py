@@ -20,6 +20,19 @@ CONNECT_TIMEOUT_S = 30.0
 NO_COMPRESSION = {"Accept-Encoding": "identity"}
 
 
+def connection_problem(exc: BaseException) -> str:
+    """A failed connection in words, without its URL: a token url's query may hold a secret."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
+        return "no byte arrived within the stall timeout (PYDLIT_STALL_TIMEOUT_S)"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer broke off"
+    return type(exc).__name__
+
+
 def request_timeout(stall_timeout: float) -> aiohttp.ClientTimeout:
     """A request's timeout: no total (see ANSWER_TIMEOUT_S), a stall cuts it."""
     return aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=stall_timeout)

@@ -22,7 +22,7 @@ from yarl import URL
 from ..metrics import RETRIES, request_timer
 from .auth import REDIRECTS, Authenticator, AuthError, ChallengeCache, TokenCache, merge_scopes, parse_challenges, scope_for
 from . import bodies
-from .bodies import CONNECT_TIMEOUT_S, NO_COMPRESSION, read_body, request_timeout
+from .bodies import CONNECT_TIMEOUT_S, NO_COMPRESSION, connection_problem, read_body, request_timeout
 from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
 from .manifests import (
     ACCEPT, DIGEST, MAX_MANIFEST_BYTES, OCI_ARTIFACT, OCI_INDEX,
@@ -131,7 +131,7 @@ def ssl_for(verify_tls: bool, ca_cert: str | None) -> ssl.SSLContext | bool:
 
 
 def broken_stream(registry: str, step: str, at: int, exc: BaseException) -> RegistryError:
-    return RegistryError(registry, step, f"connection broke at byte {at}: {type(exc).__name__}", transient=True)
+    return RegistryError(registry, step, f"connection broke at byte {at}: {connection_problem(exc)}", transient=True)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -314,10 +314,8 @@ class RegistryClient:
                 raise RegistryError(self.name, step, f"TLS certificate verification failed: {exc.certificate_error}") from None
             except aiohttp.ClientSSLError as exc:
                 raise RegistryError(self.name, step, f"TLS handshake failed: {exc}") from None
-            except aiohttp.ClientConnectorError as exc:
-                raise RegistryError(self.name, step, f"cannot connect: {exc.os_error or exc}", transient=True) from None
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                raise RegistryError(self.name, step, f"connection failed: {type(exc).__name__} {exc}".strip(), transient=True) from None
+                raise RegistryError(self.name, step, connection_problem(exc), transient=True) from None
             if resp.status in REDIRECTS and method in ("GET", "HEAD") and "Location" in resp.headers:
                 url = URL(str(resp.url)).join(URL(resp.headers["Location"]))
                 resp.release()
@@ -465,7 +463,11 @@ class RegistryClient:
             try:
                 manifest = parse_manifest(data, content_type)
             except ManifestError as exc:
-                raise RegistryError(self.name, step, str(exc)) from None
+                said = str(exc)
+                if "json" not in content_type.lower() and "JSON" in said:
+                    # A web page where a registry was expected: the endpoint is likely wrong.
+                    said += f" (the answer is {content_type or 'untyped'}: is {self.base} a registry?)"
+                raise RegistryError(self.name, step, said) from None
             if DIGEST.fullmatch(ref) and not digest_matches(ref, data):
                 raise RegistryError(self.name, step, f"the manifest's bytes do not hash to {ref}")
             return manifest
