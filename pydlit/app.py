@@ -57,13 +57,14 @@ def token_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]
     """With PYDLIT_API_TOKEN set, every call but the health check needs `Bearer <token>`."""
     # Header values arrive decoded as UTF-8 with surrogate escapes: the same escapes give back
     # the bytes sent, so a byte that is not UTF-8 compares unequal instead of failing to encode.
-    expected = f"Bearer {token}".encode("utf-8", "surrogateescape")
+    expected = token.encode("utf-8", "surrogateescape")
 
     @web.middleware
     async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         if request.path not in OPEN_PATHS:
-            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given, expected):
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            # The scheme is case-insensitive (RFC 9110); the token is not.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
                 raise ApiError(401, "missing or wrong API token: send Authorization: Bearer <PYDLIT_API_TOKEN>")
         return await handler(request)
 

@@ -59,7 +59,7 @@ def client_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true", help="print the raw status document")
     p = sub.add_parser("jobs", parents=[server], help="list jobs, newest first")
-    p.add_argument("--state", choices=["QUEUED", "RUNNING", "FINISHED", "FAILED"])
+    p.add_argument("--state", type=str.upper, choices=["QUEUED", "RUNNING", "FINISHED", "FAILED"])
     p.add_argument("--limit", type=int, default=50)
     p = sub.add_parser("copy", help="copy one image without a server, e.g. localhost:5000/app:v1 localhost:5001/app")
     p.add_argument("source")

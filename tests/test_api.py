@@ -356,7 +356,9 @@ async def test_deeply_nested_bodies_are_a_400(client, tmp_path: Path, depth: int
 
 @pytest.mark.parametrize(
     "value, status",
-    [(b"Bearer tok-secret", 200), (b"Bearer \xff", 401), (b"Bearer tok-secre\xff", 401), ("Bearer é".encode(), 401)],
+    [(b"Bearer tok-secret", 200), (b"Bearer \xff", 401), (b"Bearer tok-secre\xff", 401), ("Bearer é".encode(), 401),
+     (b"bearer tok-secret", 200), (b"BEARER tok-secret", 200), (b"Bearer TOK-SECRET", 401), (b"Basic tok-secret", 401),
+     (b"Bearertok-secret", 401), (b"Bearer  tok-secret", 401)],
 )
 async def test_an_authorization_header_that_is_not_utf8_is_a_401(aiohttp_client, tmp_path: Path, value: bytes, status: int) -> None:
     # Raw bytes on the wire: the test client would refuse to send a byte that is not UTF-8.

@@ -603,3 +603,9 @@ def test_memory_events_keep_what_the_engine_reports() -> None:
     assert asyncio.run(events.mount_sources("http://r", "sha256:a")) == ["team/app", "other/app"]
     assert asyncio.run(events.mount_sources("http://r", "sha256:c")) == []
     assert (events.states, events.errors) == ({0: "FAILED"}, {0: "boom"})
+
+
+def test_the_jobs_command_takes_a_state_in_any_case() -> None:
+    from pydlit.cli import client_parser
+
+    assert client_parser().parse_args(["jobs", "--state", "failed"]).state == "FAILED"
