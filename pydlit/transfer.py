@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -148,6 +148,8 @@ class Target:
     fresh: bool = False  # the registry had no repository of this name when the copy began
     current: bool = False  # the tag already holds the image: only its referrers are copied
     held: set[str] = field(default_factory=set)  # digests (blobs, manifests) known to be there already
+    # It left a shared read, too slow for the others: its later blobs come from reads of its own.
+    slow: bool = False
 
 
 @dataclass
@@ -164,6 +166,30 @@ class _Sink:
     monolithic: bool = False  # the registry refused PATCH: one PUT with the whole blob
     verified: asyncio.Future[bool] | None = None  # the verdict on the bytes this sink was fed
     held_back: float = 0.0  # how long another sink sat idle, waiting for the read this sink held up
+    detached: bool = False  # it left the shared read and reads the rest on its own
+
+
+class _Slot:
+    """A semaphore's slot that may be given back before the work it was taken for ends: once the
+    shared read of a blob is over, a target still uploading it on its own must not keep others
+    from their next blob."""
+
+    def __init__(self, sem: asyncio.Semaphore) -> None:
+        self._sem = sem
+        self._held = False
+
+    async def __aenter__(self) -> _Slot:
+        await self._sem.acquire()
+        self._held = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._sem.release()
 
 
 class ImageCopy:
@@ -189,6 +215,8 @@ class ImageCopy:
         # Per target: the blobs it still lacks, and what wakes its manifest push (see _copy_to).
         self._lacking: dict[int, set[str]] = {}
         self._complete: dict[int, asyncio.Event] = {}
+        # A slow target's reads of its own, at most parallel_blobs at once.
+        self._alone = {t.idx: asyncio.Semaphore(tuning.parallel_blobs) for t in targets}
         # Told whenever a target gets a blob or fails: what targets waiting to link a blob from
         # another target of their registry wait on.
         self._settled = asyncio.Condition()
@@ -261,9 +289,17 @@ class ImageCopy:
                 self._complete[t.idx].set()
 
         async def one(blob: Blob) -> None:
-            async with sem:
+            async with _Slot(sem) as slot:
                 self._check_stop()
-                await self._copy_blob(blob, [t for t in targets if not t.failed])
+                live = [t for t in targets if not t.failed]
+
+                async def shared() -> None:
+                    try:
+                        await self._copy_blob(blob, [t for t in live if not t.slow], slot.release)
+                    finally:
+                        slot.release()
+
+                await _gather_all([shared(), *(self._on_its_own(t, blob) for t in live if t.slow)])
 
         async def every_blob() -> None:
             try:
@@ -282,6 +318,13 @@ class ImageCopy:
     def _check_stop(self) -> None:
         if self.stop.is_set():
             raise Stopped()
+
+    async def _on_its_own(self, t: Target, blob: Blob) -> None:
+        """A blob for a target too slow to share reads: read for it alone, a few at a time."""
+        async with self._alone[t.idx]:
+            self._check_stop()
+            if not t.failed:
+                await self._copy_blob(blob, [t], alone=True)
 
     async def _fail(self, target: Target, error: BaseException) -> None:
         if not target.failed:
@@ -398,19 +441,23 @@ class ImageCopy:
 
     # -- blobs ----------------------------------------------------------------------------------
 
-    async def _copy_blob(self, blob: Blob, targets: list[Target]) -> None:
+    async def _copy_blob(
+        self, blob: Blob, targets: list[Target], shared_done: Callable[[], None] | None = None, alone: bool = False,
+    ) -> None:
+        """`shared_done` is called once the blob's shared read is over, while targets that left
+        it may still be uploading; `alone`: the read is for one slow target."""
         present = await asyncio.gather(*(self._already_there(t, blob) for t in targets))
         need = [t for t, there in zip(targets, present, strict=True) if not there and not t.failed]
         # A registry takes the bytes once: its other targets wait for them, then link them (a
         # mount, or nothing in the same repository) instead of uploading them again.
         first, later = self._one_per_registry(blob, need)
         if not later:
-            await self._send(blob, first)
+            await self._send(blob, first, shared_done, alone)
             return
 
         async def send_first() -> None:
             try:
-                await self._send(blob, first)
+                await self._send(blob, first, shared_done, alone)
             finally:
                 async with self._settled:
                     self._settled.notify_all()
@@ -420,7 +467,7 @@ class ImageCopy:
             linked = await asyncio.gather(*(self._link_from(t, blob, first, sending) for t in later))
         finally:
             await _gather_all([sending])
-        await self._send(blob, [t for t, ok in zip(later, linked, strict=True) if not ok and not t.failed])
+        await self._send(blob, [t for t, ok in zip(later, linked, strict=True) if not ok and not t.failed], alone=alone)
 
     def _one_per_registry(self, blob: Blob, need: list[Target]) -> tuple[list[Target], list[Target]]:
         """The targets that get the blob's bytes, and those that wait to link it from one of them."""
@@ -451,16 +498,30 @@ class ImageCopy:
             await self._fail(t, exc)
         return False
 
-    async def _send(self, blob: Blob, need: list[Target]) -> None:
+    async def _send(
+        self, blob: Blob, need: list[Target], shared_done: Callable[[], None] | None = None, alone: bool = False,
+    ) -> None:
         if not need:
             return
         if blob.size <= min(self.tuning.whole_blob_max, self.tuning.chunk_size):
             await self._copy_whole(blob, need)
             return
-        async with self.streams:
-            await self._copy_streamed(blob, need)
+        if alone:
+            # Outside the service's streams: paced by one slow target, through a small buffer.
+            await self._copy_streamed(blob, need, buffer_size=min(self.tuning.buffer_size, 2 * self.tuning.piece_size))
+            return
+        async with _Slot(self.streams) as stream:
 
-    async def _copy_streamed(self, blob: Blob, need: list[Target]) -> None:
+            def over() -> None:
+                stream.release()
+                if shared_done is not None:
+                    shared_done()
+
+            await self._copy_streamed(blob, need, over)
+
+    async def _copy_streamed(
+        self, blob: Blob, need: list[Target], shared_done: Callable[[], None] | None = None, buffer_size: int | None = None,
+    ) -> None:
         sinks = [_Sink(t) for t in need]
         policy = self.source.client.policy
         mismatches = 0
@@ -470,7 +531,7 @@ class ImageCopy:
             live = [s for s in sinks if s.error is None]
             try:
                 if live:
-                    await self._fan_out(blob, live)
+                    await self._fan_out(blob, live, shared_done, buffer_size or self.tuning.buffer_size)
             except DigestMismatch:
                 mismatches += 1
                 if mismatches >= 2:
@@ -481,7 +542,7 @@ class ImageCopy:
                     return
             retry = []
             for s in sinks:
-                if s.done:
+                if s.done or s.target.failed:
                     continue
                 if s.error is None or _retryable(s.error):
                     retry.append(s)
@@ -496,6 +557,8 @@ class ImageCopy:
             # A registry that said when to come back (429 Retry-After) is obeyed, within the
             # step's time budget; one that asks for longer fails its target now.
             elapsed = asyncio.get_running_loop().time() - started
+            if elapsed >= policy.max_total:
+                break  # the blob's budget is spent, whatever its steps' own retries took of it
             waiting = []
             for s in sinks:
                 refused = out_of_budget(policy, s.error, elapsed) if isinstance(s.error, RegistryError) else None
@@ -629,15 +692,18 @@ class ImageCopy:
         except RegistryError as exc:
             s.error = exc
 
-    async def _fan_out(self, blob: Blob, sinks: list[_Sink]) -> None:
+    async def _fan_out(
+        self, blob: Blob, sinks: list[_Sink], shared_done: Callable[[], None] | None, buffer_size: int,
+    ) -> None:
         """Read the blob once from the lowest offset any sink needs; every sink takes its part."""
         start = min(s.offset for s in sinks)
         verified = _verdict()
         for s in sinks:
-            s.pipe = Pipe(self.tuning.buffer_size)
+            s.pipe = Pipe(buffer_size)
             s.start = s.offset
             s.verified = verified
             s.held_back = 0.0
+            s.detached = False
         if start == blob.size:
             # Every session holds the whole blob (a commit failed, or a crash came just before
             # it): nothing to read, and the registry checks the digest as it commits.
@@ -646,9 +712,20 @@ class ImageCopy:
             return
         # The shared read, then the reads of any sinks that leave it (see _put).
         readers: list[asyncio.Task[None]] = []
-        readers.append(asyncio.create_task(self._read_source(blob, start, list(sinks), verified, readers)))
+        left = asyncio.Event()  # told when a sink leaves the shared read
+        readers.append(asyncio.create_task(self._read_source(blob, start, list(sinks), verified, readers, left)))
+        writers = [asyncio.ensure_future(self._write_target(blob, s)) for s in sinks]
         try:
-            await _gather_all(self._write_target(blob, s) for s in sinks)
+            if shared_done is not None:
+                await self._until_shared_read_over(sinks, writers, left)
+                if all(s.done for s in sinks if not s.detached):
+                    shared_done()
+            await _gather_all(writers)
+        except BaseException:
+            for w in writers:
+                w.cancel()
+            await asyncio.wait([_unwatched(w) for w in writers])
+            raise
         finally:
             for reader in readers:
                 reader.cancel()
@@ -658,8 +735,23 @@ class ImageCopy:
         if verified.done() and not verified.cancelled() and verified.exception() is None and verified.result() is False:
             raise DigestMismatch()
 
+    @staticmethod
+    async def _until_shared_read_over(sinks: list[_Sink], writers: list[asyncio.Future[None]], left: asyncio.Event) -> None:
+        """Until every sink still on the shared read has ended; those that left it go on."""
+        while True:
+            left.clear()
+            waiting = [w for s, w in zip(sinks, writers, strict=True) if not s.detached and not w.done()]
+            if not waiting:
+                return
+            leaving = asyncio.ensure_future(left.wait())
+            try:
+                await asyncio.wait([*waiting, leaving], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                leaving.cancel()
+
     async def _read_source(
-        self, blob: Blob, start: int, sinks: list[_Sink], verified: asyncio.Future[bool], readers: list[asyncio.Task[None]]
+        self, blob: Blob, start: int, sinks: list[_Sink], verified: asyncio.Future[bool], readers: list[asyncio.Task[None]],
+        left: asyncio.Event,
     ) -> None:
         # Only a read from byte 0 can be hashed here; a resumed one is checked by the registry,
         # which refuses to commit bytes that do not hash to the digest.
@@ -685,7 +777,7 @@ class ImageCopy:
                         if hasher:
                             await hasher.update(piece)
                         DOWNLOADED.inc(len(piece))
-                        await self._deliver(blob, piece, pos, sinks, readers, began)
+                        await self._deliver(blob, piece, pos, sinks, readers, began, left)
                         pos += len(piece)
                         if all(s.pipe is None or s.pipe.closed for s in sinks):
                             return
@@ -710,7 +802,8 @@ class ImageCopy:
             await s.pipe.finish(None if ok else DigestMismatch())  # type: ignore[union-attr]
 
     async def _deliver(
-        self, blob: Blob, piece: bytes, pos: int, sinks: list[_Sink], readers: list[asyncio.Task[None]], began: float
+        self, blob: Blob, piece: bytes, pos: int, sinks: list[_Sink], readers: list[asyncio.Task[None]], began: float,
+        left: asyncio.Event,
     ) -> None:
         for s in list(sinks):
             if s.pipe is None or s.pipe.closed:
@@ -719,12 +812,15 @@ class ImageCopy:
                 continue
             cut = max(0, s.start - pos)
             if not await self._put(s, piece[cut:] if cut else piece, sinks, began):
-                # This sink goes on alone from this piece; the shared read no longer waits for it.
+                # This sink goes on alone from this piece; the shared read no longer waits for it,
+                # nor do the later blobs of this copy (they are read for its target on their own).
                 sinks.remove(s)
+                s.detached = s.target.slow = True
+                left.set()
                 s.verified = _verdict()
                 log.info("%s held the read of %s back for %.1f s; it reads the rest, from byte %d, on its own",
                          s.target.client.name, blob.digest[:19], s.held_back, pos + cut)
-                readers.append(asyncio.create_task(self._read_source(blob, pos + cut, [s], s.verified, readers)))
+                readers.append(asyncio.create_task(self._read_source(blob, pos + cut, [s], s.verified, readers, left)))
 
     async def _put(self, s: _Sink, piece: bytes, sinks: list[_Sink], began: float) -> bool:
         """Queue the piece for the sink, waiting while its buffer is full; False when the sink should

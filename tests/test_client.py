@@ -769,6 +769,7 @@ async def test_a_token_server_that_refuses_connections_is_said_so_in_words(sleep
     (asyncio.TimeoutError(), "no byte arrived within the stall timeout (PYDLIT_STALL_TIMEOUT_S)"),
     (aiohttp.ServerDisconnectedError(), "the server closed the connection"),
     (aiohttp.ClientPayloadError("Response payload is not completed"), "the answer broke off"),
+    (aiohttp.ClientOSError(104, "Connection reset by peer"), "the connection failed: Connection reset by peer"),
 ])
 def test_a_failed_connection_is_told_in_words(exc: BaseException, words: str) -> None:
     assert bodies.connection_problem(exc) == words

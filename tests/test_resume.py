@@ -212,6 +212,23 @@ def test_a_retry_after_past_the_budget_fails_a_streamed_blob_at_once(
     assert refused and len(set(refused)) == len(refused), target.requests  # none asked again
 
 
+def test_a_streamed_blob_retries_within_one_budget_not_one_per_attempt(registries, proxy_factory, service_factory, repo_name):
+    # A streamed upload is retried in rounds (a new session, a new read), each as long as its
+    # upload takes: a registry that never answers makes each one a stall timeout. The rounds
+    # share the step's budget instead of each taking up to all of it.
+    push_image(registries.source, repo_name, "v1", layer_sizes=(2 * MiB,), seed=4213)
+    target = proxy_factory(registries.target_a)
+    target.rate_limit(2 * MiB, download=False)
+    target.cut_upload_after(MiB, times=10_000)  # half a second a round, then the connection drops
+    service = service_factory(env=service_env(PYDLIT_RETRY_MAX_TOTAL="1", PYDLIT_RETRY_MAX_DELAY="0.1", PYDLIT_RETRY_ATTEMPTS="20"))
+
+    status = service.wait(service.submit(job_body(registries.source, repo_name, "v1", [target])), timeout=60)
+
+    assert job_state(status) == "FAILED" and "the connection failed" in status["targets"][0]["error"], status
+    rounds = [line for line in service.log_text().splitlines() if "failed (" in line and "retrying" in line and "attempt" in line]
+    assert len(rounds) <= 3, rounds  # 19, before: as many as the attempts allowed
+
+
 @pytest.mark.parametrize(
     ("where", "layers", "seed"),
     [

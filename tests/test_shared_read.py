@@ -1,19 +1,20 @@
 """When a target leaves the shared read of a blob: one that holds the others to its pace, however
-smoothly it takes its pieces, goes on with a read of its own; targets close in speed stay on one
-read.
+smoothly it takes its pieces, goes on with a read of its own, and so does it for the later blobs,
+while the others go on to theirs; targets close in speed stay on one read.
 
 Stand-in clients: a real registry's pace on this machine moves with everything else running, and
 these tests need two paces that stay what they were set to."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
 
 import pytest
 
 from pydlit.registry.client import RetryPolicy
-from pydlit.registry.manifests import Blob
+from pydlit.registry.manifests import OCI_MANIFEST, Blob, Manifest, Tree, sha256_digest
 from pydlit.transfer import ImageCopy, MemoryEvents, Source, Target, Tuning
 
 pytestmark = pytest.mark.asyncio
@@ -21,6 +22,9 @@ pytestmark = pytest.mark.asyncio
 KiB = 1024
 DATA = bytes(range(256)) * (2 * KiB)  # 512 KiB: 64 pieces of 8 KiB
 BLOB = Blob("sha256:" + hashlib.sha256(DATA).hexdigest(), len(DATA))
+# Three more blobs of that size, each its own bytes.
+MORE = {Blob("sha256:" + hashlib.sha256(d).hexdigest(), len(d)): d for d in (bytes([n]) + DATA[1:] for n in (1, 2, 3))}
+ALL_DATA = {BLOB.digest: DATA, **{b.digest: d for b, d in MORE.items()}}
 # Small pieces and buffers, so that paces of tens of milliseconds a piece make a read of seconds.
 TUNING = Tuning(chunk_size=1024 * KiB, piece_size=8 * KiB, whole_blob_max=16 * KiB, buffer_size=32 * KiB, detach_after_s=0.3)
 
@@ -48,10 +52,12 @@ class StandInSource:
 
     def __init__(self) -> None:
         self.reads_from: list[int] = []
+        self.reads_of: list[str] = []
 
     async def open_blob(self, repo: str, digest: str, offset: int = 0, size: int | None = None) -> tuple[_Answer, int]:
         self.reads_from.append(offset)
-        return _Answer(DATA[offset:]), offset
+        self.reads_of.append(digest)
+        return _Answer(ALL_DATA[digest][offset:]), offset
 
 
 class PacedTarget:
@@ -60,8 +66,9 @@ class PacedTarget:
     def __init__(self, name: str, pace: float) -> None:
         self.name = self.key = name
         self.pace = pace
-        self.received: bytes | None = None
-        self.done_at = 0.0
+        self.received: dict[str, bytes] = {}
+        self.done_at: dict[str, float] = {}
+        self.tagged_at = 0.0
 
     async def head_blob(self, repo: str, digest: str) -> bool:
         return False
@@ -78,8 +85,11 @@ class PacedTarget:
             if self.pace:
                 await asyncio.sleep(self.pace)
             got += piece
-        self.received = bytes(got)
-        self.done_at = asyncio.get_running_loop().time()
+        self.received[digest] = bytes(got)
+        self.done_at[digest] = asyncio.get_running_loop().time()
+
+    async def put_manifest(self, repo: str, ref: str, manifest: Manifest) -> None:
+        self.tagged_at = asyncio.get_running_loop().time()
 
 
 async def _copy(*targets: PacedTarget) -> tuple[StandInSource, float]:
@@ -93,7 +103,7 @@ async def _copy(*targets: PacedTarget) -> tuple[StandInSource, float]:
         copy._complete[t.idx] = asyncio.Event()
     began = asyncio.get_running_loop().time()
     await asyncio.wait_for(copy._copy_blob(BLOB, copy.targets), 30)
-    assert all(t.received == DATA for t in targets)
+    assert all(t.received == {BLOB.digest: DATA} for t in targets)
     return source, began
 
 
@@ -103,7 +113,8 @@ async def test_a_target_that_takes_its_pieces_smoothly_but_slowly_reads_on_its_o
     source, began = await _copy(fast, slow)
 
     assert len(source.reads_from) == 2 and source.reads_from[0] == 0, source.reads_from
-    assert fast.done_at - began < (slow.done_at - began) / 2, (fast.done_at - began, slow.done_at - began)
+    fast_took, slow_took = fast.done_at[BLOB.digest] - began, slow.done_at[BLOB.digest] - began
+    assert fast_took < slow_took / 2, (fast_took, slow_took)
 
 
 async def test_targets_close_in_speed_stay_on_one_read() -> None:
@@ -111,3 +122,26 @@ async def test_targets_close_in_speed_stay_on_one_read() -> None:
     source, _ = await _copy(PacedTarget("a", 0.012), PacedTarget("b", 0.03))
 
     assert source.reads_from == [0]
+
+
+async def test_a_target_that_left_a_shared_read_does_not_keep_the_others_from_their_next_blobs() -> None:
+    # One blob at a time: the slow target must not hold that one slot while it uploads on its own.
+    fast, slow = PacedTarget("fast", 0.0), PacedTarget("slow", 0.02)  # ~1.3 s a blob for the slow one
+    source = StandInSource()
+    copy = ImageCopy(
+        Source(source, "r", "v1"), [Target(i, t, "r", "v1") for i, t in enumerate((fast, slow))],  # type: ignore[arg-type]
+        MemoryEvents(), asyncio.Event(), dataclasses.replace(TUNING, parallel_blobs=1),
+    )
+    blobs = [BLOB, *MORE]
+    copy.tree = Tree(Manifest(OCI_MANIFEST, b"{}", sha256_digest(b"{}"), blobs=tuple(blobs)))
+    copy.blobs = blobs
+
+    await asyncio.wait_for(copy._copy_to(copy.targets), 60)
+
+    assert fast.received == slow.received == {b.digest: ALL_DATA[b.digest] for b in blobs}
+    # The fast target had every blob, and its tag, before the slow one had its first blob.
+    assert fast.tagged_at < min(slow.done_at.values()), (fast.tagged_at, slow.done_at)
+    assert slow.tagged_at >= max(slow.done_at.values())
+    # The first blob: the shared read and the slow target's own; each later one: the fast
+    # target's read and the slow one's.
+    assert sorted(source.reads_of) == sorted(b.digest for b in blobs for _ in range(2)), source.reads_of

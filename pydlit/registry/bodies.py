@@ -30,6 +30,8 @@ def connection_problem(exc: BaseException) -> str:
         return "the server closed the connection"
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "the answer broke off"
+    if isinstance(exc, OSError):  # aiohttp's ClientOSError: a reset, a broken pipe
+        return f"the connection failed: {exc.strerror or exc}"
     return type(exc).__name__
 
 
