@@ -11,7 +11,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
@@ -137,7 +137,7 @@ class Source:
     ref: str
 
 
-@dataclass
+@dataclass(eq=False)  # one per target of a job: compared and hashed as itself
 class Target:
     idx: int
     client: RegistryClient
@@ -445,19 +445,50 @@ class ImageCopy:
         self, blob: Blob, targets: list[Target], shared_done: Callable[[], None] | None = None, alone: bool = False,
     ) -> None:
         """`shared_done` is called once the blob's shared read is over, while targets that left
-        it may still be uploading; `alone`: the read is for one slow target."""
-        present = await asyncio.gather(*(self._already_there(t, blob) for t in targets))
-        need = [t for t, there in zip(targets, present, strict=True) if not there and not t.failed]
+        it may still be uploading; `alone`: the read is for one slow target. A target that does
+        not answer in time (a hung registry) gets the blob later, on its own."""
+        checks = {t: asyncio.ensure_future(self._already_there(t, blob)) for t in targets}
+        prompt = await self._in_time(checks, blob)
+        late = [t for t in targets if t not in prompt]
+        try:
+            need = [t for t in prompt if not checks[t].result() and not t.failed]
+            late += await self._send_once_per_registry(blob, need, shared_done, alone)
+        finally:
+            if shared_done is not None:
+                shared_done()
+        await _gather_all(self._on_its_own(t, blob) for t in late)
+
+    async def _in_time(self, steps: dict[Target, asyncio.Future[Any]], blob: Blob) -> list[Target]:
+        """The targets whose step for this blob ended within preflight_wait_s, every one when it is
+        one target's alone. The others' steps are given up: slow, they get this blob and their
+        later ones from reads of their own, instead of keeping the others from theirs."""
+        if len(steps) > 1:
+            await asyncio.wait(steps.values(), timeout=self.tuning.preflight_wait_s)
+        else:
+            await asyncio.wait(steps.values())
+        late = [t for t, step in steps.items() if not step.done()]
+        for t in late:
+            steps[t].cancel()
+            t.slow = True
+            log.info("%s did not answer within %g s: it gets %s, and its later blobs, on its own",
+                     t.client.name, self.tuning.preflight_wait_s, blob.digest[:19])
+        if late:
+            await asyncio.wait([_unwatched(steps[t]) for t in late])
+        return [t for t in steps if t not in late]
+
+    async def _send_once_per_registry(
+        self, blob: Blob, need: list[Target], shared_done: Callable[[], None] | None, alone: bool,
+    ) -> list[Target]:
+        """Send the blob to the targets that need it; the targets too late to send to now."""
         # A registry takes the bytes once: its other targets wait for them, then link them (a
         # mount, or nothing in the same repository) instead of uploading them again.
         first, later = self._one_per_registry(blob, need)
         if not later:
-            await self._send(blob, first, shared_done, alone)
-            return
+            return await self._send(blob, first, shared_done, alone)
 
-        async def send_first() -> None:
+        async def send_first() -> list[Target]:
             try:
-                await self._send(blob, first, shared_done, alone)
+                return await self._send(blob, first, shared_done, alone)
             finally:
                 async with self._settled:
                     self._settled.notify_all()
@@ -467,7 +498,8 @@ class ImageCopy:
             linked = await asyncio.gather(*(self._link_from(t, blob, first, sending) for t in later))
         finally:
             await _gather_all([sending])
-        await self._send(blob, [t for t, ok in zip(later, linked, strict=True) if not ok and not t.failed], alone=alone)
+        unlinked = [t for t, ok in zip(later, linked, strict=True) if not ok and not t.failed]
+        return [*sending.result(), *await self._send(blob, unlinked, alone=alone)]
 
     def _one_per_registry(self, blob: Blob, need: list[Target]) -> tuple[list[Target], list[Target]]:
         """The targets that get the blob's bytes, and those that wait to link it from one of them."""
@@ -500,16 +532,15 @@ class ImageCopy:
 
     async def _send(
         self, blob: Blob, need: list[Target], shared_done: Callable[[], None] | None = None, alone: bool = False,
-    ) -> None:
+    ) -> list[Target]:
+        """Copy the blob to the targets; those too late to open an upload session are returned."""
         if not need:
-            return
+            return []
         if blob.size <= min(self.tuning.whole_blob_max, self.tuning.chunk_size):
-            await self._copy_whole(blob, need)
-            return
+            return await self._copy_whole(blob, need)
         if alone:
             # Outside the service's streams: paced by one slow target, through a small buffer.
-            await self._copy_streamed(blob, need, buffer_size=min(self.tuning.buffer_size, 2 * self.tuning.piece_size))
-            return
+            return await self._copy_streamed(blob, need, buffer_size=min(self.tuning.buffer_size, 2 * self.tuning.piece_size))
         async with _Slot(self.streams) as stream:
 
             def over() -> None:
@@ -517,17 +548,24 @@ class ImageCopy:
                 if shared_done is not None:
                     shared_done()
 
-            await self._copy_streamed(blob, need, over)
+            return await self._copy_streamed(blob, need, over)
 
     async def _copy_streamed(
         self, blob: Blob, need: list[Target], shared_done: Callable[[], None] | None = None, buffer_size: int | None = None,
-    ) -> None:
+    ) -> list[Target]:
         sinks = [_Sink(t) for t in need]
         policy = self.source.client.policy
         mismatches = 0
         started = asyncio.get_running_loop().time()
+        late: list[Target] = []
         for attempt in range(1, policy.attempts + 1):
-            await asyncio.gather(*(self._open_session(s, blob) for s in sinks))
+            opening = {s.target: asyncio.ensure_future(self._open_session(s, blob)) for s in sinks}
+            if attempt == 1:
+                prompt = await self._in_time(opening, blob)
+                late = [s.target for s in sinks if s.target not in prompt]
+                sinks = [s for s in sinks if s.target in prompt]
+            else:
+                await asyncio.gather(*opening.values())
             live = [s for s in sinks if s.error is None]
             try:
                 if live:
@@ -539,7 +577,7 @@ class ImageCopy:
                     for s in sinks:
                         if not s.done:
                             await self._fail(s.target, err)
-                    return
+                    return late
             retry = []
             for s in sinks:
                 if s.done or s.target.failed:
@@ -549,7 +587,7 @@ class ImageCopy:
                 else:
                     await self._fail(s.target, s.error)
             if not retry:
-                return
+                return late
             sinks = retry
             self._check_stop()
             if attempt == policy.attempts:
@@ -568,7 +606,7 @@ class ImageCopy:
                     waiting.append(s)
             sinks = waiting
             if not sinks:
-                return
+                return late
             waits = [s.error.retry_after for s in sinks if isinstance(s.error, RegistryError) and s.error.retry_after is not None]
             for s in sinks:
                 log.info("blob %s to %s: attempt %d failed (%s), retrying", blob.digest[:19], s.target.client.name, attempt, s.error)
@@ -577,6 +615,7 @@ class ImageCopy:
         # Out of attempts: only the sinks of the last round are still unfinished.
         for s in sinks:
             await self._fail(s.target, s.error or RegistryError(s.target.client.name, "upload", "gave up"))
+        return late
 
     def _read_twice_wrong(self, blob: Blob) -> SourceError:
         return SourceError(
@@ -584,7 +623,7 @@ class ImageCopy:
             "nothing was committed"
         )
 
-    async def _copy_whole(self, blob: Blob, targets: list[Target]) -> None:
+    async def _copy_whole(self, blob: Blob, targets: list[Target]) -> list[Target]:
         # Each target's upload session opens while the source is read: a round trip less per blob.
         sessions = {t.idx: _unwatched(asyncio.create_task(t.client.start_upload(t.repo))) for t in targets}
         try:
@@ -593,7 +632,7 @@ class ImageCopy:
             await _give_back(targets, sessions)
             for t in targets:
                 await self._fail(t, err)
-            return
+            return []
         except BaseException:
             # Cancelled (a user's DELETE, a shutdown): the sessions are given back all the same,
             # for a moment at most and whatever that meets (a session closed at shutdown, say):
@@ -613,7 +652,9 @@ class ImageCopy:
             UPLOADED.inc(blob.size)
             await self._blob_done(t, blob)
 
-        await asyncio.gather(*(put(t) for t in targets))
+        prompt = await self._in_time({t: sessions[t.idx] for t in targets}, blob)
+        await asyncio.gather(*(put(t) for t in prompt))
+        return [t for t in targets if t not in prompt]
 
     async def _read_whole(self, blob: Blob) -> bytes:
         """A blob small enough to hold, read and checked against its digest (twice at most)."""

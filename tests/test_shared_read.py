@@ -24,7 +24,9 @@ DATA = bytes(range(256)) * (2 * KiB)  # 512 KiB: 64 pieces of 8 KiB
 BLOB = Blob("sha256:" + hashlib.sha256(DATA).hexdigest(), len(DATA))
 # Three more blobs of that size, each its own bytes.
 MORE = {Blob("sha256:" + hashlib.sha256(d).hexdigest(), len(d)): d for d in (bytes([n]) + DATA[1:] for n in (1, 2, 3))}
-ALL_DATA = {BLOB.digest: DATA, **{b.digest: d for b, d in MORE.items()}}
+# Four blobs small enough to be read whole (TUNING.whole_blob_max).
+SMALL = {Blob("sha256:" + hashlib.sha256(d).hexdigest(), len(d)): d for d in (bytes([n]) * 12 * KiB for n in range(4))}
+ALL_DATA = {BLOB.digest: DATA, **{b.digest: d for b, d in (*MORE.items(), *SMALL.items())}}
 # Small pieces and buffers, so that paces of tens of milliseconds a piece make a read of seconds.
 TUNING = Tuning(chunk_size=1024 * KiB, piece_size=8 * KiB, whole_blob_max=16 * KiB, buffer_size=32 * KiB, detach_after_s=0.3)
 
@@ -59,6 +61,10 @@ class StandInSource:
         self.reads_of.append(digest)
         return _Answer(ALL_DATA[digest][offset:]), offset
 
+    async def read_blob(self, repo: str, digest: str, size: int) -> bytes:
+        self.reads_of.append(digest)
+        return ALL_DATA[digest][:size]
+
 
 class PacedTarget:
     """Takes one piece every `pace` seconds, evenly: never a long wait, one after another."""
@@ -86,6 +92,10 @@ class PacedTarget:
                 await asyncio.sleep(self.pace)
             got += piece
         self.received[digest] = bytes(got)
+        self.done_at[digest] = asyncio.get_running_loop().time()
+
+    async def upload_blob(self, repo: str, digest: str, data: bytes, location: str | None = None) -> None:
+        self.received[digest] = data
         self.done_at[digest] = asyncio.get_running_loop().time()
 
     async def put_manifest(self, repo: str, ref: str, manifest: Manifest) -> None:
@@ -145,3 +155,52 @@ async def test_a_target_that_left_a_shared_read_does_not_keep_the_others_from_th
     # The first blob: the shared read and the slow target's own; each later one: the fast
     # target's read and the slow one's.
     assert sorted(source.reads_of) == sorted(b.digest for b in blobs for _ in range(2)), source.reads_of
+
+
+class HangingTarget(PacedTarget):
+    """Answers nothing at one step until `wake` is set: a registry that accepts connections and
+    then hangs, until it comes back."""
+
+    def __init__(self, name: str, step: str) -> None:
+        super().__init__(name, 0.0)
+        self.step = step
+        self.wake = asyncio.Event()
+
+    async def head_blob(self, repo: str, digest: str) -> bool:
+        if self.step == "head_blob":
+            await self.wake.wait()
+        return False
+
+    async def start_upload(self, repo: str) -> str:
+        if self.step == "start_upload":
+            await self.wake.wait()
+        return f"/{self.name}/upload"
+
+
+@pytest.mark.parametrize("step", ["head_blob", "start_upload"])
+@pytest.mark.parametrize("blobs", [[BLOB, *MORE], list(SMALL)], ids=["streamed", "read-whole"])
+async def test_a_target_that_stops_answering_does_not_keep_the_others_from_their_blobs(step: str, blobs: list[Blob]) -> None:
+    fast, hung = PacedTarget("fast", 0.0), HangingTarget("hung", step)
+    source = StandInSource()
+    copy = ImageCopy(
+        Source(source, "r", "v1"), [Target(i, t, "r", "v1") for i, t in enumerate((fast, hung))],  # type: ignore[arg-type]
+        MemoryEvents(), asyncio.Event(), dataclasses.replace(TUNING, parallel_blobs=1, preflight_wait_s=0.2),
+    )
+    copy.tree = Tree(Manifest(OCI_MANIFEST, b"{}", sha256_digest(b"{}"), blobs=tuple(blobs)))
+    copy.blobs = blobs
+
+    async def wake_when_fast_is_tagged() -> float:
+        while not fast.tagged_at:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        hung.wake.set()
+        return asyncio.get_running_loop().time()
+
+    waking = asyncio.ensure_future(wake_when_fast_is_tagged())
+    await asyncio.wait_for(copy._copy_to(copy.targets), 30)
+    woke = await waking
+
+    expected = {b.digest: ALL_DATA[b.digest] for b in blobs}
+    assert fast.received == hung.received == expected
+    # The fast target had every blob and its tag while the other still answered nothing.
+    assert fast.tagged_at < woke < hung.tagged_at
