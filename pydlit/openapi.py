@@ -72,7 +72,7 @@ def _own_schemas() -> dict[str, Any]:
         },
         "TargetStatus": {
             "type": "object",
-            "required": ["endpoint", "image", "ref", "state", "error", "bytes_done", "bytes_total"],
+            "required": ["endpoint", "image", "ref", "state", "error", "retrying", "bytes_done", "bytes_total"],
             "properties": {
                 "endpoint": {"type": "string", "description": "Exactly as posted."},
                 "image": {"type": "string"},
@@ -81,6 +81,13 @@ def _own_schemas() -> dict[str, Any]:
                 "error": {
                     **_NULLABLE_TEXT,
                     "description": "Names the registry, the step, the HTTP status and the registry's error code.",
+                },
+                "retrying": {
+                    **_NULLABLE_TEXT,
+                    "description": (
+                        "While the target runs: when and what it is waiting out (a transient failure being"
+                        " retried); null once bytes move again, and when it ends."
+                    ),
                 },
                 "bytes_done": _COUNT,
                 "bytes_total": {

@@ -284,8 +284,19 @@ class Store:
         done, total = progress or (None, None)
         await self._fenced(
             "UPDATE job_targets SET state = ?, error = ?, bytes_done = coalesce(?, bytes_done), "
-            f"bytes_total = coalesce(?, bytes_total), updated_at = ? WHERE job_id = ? AND idx = ? AND {self._LEASED}",
-            (state, error, done, total, self._now(), job_id, idx, job_id, owner),
+            "bytes_total = coalesce(?, bytes_total), updated_at = ?, "
+            "retrying = CASE WHEN ? IN ('PENDING', 'RUNNING') THEN retrying END "
+            f"WHERE job_id = ? AND idx = ? AND {self._LEASED}",
+            (state, error, done, total, self._now(), state, job_id, idx, job_id, owner),
+        )
+
+    async def retrying(self, job_id: str, owner: str, notes: dict[int, str | None]) -> None:
+        """What running targets wait out now (None: nothing any more)."""
+        await self._write(
+            "UPDATE job_targets SET retrying = ? WHERE job_id = ? AND idx = ? AND state IN ('PENDING', 'RUNNING') "
+            f"AND {self._LEASED}",
+            [(note, job_id, idx, job_id, owner) for idx, note in notes.items()],
+            many=True,
         )
 
     async def progress(self, job_id: str, owner: str, counts: dict[int, tuple[int, int | None]]) -> None:
@@ -497,6 +508,7 @@ def _view(job: sqlite3.Row, targets: list[sqlite3.Row]) -> dict[str, Any]:
                 "ref": t["ref"],
                 "state": t["state"],
                 "error": t["error"],
+                "retrying": t["retrying"],
                 "bytes_done": t["bytes_done"],
                 "bytes_total": t["bytes_total"],
             }

@@ -84,6 +84,8 @@ class Events(Protocol):
 
     async def remember_blob(self, registry: str, repo: str, digest: str) -> None: ...
 
+    def retrying(self, idx: int, error: str) -> None: ...
+
 
 class MemoryEvents:
     """Events kept in dicts for the copy's length: what `pydlit copy` uses as is, and what the
@@ -96,6 +98,7 @@ class MemoryEvents:
         self.blobs: dict[int, dict[str, int]] = {}
         self.uploads: dict[tuple[int, str], tuple[str, int]] = uploads if uploads is not None else {}
         self.mounts: dict[tuple[str, str], list[str]] = {}  # (registry, digest) -> repositories
+        self.retries: dict[int, str] = {}  # the last failure each target's copy is retrying
 
     def done(self, idx: int) -> int:
         """Bytes a target holds so far."""
@@ -128,6 +131,9 @@ class MemoryEvents:
         repos = self.mounts.setdefault((registry, digest), [])
         if repo not in repos:
             repos.append(repo)
+
+    def retrying(self, idx: int, error: str) -> None:
+        self.retries[idx] = error
 
 
 @dataclass
@@ -610,6 +616,7 @@ class ImageCopy:
             waits = [s.error.retry_after for s in sinks if isinstance(s.error, RegistryError) and s.error.retry_after is not None]
             for s in sinks:
                 log.info("blob %s to %s: attempt %d failed (%s), retrying", blob.digest[:19], s.target.client.name, attempt, s.error)
+                self.events.retrying(s.target.idx, str(s.error))
                 s.error = None
             await asyncio.sleep(policy.delay(attempt, max(waits) if waits else None, elapsed))
         # Out of attempts: only the sinks of the last round are still unfinished.
@@ -828,7 +835,7 @@ class ImageCopy:
                 raise RegistryError(src.client.name, f"read blob {blob.digest[:19]}", f"the stream ended at byte {pos} of {blob.size}", transient=True)
 
         try:
-            await retrying(src.client.policy, stream)
+            await retrying(src.client.policy, stream, src.client.on_retry)
         except Exception as exc:
             err = SourceError(str(exc)) if isinstance(exc, RegistryError) else exc
             verified.set_exception(err)

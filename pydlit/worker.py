@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import ssl
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
@@ -19,7 +21,7 @@ from .logs import job_context
 from .registry.auth import ChallengeCache, TokenCache
 from .registry.client import KnownRepositories, RegistryClient
 from .settings import Settings
-from .store import ClaimedJob, LeaseLost, Store, asks_credentials
+from .store import ClaimedJob, LeaseLost, Store, asks_credentials, iso, utcnow
 from .transfer import ImageCopy, MemoryEvents, Source, SourceError, Stopped, Target
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,9 @@ class JobEvents(MemoryEvents):
         self.owner = owner
         self._dirty: set[int] = set()  # targets whose byte counts the store has not seen
         self._sightings: list[tuple[str, str, str]] = []
+        # What each target waits out now, if anything: shown with its status until it moves on.
+        self._notes: dict[int, str | None] = {}
+        self._unsaid: set[int] = set()  # notes the store has not seen
 
     async def target_state(self, idx: int, state: str, error: str | None = None) -> None:
         await super().target_state(idx, state, error)
@@ -71,6 +76,14 @@ class JobEvents(MemoryEvents):
     def blob_progress(self, idx: int, digest: str, done: int) -> None:
         super().blob_progress(idx, digest, done)
         self._dirty.add(idx)
+        if self._notes.get(idx):
+            self._notes[idx] = None  # bytes move again: whatever it waited out is over
+            self._unsaid.add(idx)
+
+    def retrying(self, idx: int, error: str) -> None:
+        super().retrying(idx, error)
+        self._notes[idx] = f"{iso(utcnow())}: {error}"
+        self._unsaid.add(idx)
 
     async def save_upload(self, idx: int, digest: str, location: str, offset: int) -> None:
         await self.store.save_upload(self.job_id, self.owner, idx, digest, location, offset)
@@ -96,6 +109,15 @@ class JobEvents(MemoryEvents):
         if self._sightings:
             sightings, self._sightings = self._sightings, []
             await self.store.remember_blobs(sightings)
+        if self._unsaid:
+            notes = {idx: self._notes[idx] for idx in self._unsaid}
+            self._unsaid = set()
+            await self.store.retrying(self.job_id, self.owner, notes)
+
+
+def _note_retry(events: JobEvents, targets: Iterable[int], where: str, exc: Exception) -> None:
+    for idx in targets:
+        events.retrying(idx, f"{where}{exc}")
 
 
 class Worker:
@@ -338,11 +360,14 @@ class Worker:
             return given
 
         source_client = client(src, auth_for(secrets.get("source"), src["endpoint"]))
+        # What the source's reads wait out, every target waits out.
+        source_client.on_retry = functools.partial(_note_retry, events, range(len(req["targets"])), "the source: ")
         source = Source(source_client, source_client.repository(src["image"]), src["ref"])
         target_auth = secrets.get("targets") or []
         targets = []
         for idx, t in enumerate(req["targets"]):
             c = client(t, auth_for(target_auth[idx] if idx < len(target_auth) else None, t["endpoint"]), push=True)
+            c.on_retry = functools.partial(_note_retry, events, [idx], "")
             targets.append(Target(idx, c, c.repository(t.get("image") or src["image"]), t.get("ref") or src["ref"], t.get("overwrite", False)))
         return ImageCopy(
             source, targets, events, self._stop, self.settings.tuning, first_attempt=job.attempt == 1, streams=self.streams,

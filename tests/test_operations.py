@@ -692,7 +692,8 @@ def test_a_second_process_as_the_same_node_is_refused_and_takes_no_job(service_f
     with socket.create_server(("127.0.0.1", 0)) as silent:  # takes connections, never answers
         endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}/v2"
         first = service_factory(env={"PYDLIT_NODE": "one-node"})
-        job = first.submit({"source": {"endpoint": endpoint, "image": "team/app", "ref": "v1"}, "targets": [{"endpoint": endpoint}]})
+        job = first.submit({"source": {"endpoint": endpoint, "image": "team/app", "ref": "v1"},
+                            "targets": [{"endpoint": endpoint, "image": "mirror/app"}]})
         wait_for(lambda: _job_row(first.db_path, job)[0] == "RUNNING")
         running = _job_row(first.db_path, job)
         second = service_factory(env={"PYDLIT_NODE": "one-node"}, db_path=first.db_path, start=False)
@@ -709,7 +710,7 @@ def test_a_second_process_as_the_same_node_is_refused_and_takes_no_job(service_f
 def test_a_port_in_use_stops_the_start_before_any_job_is_touched(service_factory):
     first = service_factory(env={"PYDLIT_NODE": "first", "PYDLIT_CONCURRENCY": "0"})
     job = first.submit({"source": {"endpoint": "http://127.0.0.1:9/v2", "image": "team/app", "ref": "v1"},
-                        "targets": [{"endpoint": "http://127.0.0.1:9/v2"}]})
+                        "targets": [{"endpoint": "http://127.0.0.1:9/v2", "image": "mirror/app"}]})
     queued = _job_row(first.db_path, job)
     second = service_factory(env={"PYDLIT_NODE": "second"}, db_path=first.db_path, start=False)
     second.port = first.port

@@ -212,6 +212,26 @@ def test_a_retry_after_past_the_budget_fails_a_streamed_blob_at_once(
     assert refused and len(set(refused)) == len(refused), target.requests  # none asked again
 
 
+def test_what_a_target_waits_out_shows_in_its_status_until_it_ends(registries, proxy_factory, service_factory, repo_name):
+    push_image(registries.source, repo_name, "v1", layer_sizes=(2048,), seed=4214)
+    target = proxy_factory(registries.target_a)
+    target.fail_next(3, 503, kinds="manifest_put", retry_after=1)
+    service = service_factory(env=service_env())
+
+    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+    seen = None
+    for _ in range(300):
+        status = service.status(job)
+        seen = status["targets"][0]["retrying"]
+        if seen or job_state(status) in ("FINISHED", "FAILED"):
+            break
+        time.sleep(0.05)
+
+    assert seen and f"push manifest {repo_name}:v1 failed: HTTP 503" in seen, status
+    final = service.wait(job, timeout=30)
+    assert job_state(final) == "FINISHED" and final["targets"][0]["retrying"] is None, final
+
+
 def test_a_streamed_blob_retries_within_one_budget_not_one_per_attempt(registries, proxy_factory, service_factory, repo_name):
     # A streamed upload is retried in rounds (a new session, a new read), each as long as its
     # upload takes: a registry that never answers makes each one a stall timeout. The rounds

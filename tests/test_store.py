@@ -378,9 +378,12 @@ async def test_job_view_shape_and_no_secret(store: Store) -> None:
     job_id = await enqueue(store, targets=targets)
     await store.claim("node/a", 30)
     await store.progress(job_id, "node/a", {0: (100, 300), 1: (300, 300), 2: (0, None)})
+    # What a target waits out shows while it runs, and goes when it ends.
+    await store.retrying(job_id, "node/a", {0: "t0: HTTP 503", 1: "t1: HTTP 429", 2: "t2: HTTP 502"})
     await store.target_state(job_id, "node/a", 1, "FINISHED", None)
     await store.target_state(job_id, "node/a", 2, "SKIPPED", "app:v1 already exists")
     await store.target_state(job_id, "node/a", 0, "RUNNING", None)
+    await store.retrying(job_id, "node/a", {1: "too late: ended"})
 
     view = await store.job_view(job_id)
     assert {"id", "value", "created_at", "started_at", "finished_at", "finished_endpoints", "skipped_clusters",
@@ -393,11 +396,11 @@ async def test_job_view_shape_and_no_secret(store: Store) -> None:
     assert view["bytes_done"] == 400 and view["bytes_total"] == 600
     assert view["targets"] == [
         {"endpoint": TARGETS[0]["endpoint"], "image": "app", "ref": "v1", "state": "RUNNING", "error": None,
-         "bytes_done": 100, "bytes_total": 300},
+         "retrying": "t0: HTTP 503", "bytes_done": 100, "bytes_total": 300},
         {"endpoint": TARGETS[1]["endpoint"], "image": "mirror/app", "ref": "stable", "state": "FINISHED", "error": None,
-         "bytes_done": 300, "bytes_total": 300},
+         "retrying": None, "bytes_done": 300, "bytes_total": 300},
         {"endpoint": "http://127.0.0.1:5003", "image": "app", "ref": "v1", "state": "SKIPPED",
-         "error": "app:v1 already exists", "bytes_done": 0, "bytes_total": None},
+         "error": "app:v1 already exists", "retrying": None, "bytes_done": 0, "bytes_total": None},
     ]
     text = json.dumps(view)
     assert "s3cr3t-PASSWORD" not in text and "hdr-SECRET" not in text

@@ -213,6 +213,8 @@ class RegistryClient:
         # Origins trusted with the credentials: the registry's own, and those it names for itself
         # in upload Locations (see _location).
         self._trusted: list[URL] = [self._origin]
+        # Told of each transient failure about to be retried: a job shows what it is waiting out.
+        self.on_retry: Callable[[RegistryError], None] | None = None
 
     @property
     def key(self) -> str:
@@ -441,7 +443,7 @@ class RegistryClient:
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await retrying(self.policy, op)
+            return await retrying(self.policy, op, self.on_retry)
         except RegistryError as exc:
             raise exc.spent() from None
 
