@@ -163,7 +163,7 @@ def _validated(path: str, host: str, auth: Any) -> dict[str, Any]:
     try:
         request = validate_request({
             "source": {"endpoint": _WRAPPER_ENDPOINT, "image": "x", "ref": "x", "auth": auth},
-            "targets": [{"endpoint": _WRAPPER_ENDPOINT}],
+            "targets": [{"endpoint": _WRAPPER_ENDPOINT, "image": "y"}],
         })
     except RequestError as exc:
         # validate_request never echoes a value under auth, so its message is safe to pass on.

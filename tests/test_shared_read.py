@@ -51,6 +51,7 @@ class _Answer:
 class StandInSource:
     name = key = "source.test"
     policy = RetryPolicy()
+    on_retry = None
 
     def __init__(self) -> None:
         self.reads_from: list[int] = []
