@@ -11,6 +11,10 @@
     python bench/probes.py one-registry [--repos 3] [--reps 3] [--rev REV]
         One job copying a 256 MiB image (4 layers) to several repositories of one registry: the
         job's run time and the blob bytes that registry was sent (through a counting proxy).
+    python bench/probes.py slow-target [--targets 4] [--rate-mib 8 | --hang] [--rev REV]
+        One job copying a 256 MiB image (8 layers) to several registries, one of them behind a
+        proxy that takes uploads at the given rate, or (--hang) holds every request unanswered:
+        when each healthy target finished, when the job ended, and how much of the source was read.
 
 Everything runs on 127.0.0.1, with the registries and the service of bench.py.
 """
@@ -24,6 +28,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +38,7 @@ from bench import Registries, Service, body_for, proc_cpu, snapshot_code  # also
 from support.images import push_image
 from support.proxy import FaultProxy
 from support.registry import Registry
+from support.service import job_state
 
 SMALL = 256 * 1024
 
@@ -164,6 +170,45 @@ def one_registry(root: Path, repos: int, reps: int, rev: str | None) -> None:
         regs.sweep()
 
 
+def slow_target(root: Path, targets: int, rate_mib: float, hang: bool, rev: str | None) -> None:
+    Service.code_dir, described = snapshot_code(root, rev)
+    regs = Registries(root)
+    source = regs.new("source")
+    image = push_image(source, "slow/img", "v1", layer_sizes=(32 * 1024 * 1024,) * 8, seed=7000)
+    counted = FaultProxy(source).start()
+    sinks = [regs.new(f"slow-{i}") for i in range(targets)]
+    slow = FaultProxy(sinks[-1]).start()
+    if hang:
+        slow.latency_s = 3600.0  # takes every connection, answers none
+    else:
+        slow.rate_limit(rate_mib * 2**20, download=False)
+    try:
+        with Service(root, {}, "slow-target") as svc:
+            job = svc.proc.submit(body_for(counted, "slow/img", "v1", [(reg, "slow/out") for reg in [*sinks[:-1], slow]]))
+            began, finished, status = time.monotonic(), {}, {}
+            # Until every healthy target is done, and the job too unless its slow target hangs.
+            for _ in range(60_000):
+                status = svc.proc.status(job)
+                for idx, t in enumerate(status["targets"]):
+                    if t["state"] in ("FINISHED", "FAILED") and idx not in finished:
+                        finished[idx] = time.monotonic() - began
+                if job_state(status) in ("FINISHED", "FAILED") or (hang and len(finished) >= targets - 1):
+                    break
+                time.sleep(0.05)
+        healthy = [finished.get(i, float("nan")) for i in range(targets - 1)]
+        print(f"pydlit: {described}")
+        print(f"{image.total_bytes / 2**20:.0f} MiB (8 layers) to {targets} registries, the last "
+              f"{'holding every request unanswered' if hang else f'taking uploads at {rate_mib:g} MiB/s'}: healthy targets "
+              f"finished at {min(healthy):.1f}-{max(healthy):.1f} s; the slow one "
+              f"{'still waiting' if targets - 1 not in finished else f'ended at {finished[targets - 1]:.1f} s'} "
+              f"({status['targets'][-1]['state']}); source read {counted.downloaded_bytes() / image.total_bytes:.2f}x the image")
+    finally:
+        counted.stop()
+        slow.stop()
+        regs.drop([source, *sinks])
+        regs.sweep()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="probe", required=True)
@@ -177,12 +222,19 @@ def main() -> int:
     one.add_argument("--repos", type=int, default=3)
     one.add_argument("--reps", type=int, default=3)
     one.add_argument("--rev", default=None, help="a git revision's pydlit/ instead of the work tree")
+    slow = sub.add_parser("slow-target")
+    slow.add_argument("--targets", type=int, default=4)
+    slow.add_argument("--rate-mib", type=float, default=8.0)
+    slow.add_argument("--hang", action="store_true", help="the slow target answers nothing at all")
+    slow.add_argument("--rev", default=None, help="a git revision's pydlit/ instead of the work tree")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="pydlit-probe-") as tmp:
         if args.probe == "registry-cost":
             registry_cost(Path(tmp), args.calls)
         elif args.probe == "long-link":
             long_link(Path(tmp), args.latency_ms / 1000, args.jobs, args.rev)
+        elif args.probe == "slow-target":
+            slow_target(Path(tmp), args.targets, args.rate_mib, args.hang, args.rev)
         else:
             one_registry(Path(tmp), args.repos, args.reps, args.rev)
     return 0
