@@ -13,8 +13,9 @@
         job's run time and the blob bytes that registry was sent (through a counting proxy).
     python bench/probes.py slow-target [--targets 4] [--rate-mib 8 | --hang] [--rev REV]
         One job copying a 256 MiB image (8 layers) to several registries, one of them behind a
-        proxy that takes uploads at the given rate, or (--hang) holds every request unanswered:
-        when each healthy target finished, when the job ended, and how much of the source was read.
+        proxy that takes uploads at the given rate, or (--hang) that, once that target holds a
+        quarter of the image, holds every new request unanswered: when each healthy target
+        finished, when the job ended, and how much of the source was read.
 
 Everything runs on 127.0.0.1, with the registries and the service of bench.py.
 """
@@ -178,9 +179,7 @@ def slow_target(root: Path, targets: int, rate_mib: float, hang: bool, rev: str 
     counted = FaultProxy(source).start()
     sinks = [regs.new(f"slow-{i}") for i in range(targets)]
     slow = FaultProxy(sinks[-1]).start()
-    if hang:
-        slow.latency_s = 3600.0  # takes every connection, answers none
-    else:
+    if not hang:
         slow.rate_limit(rate_mib * 2**20, download=False)
     try:
         with Service(root, {}, "slow-target") as svc:
@@ -189,19 +188,23 @@ def slow_target(root: Path, targets: int, rate_mib: float, hang: bool, rev: str 
             # Until every healthy target is done, and the job too unless its slow target hangs.
             for _ in range(60_000):
                 status = svc.proc.status(job)
+                if hang and not slow.latency_s and status["targets"][-1]["bytes_done"] * 4 >= image.total_bytes:
+                    slow.latency_s = 3600.0  # from now on it takes connections and answers none
                 for idx, t in enumerate(status["targets"]):
                     if t["state"] in ("FINISHED", "FAILED") and idx not in finished:
                         finished[idx] = time.monotonic() - began
                 if job_state(status) in ("FINISHED", "FAILED") or (hang and len(finished) >= targets - 1):
                     break
                 time.sleep(0.05)
+            left = [line for line in svc.proc.log_text().splitlines() if "on its own" in line]
         healthy = [finished.get(i, float("nan")) for i in range(targets - 1)]
         print(f"pydlit: {described}")
         print(f"{image.total_bytes / 2**20:.0f} MiB (8 layers) to {targets} registries, the last "
-              f"{'holding every request unanswered' if hang else f'taking uploads at {rate_mib:g} MiB/s'}: healthy targets "
+              f"{'answering nothing from a quarter of the way' if hang else f'taking uploads at {rate_mib:g} MiB/s'}: healthy targets "
               f"finished at {min(healthy):.1f}-{max(healthy):.1f} s; the slow one "
               f"{'still waiting' if targets - 1 not in finished else f'ended at {finished[targets - 1]:.1f} s'} "
               f"({status['targets'][-1]['state']}); source read {counted.downloaded_bytes() / image.total_bytes:.2f}x the image")
+        print("\n".join(["the service on targets leaving the shared reads:", *left]))
     finally:
         counted.stop()
         slow.stop()

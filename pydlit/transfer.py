@@ -765,7 +765,7 @@ class ImageCopy:
         writers = [asyncio.ensure_future(self._write_target(blob, s)) for s in sinks]
         try:
             if shared_done is not None:
-                await self._until_shared_read_over(sinks, writers, left)
+                await self._until_shared_read_over(blob, sinks, writers, readers[0], left)
                 if all(s.done for s in sinks if not s.detached):
                     shared_done()
             await _gather_all(writers)
@@ -783,19 +783,36 @@ class ImageCopy:
         if verified.done() and not verified.cancelled() and verified.exception() is None and verified.result() is False:
             raise DigestMismatch()
 
-    @staticmethod
-    async def _until_shared_read_over(sinks: list[_Sink], writers: list[asyncio.Future[None]], left: asyncio.Event) -> None:
-        """Until every sink still on the shared read has ended; those that left it go on."""
+    async def _until_shared_read_over(
+        self, blob: Blob, sinks: list[_Sink], writers: list[asyncio.Future[None]], reader: asyncio.Task[None],
+        left: asyncio.Event,
+    ) -> None:
+        """Until every sink still on the shared read has ended; those that left it go on. So do
+        those still sending their last buffered bytes preflight_wait_s after the read is over and
+        another sink is done: a target that stopped answering with the rest of the blob in its
+        buffer never held the read up, yet must not hold the others either."""
         while True:
             left.clear()
-            waiting = [w for s, w in zip(sinks, writers, strict=True) if not s.detached and not w.done()]
+            attached = [(s, w) for s, w in zip(sinks, writers, strict=True) if not s.detached]
+            waiting = [w for _, w in attached if not w.done()]
             if not waiting:
                 return
+            draining = reader.done() and len(waiting) < len(attached)
             leaving = asyncio.ensure_future(left.wait())
             try:
-                await asyncio.wait([*waiting, leaving], return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    [*waiting, leaving, *([] if reader.done() else [reader])],
+                    timeout=self.tuning.preflight_wait_s if draining else None, return_when=asyncio.FIRST_COMPLETED,
+                )
             finally:
                 leaving.cancel()
+            if not done:
+                for s, w in attached:
+                    if not w.done():
+                        s.detached = s.target.slow = True
+                        log.info("%s still sends the end of %s %g s after the others had it; the later blobs go "
+                                 "without it", s.target.client.name, blob.digest[:19], self.tuning.preflight_wait_s)
+                return
 
     async def _read_source(
         self, blob: Blob, start: int, sinks: list[_Sink], verified: asyncio.Future[bool], readers: list[asyncio.Task[None]],
