@@ -377,8 +377,10 @@ class ImageCopy:
             ))
             return False
         if current == self.tree.top.digest:
+            copied = {b.digest for b in self.blobs}  # a layer left to its URLs is not counted
             for b in self.tree.blobs:
-                self.events.blob_progress(t.idx, b.digest, b.size)
+                if b.digest in copied:
+                    self.events.blob_progress(t.idx, b.digest, b.size)
             if not self._attached_trees():
                 await self.events.target_state(t.idx, "FINISHED")
                 return False
@@ -468,10 +470,15 @@ class ImageCopy:
         """The targets whose step for this blob ended within preflight_wait_s, every one when it is
         one target's alone. The others' steps are given up: slow, they get this blob and their
         later ones from reads of their own, instead of keeping the others from theirs."""
-        if len(steps) > 1:
-            await asyncio.wait(steps.values(), timeout=self.tuning.preflight_wait_s)
-        else:
-            await asyncio.wait(steps.values())
+        try:
+            await asyncio.wait(steps.values(), timeout=self.tuning.preflight_wait_s if len(steps) > 1 else None)
+        except BaseException:
+            # Cancelled (a DELETE, a stop): the steps go too, before a session they open is
+            # recorded where nobody gives it back.
+            for step in steps.values():
+                step.cancel()
+            await asyncio.wait([_unwatched(step) for step in steps.values()])
+            raise
         late = [t for t, step in steps.items() if not step.done()]
         for t in late:
             steps[t].cancel()
@@ -562,7 +569,9 @@ class ImageCopy:
         sinks = [_Sink(t) for t in need]
         policy = self.source.client.policy
         mismatches = 0
-        started = asyncio.get_running_loop().time()
+        # The budget counts the time spent failing, not sending: it starts at the first failed
+        # round, and again after a round that moved bytes (a long upload may fail once, late).
+        failing_since: float | None = None
         late: list[Target] = []
         for attempt in range(1, policy.attempts + 1):
             opening = {s.target: asyncio.ensure_future(self._open_session(s, blob)) for s in sinks}
@@ -570,9 +579,9 @@ class ImageCopy:
                 prompt = await self._in_time(opening, blob)
                 late = [s.target for s in sinks if s.target not in prompt]
                 sinks = [s for s in sinks if s.target in prompt]
-            else:
-                await asyncio.gather(*opening.values())
+            await asyncio.gather(*(opening[s.target] for s in sinks))  # what they raised beyond a RegistryError
             live = [s for s in sinks if s.error is None]
+            held = sum(s.offset for s in live)
             try:
                 if live:
                     await self._fan_out(blob, live, shared_done, buffer_size or self.tuning.buffer_size)
@@ -600,7 +609,10 @@ class ImageCopy:
                 break
             # A registry that said when to come back (429 Retry-After) is obeyed, within the
             # step's time budget; one that asks for longer fails its target now.
-            elapsed = asyncio.get_running_loop().time() - started
+            now = asyncio.get_running_loop().time()
+            if failing_since is None or sum(s.offset for s in live) > held:
+                failing_since = now
+            elapsed = now - failing_since
             if elapsed >= policy.max_total:
                 break  # the blob's budget is spent, whatever its steps' own retries took of it
             waiting = []

@@ -213,6 +213,9 @@ def test_a_layer_naming_urls_is_copied_when_the_source_holds_it(service, registr
     sizes = {name: target.blob_size(repo_name, sha256_digest(b))
              for name, b in (("held", held), ("absent", absent), ("nondistributable", nondistributable))}
     assert sizes == {"held": len(held), "absent": None, "nondistributable": None}
+    # Again, with the tag already there: the progress still counts only what is copied.
+    again = _run(service, job_body(registries.source, repo_name, "v1", [registries.target_a]))
+    _assert_all_finished(again, len(held) + len(config))
 
 
 def test_a_target_refusing_a_foreign_layers_urls_says_what_to_allow(service_factory, registries, registry_factory, repo_name):

@@ -1,6 +1,8 @@
 """When a target leaves the shared read of a blob: one that holds the others to its pace, however
 smoothly it takes its pieces, goes on with a read of its own, and so does it for the later blobs,
-while the others go on to theirs; targets close in speed stay on one read.
+while the others go on to theirs; targets close in speed stay on one read. Then the edges of that
+machinery: a cancel while targets are waited for, a failure that is not a registry's, a long
+upload that fails once, the progress of a layer left to its URLs.
 
 Stand-in clients: a real registry's pace on this machine moves with everything else running, and
 these tests need two paces that stay what they were set to."""
@@ -14,6 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from pydlit.registry.client import RetryPolicy
+from pydlit.registry.errors import RegistryError
 from pydlit.registry.manifests import OCI_MANIFEST, Blob, Manifest, Tree, sha256_digest
 from pydlit.transfer import ImageCopy, MemoryEvents, Source, Target, Tuning
 
@@ -221,3 +224,85 @@ async def test_a_target_that_stops_answering_does_not_keep_the_others_from_their
     assert fast.received == hung.received == expected
     # The fast target had every blob and its tag while the other still answered nothing.
     assert fast.tagged_at < woke < hung.tagged_at
+
+
+# -- edges ------------------------------------------------------------------------------------------
+
+
+def _one_blob_copy(targets: list[PacedTarget], events: MemoryEvents | None = None, source: StandInSource | None = None,
+                   tuning: Tuning = TUNING) -> ImageCopy:
+    copy = ImageCopy(Source(source or StandInSource(), "r", "v1"), [Target(i, t, "r", "v1") for i, t in enumerate(targets)],  # type: ignore[arg-type]
+                     events or MemoryEvents(), asyncio.Event(), tuning)
+    for t in copy.targets:
+        copy._lacking[t.idx] = {BLOB.digest}
+        copy._complete[t.idx] = asyncio.Event()
+    return copy
+
+
+class SlowToOpen(PacedTarget):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, 0.0)
+        self.opened: list[str] = []
+
+    async def start_upload(self, repo: str) -> str:
+        await asyncio.sleep(0.5)
+        self.opened.append(f"/{self.name}/upload")
+        return self.opened[-1]
+
+
+async def test_a_cancel_while_targets_are_waited_for_stops_their_steps() -> None:
+    # Else a session opened after the job ended would be recorded where nobody gives it back.
+    a, b = SlowToOpen("a"), SlowToOpen("b")
+    copy = _one_blob_copy([a, b], tuning=dataclasses.replace(TUNING, preflight_wait_s=5))
+    task = asyncio.create_task(copy._copy_blob(BLOB, copy.targets))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.6)
+    assert a.opened == b.opened == []
+
+
+class LostLease(Exception):
+    pass
+
+
+class LosingEvents(MemoryEvents):
+    async def save_upload(self, idx: int, digest: str, location: str, offset: int) -> None:
+        raise LostLease()  # what the worker's fenced write raises
+
+
+async def test_a_failure_opening_sessions_that_is_not_a_registrys_reaches_the_copy() -> None:
+    a, b = PacedTarget("a", 0.0), PacedTarget("b", 0.0)
+    copy = _one_blob_copy([a, b], LosingEvents())
+    with pytest.raises(LostLease):
+        await asyncio.wait_for(copy._copy_blob(BLOB, copy.targets), 10)
+    assert a.received == b.received == {}
+
+
+class FailsOnceAtTheEnd(PacedTarget):
+    """Takes the blob slowly (about 1.3 s), then answers one 503 at the commit."""
+
+    def __init__(self) -> None:
+        super().__init__("t", 0.02)
+        self.tries = 0
+
+    async def finish_upload(self, location: str, repo: str, digest: str, body: AsyncIterator[bytes], length: int = 0) -> None:
+        self.tries += 1
+        await super().finish_upload(location, repo, digest, body, length)
+        if self.tries == 1:
+            del self.received[digest]
+            raise RegistryError(self.name, "upload", "busy", status=503, transient=True)
+
+
+class OneSecondBudget(StandInSource):
+    policy = RetryPolicy(max_total=1.0, base_delay=0.01)  # stands for 300 s against a longer upload
+
+
+async def test_an_upload_longer_than_the_retry_budget_is_still_retried_once_it_fails() -> None:
+    # The budget counts the time spent failing, not the time the bytes took.
+    t = FailsOnceAtTheEnd()
+    events = MemoryEvents()
+    copy = _one_blob_copy([t], events, OneSecondBudget())
+    await asyncio.wait_for(copy._copy_blob(BLOB, copy.targets), 30)
+    assert t.received == {BLOB.digest: DATA} and t.tries == 2, events.errors
