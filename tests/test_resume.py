@@ -500,12 +500,13 @@ def test_sigkill_mid_transfer_restart_resumes(registries, proxy_factory, service
 def test_after_a_restart_a_blob_sent_in_one_put_is_mounted_rather_than_sent_again(
     registries, proxy_factory, service_factory, repo_name
 ):
-    # Streamed, yet one PUT carries it (its session is kept only to be given back), and larger
-    # than what the kernel's socket buffers take at once, so a SIGKILL does cut it.
-    layer = 14 * MiB + 7
+    # Streamed, yet one PUT carries it (its session is kept only to be given back), and far
+    # larger than what the kernel's socket buffers and the proxy take at once (14 MiB was not,
+    # now and then), so a SIGKILL does cut it.
+    layer = 40 * MiB + 7
     image = push_image(registries.source, repo_name, "v1", layer_sizes=(layer,), seed=4213)
     target = proxy_factory(registries.target_a)
-    service = service_factory(env=service_env(PYDLIT_CHUNK_MIB="16"))
+    service = service_factory(env=service_env(PYDLIT_CHUNK_MIB="64"))
     # The image lands in one repository of the target, which the service remembers.
     finished(service, service.submit(job_body(registries.source, repo_name, "v1", [target])))
     # A second job, to another repository: its two mounts are refused once (as a registry may
