@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                     settings.host, settings.port)
     # Bound before the start, which takes back this node's jobs: a port in use stops it first.
     try:
-        sock = _listen(settings.host, settings.port)
+        sockets = _listen(settings.host, settings.port)
     except OSError as exc:
         raise SystemExit(f"pydlit: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
     app = create_app(settings)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
 
     app.on_startup.append(started)  # after the resources of cleanup_ctx are up
     try:
-        web.run_app(app, sock=sock, shutdown_timeout=5, print=None)
+        web.run_app(app, sock=sockets, shutdown_timeout=5, print=None)
     except sqlite3.Error as exc:
         raise SystemExit(f"pydlit: cannot use the job database {settings.db}: {exc}") from None
     except (NodeBusy, SecretError, CredentialsError, StoreError) as exc:
@@ -126,9 +126,20 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    return socket.create_server((host, port), family=family, backlog=128)
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """A listening socket on every address the host name gives (localhost: ::1 and 127.0.0.1),
+    as aiohttp's own host= would."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    addresses = dict.fromkeys((family, sockaddr[:2]) for family, _, _, _, sockaddr in found)
+    sockets: list[socket.socket] = []
+    try:
+        for family, address in addresses:
+            sockets.append(socket.create_server(address, family=family, backlog=128))
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import pytest
 from aiohttp import web
 from support.images import manifest_digest, push_image
 from support.proxy import FaultProxy
+from support.registry import free_port
 from support.service import job_body
 
 from pydlit.registry.client import RetryPolicy
@@ -705,6 +706,21 @@ def test_a_second_process_as_the_same_node_is_refused_and_takes_no_job(service_f
         # Once the first is gone, so is its lock: a start under its name goes on.
         first.kill()
         second.start()
+
+
+def test_the_service_listens_on_every_address_its_host_name_gives(monkeypatch):
+    # As aiohttp's host= does: `localhost` may give ::1 first, and 127.0.0.1 must still answer.
+    from pydlit import cli
+
+    port = free_port()
+    given = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in ("127.0.0.2", "127.0.0.1", "127.0.0.2")]
+    monkeypatch.setattr(cli.socket, "getaddrinfo", lambda *args, **kwargs: given)
+    sockets = cli._listen("twice.test", port)
+    try:
+        assert sorted(s.getsockname() for s in sockets) == [("127.0.0.1", port), ("127.0.0.2", port)]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def test_a_port_in_use_stops_the_start_before_any_job_is_touched(service_factory):
