@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
-from .registry.client import split_endpoint
+from .registry.client import repository_name, split_endpoint
 from .registry.manifests import DIGEST
 
 MAX_TARGETS = 100
@@ -435,4 +435,5 @@ def _check_destinations(request: dict) -> None:
 
 
 def _destination(location: dict, source: dict) -> tuple[str, str, str]:
-    return split_endpoint(location["endpoint"])[0].lower(), location.get("image") or source["image"], location.get("ref") or source["ref"]
+    base = split_endpoint(location["endpoint"])[0].lower()
+    return base, repository_name(base, location.get("image") or source["image"]), location.get("ref") or source["ref"]

@@ -409,6 +409,10 @@ def test_error_does_not_depend_on_key_order():
     ([{"endpoint": "http://b:5000"}, {"endpoint": "http://b:5000/v2"}], "targets[1]: the same repository and ref as targets[0]"),
     ([{"endpoint": "http://b:5000", "ref": "v2"}, {"endpoint": "http://b:5000", "image": "team/app", "ref": "v2"}],
      "targets[1]: the same repository and ref as targets[0]"),
+    # On Docker Hub a one-part name is under library/.
+    ([{"endpoint": "https://registry-1.docker.io/v2", "image": "hello-world"},
+      {"endpoint": "https://registry-1.docker.io", "image": "library/hello-world"}],
+     "targets[1]: the same repository and ref as targets[0]"),
 ])
 def test_a_target_leading_where_another_or_the_source_is_refused(targets, said):
     body = {"source": {"endpoint": "http://localhost:5000", "image": "team/app", "ref": "v1"}, "targets": targets}
@@ -419,8 +423,10 @@ def test_targets_differing_in_registry_repository_or_ref_are_taken():
     body = {"source": {"endpoint": "http://a:5000", "image": "team/app", "ref": "v1"},
             "targets": [{"endpoint": "http://b:5000"}, {"endpoint": "http://b:5000", "ref": "v2"},
                         {"endpoint": "http://b:5000", "image": "mirror/app"}, {"endpoint": "http://a:5000", "ref": "v2"},
-                        {"endpoint": "http://b:5000/prefix"}]}
-    assert len(validate_request(body)["targets"]) == 5
+                        {"endpoint": "http://b:5000/prefix"},
+                        # library/ is Docker Hub's alone: elsewhere these are two repositories.
+                        {"endpoint": "http://c:5000", "image": "app"}, {"endpoint": "http://c:5000", "image": "library/app"}]}
+    assert len(validate_request(body)["targets"]) == 7
 
 
 def test_a_target_digest_other_than_the_source_digest_is_refused():

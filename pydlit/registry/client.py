@@ -114,6 +114,14 @@ def same_origin(a: URL, b: URL) -> bool:
     return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
+def repository_name(base: str, image: str) -> str:
+    """The repository an image name means at a registry: on Docker Hub a one-part name is an
+    official image under library/."""
+    if (URL(base).host or "") in DOCKER_HUB_HOSTS and "/" not in image:
+        return f"library/{image}"
+    return image
+
+
 def _named(repo: str, ref: str) -> str:
     return f"{repo}@{ref}" if DIGEST.fullmatch(ref) else f"{repo}:{ref}"
 
@@ -222,11 +230,7 @@ class RegistryClient:
         return self.base
 
     def repository(self, image: str) -> str:
-        """On Docker Hub a one-part name means an official image under library/."""
-        host = URL(self.base).host or ""
-        if host in DOCKER_HUB_HOSTS and "/" not in image:
-            return f"library/{image}"
-        return image
+        return repository_name(self.base, image)
 
     def url(self, path: str) -> URL:
         return URL(f"{self.base}/v2/{path}", encoded=False)
