@@ -567,6 +567,38 @@ class ImageCopy:
         self, blob: Blob, need: list[Target], shared_done: Callable[[], None] | None = None, buffer_size: int | None = None,
     ) -> list[Target]:
         sinks = [_Sink(t) for t in need]
+        # The uploads of sinks that left a shared read, which go on beside the retries of the
+        # others and are joined here at the end.
+        handed: list[asyncio.Future[None]] = []
+        try:
+            late = await self._rounds(blob, sinks, shared_done, buffer_size, handed)
+            if not handed:
+                return late
+            if shared_done is not None:
+                shared_done()  # every other sink is settled: the slots go
+            await _gather_all(handed)
+        except Stopped:
+            if handed:  # they stop at their own next chunk boundary
+                await asyncio.wait([_unwatched(f) for f in handed])
+            raise
+        except BaseException:
+            for f in handed:
+                f.cancel()
+            if handed:
+                await asyncio.wait([_unwatched(f) for f in handed])
+            raise
+        for s in sinks:
+            if s.detached and not s.done and not s.target.failed:
+                if s.error is None or _retryable(s.error):
+                    late.append(s.target)  # tried again on its own, as its later blobs are
+                else:
+                    await self._fail(s.target, s.error)
+        return late
+
+    async def _rounds(
+        self, blob: Blob, sinks: list[_Sink], shared_done: Callable[[], None] | None, buffer_size: int | None,
+        handed: list[asyncio.Future[None]],
+    ) -> list[Target]:
         policy = self.source.client.policy
         mismatches = 0
         # The budget counts the time spent failing, not sending: it starts at the first failed
@@ -584,18 +616,18 @@ class ImageCopy:
             held = sum(s.offset for s in live)
             try:
                 if live:
-                    await self._fan_out(blob, live, shared_done, buffer_size or self.tuning.buffer_size)
+                    await self._fan_out(blob, live, shared_done, buffer_size or self.tuning.buffer_size, handed)
             except DigestMismatch:
                 mismatches += 1
                 if mismatches >= 2:
                     err = self._read_twice_wrong(blob)
                     for s in sinks:
-                        if not s.done:
+                        if not s.done and not s.detached:  # one that left reads and checks on its own
                             await self._fail(s.target, err)
                     return late
             retry = []
             for s in sinks:
-                if s.done or s.target.failed:
+                if s.done or s.target.failed or s.detached:
                     continue
                 if s.error is None or _retryable(s.error):
                     retry.append(s)
@@ -754,8 +786,11 @@ class ImageCopy:
 
     async def _fan_out(
         self, blob: Blob, sinks: list[_Sink], shared_done: Callable[[], None] | None, buffer_size: int,
+        handed: list[asyncio.Future[None]],
     ) -> None:
-        """Read the blob once from the lowest offset any sink needs; every sink takes its part."""
+        """Read the blob once from the lowest offset any sink needs; every sink takes its part.
+        The uploads of sinks that left the shared read are handed on (to `handed`) once the
+        others have ended, with the reads of their own."""
         start = min(s.offset for s in sinks)
         verified = _verdict()
         for s in sinks:
@@ -775,16 +810,25 @@ class ImageCopy:
         left = asyncio.Event()  # told when a sink leaves the shared read
         readers.append(asyncio.create_task(self._read_source(blob, start, list(sinks), verified, readers, left)))
         writers = [asyncio.ensure_future(self._write_target(blob, s)) for s in sinks]
+        going_on: list[asyncio.Future[None]] = []
         try:
             if shared_done is not None:
                 await self._until_shared_read_over(blob, sinks, writers, readers[0], left)
                 if all(s.done for s in sinks if not s.detached):
                     shared_done()
-            await _gather_all(writers)
+            try:
+                await _gather_all(w for s, w in zip(sinks, writers, strict=True) if not s.detached)
+            finally:
+                # Also when the others stopped (Stopped): these reach their own chunk boundary.
+                going_on = [w for s, w in zip(sinks, writers, strict=True) if s.detached]
+                if going_on:
+                    handed.append(asyncio.ensure_future(self._finish_alone(going_on, readers[1:])))
+                    del readers[1:]
         except BaseException:
-            for w in writers:
+            staying = [w for w in writers if w not in going_on]
+            for w in staying:
                 w.cancel()
-            await asyncio.wait([_unwatched(w) for w in writers])
+            await asyncio.wait([_unwatched(w) for w in staying])
             raise
         finally:
             for reader in readers:
@@ -794,6 +838,16 @@ class ImageCopy:
             await asyncio.wait([_unwatched(r) for r in readers])
         if verified.done() and not verified.cancelled() and verified.exception() is None and verified.result() is False:
             raise DigestMismatch()
+
+    @staticmethod
+    async def _finish_alone(writers: list[asyncio.Future[None]], readers: list[asyncio.Task[None]]) -> None:
+        try:
+            await _gather_all(writers)
+        finally:
+            for reader in readers:
+                reader.cancel()
+            if readers:
+                await asyncio.wait([_unwatched(r) for r in readers])
 
     async def _until_shared_read_over(
         self, blob: Blob, sinks: list[_Sink], writers: list[asyncio.Future[None]], reader: asyncio.Task[None],

@@ -306,3 +306,42 @@ async def test_an_upload_longer_than_the_retry_budget_is_still_retried_once_it_f
     copy = _one_blob_copy([t], events, OneSecondBudget())
     await asyncio.wait_for(copy._copy_blob(BLOB, copy.targets), 30)
     assert t.received == {BLOB.digest: DATA} and t.tries == 2, events.errors
+
+
+class FailsOnce(PacedTarget):
+    def __init__(self) -> None:
+        super().__init__("fast", 0.0)
+        self.tries = 0
+
+    async def finish_upload(self, location: str, repo: str, digest: str, body: AsyncIterator[bytes], length: int = 0) -> None:
+        self.tries += 1
+        await super().finish_upload(location, repo, digest, body, length)
+        if self.tries == 1:
+            del self.received[digest]
+            raise RegistryError(self.name, "upload", "busy", status=503, transient=True)
+
+
+async def test_a_retry_is_not_held_to_the_pace_of_a_target_that_left_the_shared_read() -> None:
+    # The fast target fails once on the blob that the other, hanging with its last bytes in its
+    # buffer, leaves: its retry, and its later blobs, must not wait for that one.
+    fast, hung = FailsOnce(), HangingTarget("hung", "last_bytes")
+    blobs = [BLOB, *MORE]
+    copy = ImageCopy(Source(StandInSource(), "r", "v1"), [Target(i, t, "r", "v1") for i, t in enumerate((fast, hung))],  # type: ignore[arg-type]
+                     MemoryEvents(), asyncio.Event(), dataclasses.replace(TUNING, parallel_blobs=1, preflight_wait_s=0.2))
+    copy.tree = Tree(Manifest(OCI_MANIFEST, b"{}", sha256_digest(b"{}"), blobs=tuple(blobs)))
+    copy.blobs = blobs
+    loop = asyncio.get_running_loop()
+
+    async def wake_after_fast_or_6_s() -> float:
+        began = loop.time()
+        while not fast.tagged_at and loop.time() - began < 6:
+            await asyncio.sleep(0.05)
+        hung.wake.set()
+        return loop.time()
+
+    waking = asyncio.ensure_future(wake_after_fast_or_6_s())
+    await asyncio.wait_for(copy._copy_to(copy.targets), 30)
+    woke = await waking
+
+    assert fast.received == hung.received == {b.digest: ALL_DATA[b.digest] for b in blobs}
+    assert fast.tries == 5 and fast.tagged_at < woke, (fast.tries, fast.tagged_at - woke)
