@@ -281,10 +281,10 @@ async def test_a_failure_opening_sessions_that_is_not_a_registrys_reaches_the_co
 
 
 class FailsOnceAtTheEnd(PacedTarget):
-    """Takes the blob slowly (about 1.3 s), then answers one 503 at the commit."""
+    """Takes the blob at its pace, then answers one 503 at the commit of its first try."""
 
-    def __init__(self) -> None:
-        super().__init__("t", 0.02)
+    def __init__(self, name: str, pace: float) -> None:
+        super().__init__(name, pace)
         self.tries = 0
 
     async def finish_upload(self, location: str, repo: str, digest: str, body: AsyncIterator[bytes], length: int = 0) -> None:
@@ -301,30 +301,17 @@ class OneSecondBudget(StandInSource):
 
 async def test_an_upload_longer_than_the_retry_budget_is_still_retried_once_it_fails() -> None:
     # The budget counts the time spent failing, not the time the bytes took.
-    t = FailsOnceAtTheEnd()
+    t = FailsOnceAtTheEnd("t", 0.02)  # about 1.3 s for the blob
     events = MemoryEvents()
     copy = _one_blob_copy([t], events, OneSecondBudget())
     await asyncio.wait_for(copy._copy_blob(BLOB, copy.targets), 30)
     assert t.received == {BLOB.digest: DATA} and t.tries == 2, events.errors
 
 
-class FailsOnce(PacedTarget):
-    def __init__(self) -> None:
-        super().__init__("fast", 0.0)
-        self.tries = 0
-
-    async def finish_upload(self, location: str, repo: str, digest: str, body: AsyncIterator[bytes], length: int = 0) -> None:
-        self.tries += 1
-        await super().finish_upload(location, repo, digest, body, length)
-        if self.tries == 1:
-            del self.received[digest]
-            raise RegistryError(self.name, "upload", "busy", status=503, transient=True)
-
-
 async def test_a_retry_is_not_held_to_the_pace_of_a_target_that_left_the_shared_read() -> None:
     # The fast target fails once on the blob that the other, hanging with its last bytes in its
     # buffer, leaves: its retry, and its later blobs, must not wait for that one.
-    fast, hung = FailsOnce(), HangingTarget("hung", "last_bytes")
+    fast, hung = FailsOnceAtTheEnd("fast", 0.0), HangingTarget("hung", "last_bytes")
     blobs = [BLOB, *MORE]
     copy = ImageCopy(Source(StandInSource(), "r", "v1"), [Target(i, t, "r", "v1") for i, t in enumerate((fast, hung))],  # type: ignore[arg-type]
                      MemoryEvents(), asyncio.Event(), dataclasses.replace(TUNING, parallel_blobs=1, preflight_wait_s=0.2))
