@@ -298,14 +298,10 @@ class ImageCopy:
             async with _Slot(sem) as slot:
                 self._check_stop()
                 live = [t for t in targets if not t.failed]
-
-                async def shared() -> None:
-                    try:
-                        await self._copy_blob(blob, [t for t in live if not t.slow], slot.release)
-                    finally:
-                        slot.release()
-
-                await _gather_all([shared(), *(self._on_its_own(t, blob) for t in live if t.slow)])
+                await _gather_all([
+                    self._copy_blob(blob, [t for t in live if not t.slow], slot.release),
+                    *(self._on_its_own(t, blob) for t in live if t.slow),
+                ])
 
         async def every_blob() -> None:
             try:
@@ -456,9 +452,10 @@ class ImageCopy:
         it may still be uploading; `alone`: the read is for one slow target. A target that does
         not answer in time (a hung registry) gets the blob later, on its own."""
         checks = {t: asyncio.ensure_future(self._already_there(t, blob)) for t in targets}
-        prompt = await self._in_time(checks, blob)
-        late = [t for t in targets if t not in prompt]
+        late: list[Target] = []
         try:
+            prompt = await self._in_time(checks, blob)
+            late = [t for t in targets if t not in prompt]
             need = [t for t in prompt if not checks[t].result() and not t.failed]
             late += await self._send_once_per_registry(blob, need, shared_done, alone)
         finally:
