@@ -8,14 +8,21 @@
         One small image per job (3 x 256 KiB, a new repository each) through proxies that hold
         every request for the given time: the median of the jobs' own run time (started_at to
         finished_at), which counts the round trips that come one after another.
-    python bench/probes.py one-registry [--repos 3] [--reps 3] [--rev REV]
-        One job copying a 256 MiB image (4 layers) to several repositories of one registry: the
-        job's run time and the blob bytes that registry was sent (through a counting proxy).
+    python bench/probes.py one-registry [--repos 3] [--reps 3] [--separate] [--rev REV]
+        One job copying a 256 MiB image (4 layers) to several repositories of one registry (with
+        --separate: one job per repository, submitted together): the run time and the blob bytes
+        that registry was sent (through a counting proxy).
     python bench/probes.py slow-target [--targets 4] [--rate-mib 8 | --hang] [--rev REV]
         One job copying a 256 MiB image (8 layers) to several registries, one of them behind a
         proxy that takes uploads at the given rate, or (--hang) that, once that target holds a
         quarter of the image, holds every new request unanswered: when each healthy target
         finished, when the job ended, and how much of the source was read.
+    python bench/probes.py slow-jobs [--jobs 2] [--rate-mib 8] [--hang] [--slow-source] [--rev REV]
+        Jobs copying a 256 MiB image (8 layers, each its own) to one slow registry (behind a proxy that
+        takes uploads at the given rate, shared by them, and with --hang answers no new request
+        from 3 s in; with --slow-source, that registry is their source and serves at that rate),
+        then, 3 s in, one job copying a 64 MiB image (4 layers) between healthy registries: how
+        long that job took, while the service's stream slots were wanted by both.
 
 Everything runs on 127.0.0.1, with the registries and the service of bench.py.
 """
@@ -143,7 +150,7 @@ def long_link(root: Path, latency_s: float, jobs: int, rev: str | None) -> None:
         regs.sweep()
 
 
-def one_registry(root: Path, repos: int, reps: int, rev: str | None) -> None:
+def one_registry(root: Path, repos: int, reps: int, separate: bool, rev: str | None) -> None:
     Service.code_dir, described = snapshot_code(root, rev)
     regs = Registries(root)
     source = regs.new("source")
@@ -154,16 +161,22 @@ def one_registry(root: Path, repos: int, reps: int, rev: str | None) -> None:
             target = regs.new(f"one-{rep}")
             proxy = FaultProxy(target).start()
             try:
+                outs = [(proxy, f"one/out{i}") for i in range(repos)]
                 with Service(root, {}, "one-registry") as svc:
-                    _, [status] = svc.run_jobs([body_for(source, "one/img", "v1", [(proxy, f"one/out{i}") for i in range(repos)])])
-                started, finished = (datetime.fromisoformat(status[k]).timestamp() for k in ("started_at", "finished_at"))
-                runs.append(finished - started)
+                    if separate:
+                        wall, _ = svc.run_jobs([body_for(source, "one/img", "v1", [out]) for out in outs])
+                        runs.append(wall)
+                    else:
+                        _, [status] = svc.run_jobs([body_for(source, "one/img", "v1", outs)])
+                        started, finished = (datetime.fromisoformat(status[k]).timestamp() for k in ("started_at", "finished_at"))
+                        runs.append(finished - started)
                 sent.append(proxy.blob_upload_bytes())
             finally:
                 proxy.stop()
                 regs.drop([target])
         print(f"pydlit: {described}")
-        print(f"{image.total_bytes / 2**20:.0f} MiB to {repos} repositories of one registry, {reps} reps: job run median "
+        print(f"{image.total_bytes / 2**20:.0f} MiB to {repos} repositories of one registry "
+              f"({f'{repos} jobs, wall time' if separate else 'one job, its run time'}), {reps} reps: median "
               f"{statistics.median(runs):.2f} s (min {min(runs):.2f}, max {max(runs):.2f}); blob bytes sent to the "
               f"registry {statistics.median(sent) / image.total_bytes:.2f}x the image")
     finally:
@@ -212,6 +225,46 @@ def slow_target(root: Path, targets: int, rate_mib: float, hang: bool, rev: str 
         regs.sweep()
 
 
+def slow_jobs(root: Path, jobs: int, rate_mib: float, hang: bool, from_slow: bool, rev: str | None) -> None:
+    Service.code_dir, described = snapshot_code(root, rev)
+    regs = Registries(root)
+    source, healthy, far = regs.new("source"), regs.new("healthy"), regs.new("slow")
+    # The slow registry is the busy jobs' target, or with --slow-source their source. Each job
+    # its own image: jobs copying the same blobs to one registry would share their uploads.
+    big = [push_image(far if from_slow else source, f"busy/img{i}", "v1", layer_sizes=(32 * 1024 * 1024,) * 8, seed=8000 + i)
+           for i in range(jobs)][0]
+    small = push_image(source, "quick/img", "v1", layer_sizes=(16 * 1024 * 1024,) * 4, seed=8001)
+    slow = FaultProxy(far).start()
+    slow.rate_limit(rate_mib * 2**20, download=from_slow, upload=not from_slow)
+    busy_from, busy_to = (slow, healthy) if from_slow else (source, slow)
+    try:
+        with Service(root, {}, "slow-jobs") as svc:
+            busy = [svc.proc.submit(body_for(busy_from, f"busy/img{i}", "v1", [(busy_to, f"busy/out{i}")])) for i in range(jobs)]
+            time.sleep(3.0)
+            if hang:
+                slow.latency_s = 3600.0  # from now on it takes connections and answers none
+            before = [svc.proc.status(job)["targets"][0]["bytes_done"] for job in busy]
+            began = time.monotonic()
+            quick = svc.proc.submit(body_for(source, "quick/img", "v1", [(healthy, "quick/out")]))
+            status = svc.proc.wait(quick, timeout=900.0)
+            took = time.monotonic() - began
+            for job in busy:
+                svc.proc._call("DELETE", f"/api/distribute/image/{job}")
+            gave_way = [line for line in svc.proc.log_text().splitlines() if "gives its stream slot" in line]
+        pace = f"{'serving' if from_slow else 'taking uploads'} at {rate_mib:g} MiB/s"
+        print(f"pydlit: {described}")
+        print(f"{jobs} jobs of {big.total_bytes / 2**20:.0f} MiB (8 layers) {'from' if from_slow else 'to'} one registry "
+              f"{pace}{' and answering no new request from 3 s in' if hang else ''} "
+              f"(holding {', '.join(f'{b / 2**20:.0f}' for b in before)} MiB 3 s in); then "
+              f"{small.total_bytes / 2**20:.0f} MiB (4 layers) between healthy registries: "
+              f"{job_state(status)} {took:.1f} s after its submission; stream slots given way: {len(gave_way)}")
+        print("\n".join(gave_way))
+    finally:
+        slow.stop()
+        regs.drop([source, healthy, far])
+        regs.sweep()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="probe", required=True)
@@ -224,12 +277,19 @@ def main() -> int:
     one = sub.add_parser("one-registry")
     one.add_argument("--repos", type=int, default=3)
     one.add_argument("--reps", type=int, default=3)
+    one.add_argument("--separate", action="store_true", help="one job per repository, submitted together")
     one.add_argument("--rev", default=None, help="a git revision's pydlit/ instead of the work tree")
     slow = sub.add_parser("slow-target")
     slow.add_argument("--targets", type=int, default=4)
     slow.add_argument("--rate-mib", type=float, default=8.0)
     slow.add_argument("--hang", action="store_true", help="the slow target answers nothing at all")
     slow.add_argument("--rev", default=None, help="a git revision's pydlit/ instead of the work tree")
+    jobs = sub.add_parser("slow-jobs")
+    jobs.add_argument("--jobs", type=int, default=2)
+    jobs.add_argument("--rate-mib", type=float, default=8.0)
+    jobs.add_argument("--hang", action="store_true", help="the slow registry answers no new request from 3 s in")
+    jobs.add_argument("--slow-source", action="store_true", help="the slow registry is the jobs' source, not their target")
+    jobs.add_argument("--rev", default=None, help="a git revision's pydlit/ instead of the work tree")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="pydlit-probe-") as tmp:
         if args.probe == "registry-cost":
@@ -238,8 +298,10 @@ def main() -> int:
             long_link(Path(tmp), args.latency_ms / 1000, args.jobs, args.rev)
         elif args.probe == "slow-target":
             slow_target(Path(tmp), args.targets, args.rate_mib, args.hang, args.rev)
+        elif args.probe == "slow-jobs":
+            slow_jobs(Path(tmp), args.jobs, args.rate_mib, args.hang, args.slow_source, args.rev)
         else:
-            one_registry(Path(tmp), args.repos, args.reps, args.rev)
+            one_registry(Path(tmp), args.repos, args.reps, args.separate, args.rev)
     return 0
 
 

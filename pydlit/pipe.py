@@ -18,7 +18,7 @@ class Pipe:
     """
 
     def __init__(self, limit: int) -> None:
-        self._limit = limit
+        self.limit = limit  # may be lowered while in use: the reader then waits for the writer sooner
         self._items: deque[bytes] = deque()
         self._held = 0
         self._cond = asyncio.Condition()
@@ -40,7 +40,7 @@ class Pipe:
     @property
     def full(self) -> bool:
         """The reader must wait for this pipe's writer before it puts more."""
-        return self._held >= self._limit and not self.closed
+        return self._held >= self.limit and not self.closed
 
     def starved(self) -> float:
         """Seconds the writer has waited for the reader so far, a wait still going on included."""

@@ -15,17 +15,20 @@ from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
+from .inflight import InFlight, Upload
 from .metrics import DOWNLOADED, UPLOADED
 from .pipe import Pipe, PipeClosed
 from .referrers import DigestTag, ReferrerPusher, Referrers, find_digest_tags, find_referrers, tag_names
 from .registry.client import RegistryClient, RegistryError, broken_stream, out_of_budget, retrying
 from .registry.manifests import DIGEST, Blob, Manifest, Tree, digest_matches
 from .registry.trees import push_levels, read_tree
+from .slots import Slot, Slots
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 _IDLE_CHECK_S = 0.1  # how often a read held up by one full buffer looks again whether the others sit idle
+_GIVE_WAY_CHECK_S = 0.25  # how often a read holding a stream slot looks whether it should give it away
 _GIVE_BACK_S = 2.0  # how long a cancelled copy spends giving its unused upload sessions back
 
 
@@ -41,7 +44,9 @@ class Tuning:
     buffer_size: int = 8 * MiB  # how far a slow target may lag behind the fastest, per blob
     parallel_blobs: int = 4
     # Streamed blobs in flight across every job of a service: what bounds its memory, at about
-    # max_streams x targets x buffer_size, whatever the job concurrency.
+    # max_streams x targets x buffer_size, whatever the job concurrency. A read held back by its
+    # source or its targets (see detach_after_s) gives its slot to a blob for other registries
+    # that waits for one, and goes on through buffers of two pieces.
     max_streams: int = 8
     parallel_manifests: int = 8
     mount_candidates: int = 3
@@ -49,6 +54,8 @@ class Tuning:
     # A target that has held the shared read back while another target sat idle this long, and
     # for over three quarters of the read, takes the rest of that blob from a read of its own:
     # the others go on at their own pace, at the cost of reading that part of the source again.
+    # So long held back by its source or its targets, a read gives its stream slot away (see
+    # max_streams).
     # 0: never.
     detach_after_s: float = 2.0
 
@@ -175,27 +182,12 @@ class _Sink:
     detached: bool = False  # it left the shared read and reads the rest on its own
 
 
-class _Slot:
-    """A semaphore's slot that may be given back before the work it was taken for ends: once the
-    shared read of a blob is over, a target still uploading it on its own must not keep others
-    from their next blob."""
+@dataclass
+class _Read:
+    """One read of a blob from the source."""
 
-    def __init__(self, sem: asyncio.Semaphore) -> None:
-        self._sem = sem
-        self._held = False
-
-    async def __aenter__(self) -> _Slot:
-        await self._sem.acquire()
-        self._held = True
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._sem.release()
+    began: float
+    slot: Slot | None = None  # the service's stream slot it holds, if any
 
 
 class ImageCopy:
@@ -203,7 +195,8 @@ class ImageCopy:
 
     def __init__(
         self, source: Source, targets: list[Target], events: Events, stop: asyncio.Event, tuning: Tuning = Tuning(),
-        first_attempt: bool = True, streams: asyncio.Semaphore | None = None, referrers: bool = False,
+        first_attempt: bool = True, streams: Slots | None = None, referrers: bool = False,
+        uploads: InFlight | None = None,
     ) -> None:
         self.source = source
         self.targets = targets
@@ -212,7 +205,11 @@ class ImageCopy:
         self.tuning = tuning
         self.first_attempt = first_attempt
         # A service passes the one all its jobs share; a copy on its own is bounded by parallel_blobs.
-        self.streams = streams or asyncio.Semaphore(tuning.parallel_blobs)
+        self.streams = streams or Slots(tuning.parallel_blobs)
+        # The service's uploads in flight, which this copy's targets may follow (see _send_led);
+        # and what to tell of those this copy leads, by target and digest.
+        self.uploads = uploads or InFlight()
+        self._leads: dict[tuple[int, str], Callable[[bool], None]] = {}
         self.tree: Tree | None = None
         self.with_referrers = referrers
         self.referrers: list[Referrers] = []  # found at the source
@@ -287,7 +284,7 @@ class ImageCopy:
         so that a fast target is finished while a slow one is still uploading."""
         assert self.tree is not None
         blobs = sorted(self.blobs, key=lambda b: -b.size)
-        sem = asyncio.Semaphore(self.tuning.parallel_blobs)
+        sem = Slots(self.tuning.parallel_blobs)
         for t in targets:
             self._lacking[t.idx] = {b.digest for b in blobs}
             self._complete[t.idx] = asyncio.Event()
@@ -295,7 +292,7 @@ class ImageCopy:
                 self._complete[t.idx].set()
 
         async def one(blob: Blob) -> None:
-            async with _Slot(sem) as slot:
+            async with sem.take() as slot:
                 self._check_stop()
                 live = [t for t in targets if not t.failed]
                 await _gather_all([
@@ -494,11 +491,11 @@ class ImageCopy:
         # mount, or nothing in the same repository) instead of uploading them again.
         first, later = self._one_per_registry(blob, need)
         if not later:
-            return await self._send(blob, first, shared_done, alone)
+            return await self._send_led(blob, first, shared_done, alone)
 
         async def send_first() -> list[Target]:
             try:
-                return await self._send(blob, first, shared_done, alone)
+                return await self._send_led(blob, first, shared_done, alone)
             finally:
                 async with self._settled:
                     self._settled.notify_all()
@@ -510,6 +507,51 @@ class ImageCopy:
             await _gather_all([sending])
         unlinked = [t for t, ok in zip(later, linked, strict=True) if not ok and not t.failed]
         return [*sending.result(), *await self._send(blob, unlinked, alone=alone)]
+
+    async def _send_led(
+        self, blob: Blob, targets: list[Target], shared_done: Callable[[], None] | None, alone: bool,
+    ) -> list[Target]:
+        """Send the blob to targets of distinct registries, save those another job is already
+        sending it to from this source: they wait for that upload and mount the blob from it."""
+        src = self.source.client.key
+        following: dict[Target, Upload] = {}
+        for t in targets:
+            # A session to resume holds bytes already: worth more than another job's upload.
+            up = None if self._resumable(t, blob) else self.uploads.leader(t.client.key, blob.digest, src)
+            if up is not None:
+                following[t] = up
+        leading = [t for t in targets if t not in following]
+        for t in leading:
+            self._leads[(t.idx, blob.digest)] = self.uploads.lead(t.client.key, blob.digest, t.repo, src)
+        try:
+            if not following:
+                return await self._send(blob, leading, shared_done, alone)
+            steps = [
+                asyncio.ensure_future(self._send(blob, leading, shared_done, alone)),
+                *(asyncio.ensure_future(self._follow(t, blob, up, alone)) for t, up in following.items()),
+            ]
+            await _gather_all(steps)
+            return [t for step in steps for t in step.result()]
+        finally:
+            for t in leading:  # those that got it were told so at once (see _blob_done)
+                end = self._leads.pop((t.idx, blob.digest), None)
+                if end is not None:
+                    end(False)
+
+    async def _follow(self, t: Target, blob: Blob, up: Upload, alone: bool) -> list[Target]:
+        """Once another job's upload of the blob to t's registry has landed, mount it from there;
+        should that upload or the mount fail, the blob is sent after all."""
+        try:
+            if await asyncio.shield(up.landed) and (
+                up.repo == t.repo or await t.client.mount_blob(t.repo, blob.digest, up.repo)
+            ):
+                await self._blob_done(t, blob)
+                return []
+        except RegistryError as exc:
+            await self._fail(t, exc)
+            return []
+        self._check_stop()  # that upload may have ended for the same stop
+        return await self._send_led(blob, [t], None, alone)
 
     def _one_per_registry(self, blob: Blob, need: list[Target]) -> tuple[list[Target], list[Target]]:
         """The targets that get the blob's bytes, and those that wait to link it from one of them."""
@@ -550,25 +592,25 @@ class ImageCopy:
             return await self._copy_whole(blob, need)
         if alone:
             # Outside the service's streams: paced by one slow target, through a small buffer.
-            return await self._copy_streamed(blob, need, buffer_size=min(self.tuning.buffer_size, 2 * self.tuning.piece_size))
-        async with _Slot(self.streams) as stream:
+            return await self._copy_streamed(blob, need, buffer_size=self._small_buffer)
+        return await self._copy_streamed(blob, need, shared_done, streams=self.streams)
 
-            def over() -> None:
-                stream.release()
-                if shared_done is not None:
-                    shared_done()
-
-            return await self._copy_streamed(blob, need, over)
+    @property
+    def _small_buffer(self) -> int:
+        """A read's buffer per target outside the service's streams."""
+        return min(self.tuning.buffer_size, 2 * self.tuning.piece_size)
 
     async def _copy_streamed(
         self, blob: Blob, need: list[Target], shared_done: Callable[[], None] | None = None, buffer_size: int | None = None,
+        streams: Slots | None = None,
     ) -> list[Target]:
+        """`streams`: whose slot each round's shared read takes (None: a read outside them)."""
         sinks = [_Sink(t) for t in need]
         # The uploads of sinks that left a shared read, which go on beside the retries of the
         # others and are joined here at the end.
         handed: list[asyncio.Future[None]] = []
         try:
-            late = await self._rounds(blob, sinks, shared_done, buffer_size, handed)
+            late = await self._rounds(blob, sinks, shared_done, buffer_size, streams, handed)
             if not handed:
                 return late
             if shared_done is not None:
@@ -594,7 +636,7 @@ class ImageCopy:
 
     async def _rounds(
         self, blob: Blob, sinks: list[_Sink], shared_done: Callable[[], None] | None, buffer_size: int | None,
-        handed: list[asyncio.Future[None]],
+        streams: Slots | None, handed: list[asyncio.Future[None]],
     ) -> list[Target]:
         policy = self.source.client.policy
         mismatches = 0
@@ -613,7 +655,7 @@ class ImageCopy:
             held = sum(s.offset for s in live)
             try:
                 if live:
-                    await self._fan_out(blob, live, shared_done, buffer_size or self.tuning.buffer_size, handed)
+                    await self._fan_out(blob, live, shared_done, buffer_size or self.tuning.buffer_size, streams, handed)
             except DigestMismatch:
                 mismatches += 1
                 if mismatches >= 2:
@@ -745,6 +787,9 @@ class ImageCopy:
 
     async def _blob_done(self, t: Target, blob: Blob) -> None:
         self.events.blob_progress(t.idx, blob.digest, blob.size)
+        end = self._leads.pop((t.idx, blob.digest), None)
+        if end is not None:
+            end(True)  # the jobs that waited for this upload mount the blob now
         lacking = self._lacking.get(t.idx)
         if lacking is not None:
             lacking.discard(blob.digest)
@@ -783,11 +828,12 @@ class ImageCopy:
 
     async def _fan_out(
         self, blob: Blob, sinks: list[_Sink], shared_done: Callable[[], None] | None, buffer_size: int,
-        handed: list[asyncio.Future[None]],
+        streams: Slots | None, handed: list[asyncio.Future[None]],
     ) -> None:
         """Read the blob once from the lowest offset any sink needs; every sink takes its part.
         The uploads of sinks that left the shared read are handed on (to `handed`) once the
-        others have ended, with the reads of their own."""
+        others have ended, with the reads of their own. The read holds a slot of `streams`
+        until it is over: not while the sessions open, nor between rounds."""
         start = min(s.offset for s in sinks)
         verified = _verdict()
         for s in sinks:
@@ -802,16 +848,25 @@ class ImageCopy:
             verified.set_result(True)
             await _gather_all(self._write_target(blob, s) for s in sinks)
             return
+        keys = [self.source.client.key, *(s.target.client.key for s in sinks)]
+        slot = streams.take(keys) if streams is not None else None
+        if slot is not None:
+            await slot.acquire()
         # The shared read, then the reads of any sinks that leave it (see _put).
         readers: list[asyncio.Task[None]] = []
         left = asyncio.Event()  # told when a sink leaves the shared read
-        readers.append(asyncio.create_task(self._read_source(blob, start, list(sinks), verified, readers, left)))
+        on_read = list(sinks)  # the sinks still on the shared read
+        read = _Read(asyncio.get_running_loop().time(), slot)
+        readers.append(asyncio.create_task(self._read_source(blob, start, on_read, verified, readers, left, read)))
+        watch = asyncio.create_task(self._give_way_when_held(read, on_read)) if slot is not None else None
         writers = [asyncio.ensure_future(self._write_target(blob, s)) for s in sinks]
         going_on: list[asyncio.Future[None]] = []
         try:
-            if shared_done is not None:
+            if shared_done is not None or slot is not None:
                 await self._until_shared_read_over(blob, sinks, writers, readers[0], left)
-                if all(s.done for s in sinks if not s.detached):
+                if slot is not None:
+                    slot.release()
+                if shared_done is not None and all(s.done for s in sinks if not s.detached):
                     shared_done()
             try:
                 await _gather_all(w for s, w in zip(sinks, writers, strict=True) if not s.detached)
@@ -828,6 +883,10 @@ class ImageCopy:
             await asyncio.wait([_unwatched(w) for w in staying])
             raise
         finally:
+            if slot is not None:
+                slot.release()
+            if watch is not None:
+                watch.cancel()
             for reader in readers:
                 reader.cancel()
             # Waited for, not awaited: their failures reached the writers through the pipes, and
@@ -879,14 +938,15 @@ class ImageCopy:
 
     async def _read_source(
         self, blob: Blob, start: int, sinks: list[_Sink], verified: asyncio.Future[bool], readers: list[asyncio.Task[None]],
-        left: asyncio.Event,
+        left: asyncio.Event, read: _Read | None = None,
     ) -> None:
+        """`read`: the shared read's account, with the stream slot it holds (see _give_way)."""
         # Only a read from byte 0 can be hashed here; a resumed one is checked by the registry,
         # which refuses to commit bytes that do not hash to the digest.
         hasher = _OffLoopHash() if start == 0 and blob.digest.startswith("sha256:") else None
         pos = start
         src = self.source
-        began = asyncio.get_running_loop().time()
+        read = read or _Read(asyncio.get_running_loop().time())
 
         async def stream() -> None:
             nonlocal pos
@@ -905,7 +965,7 @@ class ImageCopy:
                         if hasher:
                             await hasher.update(piece)
                         DOWNLOADED.inc(len(piece))
-                        await self._deliver(blob, piece, pos, sinks, readers, began, left)
+                        await self._deliver(blob, piece, pos, sinks, readers, read.began, left)
                         pos += len(piece)
                         if all(s.pipe is None or s.pipe.closed for s in sinks):
                             return
@@ -977,6 +1037,42 @@ class ImageCopy:
             s.held_back += max((o.starved() - b for o, b in zip(others, before, strict=True)), default=0.0)
             if delivered:
                 return True
+
+    async def _give_way_when_held(self, read: _Read, sinks: list[_Sink]) -> None:
+        while read.slot is not None and read.slot.held:
+            await asyncio.sleep(_GIVE_WAY_CHECK_S)
+            self._give_way(read, sinks)
+
+    def _give_way(self, read: _Read, sinks: list[_Sink]) -> None:
+        """A read held back for detach_after_s, and for over three quarters of its time, by the
+        source (every target waited for bytes) or by its targets (none did) gives its stream
+        slot to a blob bound for other registries, should one wait for it: a slow or hung
+        registry's jobs must not keep the others' from theirs. It goes on through buffers of
+        two pieces, as a slow target's own reads do."""
+        after = self.tuning.detach_after_s
+        if read.slot is None or not read.slot.held or after <= 0:
+            return
+        live = [s for s in sinks if s.pipe is not None and not s.pipe.closed]
+        if not live:
+            return
+        elapsed = asyncio.get_running_loop().time() - read.began
+        starved = [s.pipe.starved() for s in live if s.pipe is not None]
+        fed = elapsed - max(starved)  # while every target had bytes to send
+        if fed >= after and fed * 4 > elapsed * 3:
+            slow = {s.target.client.key for s in live}
+            names, held = sorted({s.target.client.name for s in live}), fed
+        elif min(starved) >= after and min(starved) * 4 > elapsed * 3:
+            slow, names, held = {self.source.client.key}, [self.source.client.name], min(starved)
+        else:
+            return  # going well, or its targets differ in pace (one holding the others back leaves it: see _put)
+        if not self.streams.wanted_beyond(slow):
+            return
+        read.slot.release(avoid=slow)
+        for s in live:
+            if s.pipe is not None:
+                s.pipe.limit = min(s.pipe.limit, self._small_buffer)
+        log.info("%s held a read back for %.1f s of %.1f: it gives its stream slot to another registry's blob and goes "
+                 "on through %g MiB buffers", ", ".join(names), held, elapsed, self._small_buffer / MiB)
 
     async def _write_target(self, blob: Blob, s: _Sink) -> None:
         t = s.target

@@ -17,10 +17,12 @@ from typing import Any
 import aiohttp
 
 from .credentials import CredentialStore
+from .inflight import InFlight
 from .logs import job_context
 from .registry.auth import ChallengeCache, TokenCache
 from .registry.client import KnownRepositories, RegistryClient
 from .settings import Settings
+from .slots import Slots
 from .store import ClaimedJob, LeaseLost, Store, asks_credentials, iso, utcnow
 from .transfer import ImageCopy, MemoryEvents, Source, SourceError, Stopped, Target
 
@@ -132,7 +134,8 @@ class Worker:
         self.challenges = ChallengeCache()
         self.tokens = TokenCache()
         self.repos = KnownRepositories()
-        self.streams = asyncio.Semaphore(settings.tuning.max_streams)
+        self.streams = Slots(settings.tuning.max_streams)
+        self.uploads = InFlight()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -371,5 +374,5 @@ class Worker:
             targets.append(Target(idx, c, c.repository(t.get("image") or src["image"]), t.get("ref") or src["ref"], t.get("overwrite", False)))
         return ImageCopy(
             source, targets, events, self._stop, self.settings.tuning, first_attempt=job.attempt == 1, streams=self.streams,
-            referrers=req.get("referrers", False),
+            referrers=req.get("referrers", False), uploads=self.uploads,
         )

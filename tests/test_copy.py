@@ -648,6 +648,26 @@ def test_targets_on_one_registry_take_the_bytes_once(service, registries, repo_n
         assert_same_tree(image, read_back(registries.target_a, repo, tag))
 
 
+def test_jobs_copying_to_one_registry_at_once_send_each_blob_once(service, registries, repo_name, proxy_factory):
+    # Separate jobs, one image, three repositories of one registry, all under way together (a
+    # slow link keeps each upload going while the others start): one job sends each blob, the
+    # others wait for it and mount it.
+    image = push_image(registries.source, repo_name, "v1", "oci", (1_500_000, 1_200_000, 40_001), seed=_seed())
+    proxy = proxy_factory(registries.target_a)
+    proxy.rate_limit(1024 * 1024, download=False, upload=True)  # ~2.7 s for the image
+    repos = [f"{repo_name}-{i}" for i in range(3)]
+
+    jobs = [service.submit(job_body(registries.source, repo_name, "v1", [(proxy, {"image": r})])) for r in repos]
+
+    for job in jobs:
+        _assert_all_finished(service.wait(job, timeout=JOB_TIMEOUT), image.total_bytes)
+    assert proxy.blob_upload_bytes() == image.total_bytes, proxy.counters()
+    mounted = [r for r in proxy.requests if r.kind == "upload_post" and r.status == 201]
+    assert len(mounted) == 2 * len(image.blobs), proxy.requests
+    for repo in repos:
+        assert_same_tree(image, read_back(registries.target_a, repo, "v1"))
+
+
 def test_a_target_linking_from_its_registry_is_not_held_to_another_registrys_pace(
     service, registries, repo_name, proxy_factory
 ):
@@ -923,3 +943,35 @@ def test_streamed_blobs_of_every_job_share_the_service_limit(
     peak = slow.counters().peak_large["upload_put"]
     # With a limit of 1 the four layers of two jobs go one at a time; with 4 they overlap.
     assert (peak >= 2) if overlap else (peak == 1), slow.counters()
+
+
+def test_a_job_to_a_slow_registry_gives_its_stream_to_a_job_for_another(
+    service_factory, registries, repo_name, proxy_factory
+):
+    # One stream for the whole service, held by a job whose registry takes its first layer in
+    # about 6 s: another job's layer, for another registry, gets the stream long before that.
+    mib = 1024 * 1024
+    slow_image = push_image(registries.source, repo_name, "v1", "schema2", [3 * mib + 1, 3 * mib], seed=_seed())
+    quick_repo = f"{repo_name}-quick"
+    quick_image = push_image(registries.source, quick_repo, "v1", "schema2", [2 * mib], seed=_seed())
+    slow = proxy_factory(registries.target_a)
+    slow.rate_limit(mib // 2, download=False, upload=True)
+    svc = service_factory(env={"PYDLIT_MAX_STREAMS": "1", "PYDLIT_PARALLEL_BLOBS": "1", "PYDLIT_DETACH_AFTER_S": "0.5"})
+
+    slow_job = svc.submit(job_body(registries.source, repo_name, "v1", [slow]))
+    for _ in range(100):  # until its first layer's session is open: the stream is taken next
+        if slow.count("POST", "upload_post"):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    quick_job = svc.submit(job_body(registries.source, quick_repo, "v1", [registries.target_b]))
+    quick = svc.wait(quick_job, timeout=JOB_TIMEOUT)
+    slow_commits = [r for r in slow.requests if r.kind == "upload_put"]  # answered ones only
+
+    _assert_all_finished(quick, quick_image.total_bytes)
+    # The slow job had not yet finished its first layer, whose read held the stream at first.
+    assert slow_commits == [], slow_commits
+    _assert_all_finished(svc.wait(slow_job, timeout=JOB_TIMEOUT), slow_image.total_bytes)
+    assert_same_tree(slow_image, read_back(registries.target_a, repo_name, "v1"))
+    assert_same_tree(quick_image, read_back(registries.target_b, quick_repo, "v1"))
+    assert "gives its stream slot" in svc.log_text()

@@ -2,7 +2,9 @@
 smoothly it takes its pieces, goes on with a read of its own, and so does it for the later blobs,
 while the others go on to theirs; targets close in speed stay on one read. Then the edges of that
 machinery: a cancel while targets are waited for, a failure that is not a registry's, a long
-upload that fails once, the progress of a layer left to its URLs.
+upload that fails once, the progress of a layer left to its URLs. Across jobs: a read held back
+by a slow registry gives its stream slot to another registry's blob, and a job waits for another
+job's upload of a blob to its registry instead of sending it again.
 
 Stand-in clients: a real registry's pace on this machine moves with everything else running, and
 these tests need two paces that stay what they were set to."""
@@ -18,6 +20,8 @@ import pytest
 from pydlit.registry.client import RetryPolicy
 from pydlit.registry.errors import RegistryError
 from pydlit.registry.manifests import OCI_MANIFEST, Blob, Manifest, Tree, sha256_digest
+from pydlit.inflight import InFlight
+from pydlit.slots import Slots
 from pydlit.transfer import ImageCopy, MemoryEvents, Source, Target, Tuning
 
 pytestmark = pytest.mark.asyncio
@@ -38,6 +42,7 @@ class _Answer:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.content = self
+        self.pace = 0.0  # seconds between pieces
 
     async def __aenter__(self) -> _Answer:
         return self
@@ -47,7 +52,7 @@ class _Answer:
 
     async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
         for at in range(0, len(self.data), n):
-            await asyncio.sleep(0)
+            await asyncio.sleep(self.pace)
             yield self.data[at:at + n]
 
 
@@ -332,3 +337,136 @@ async def test_a_retry_is_not_held_to_the_pace_of_a_target_that_left_the_shared_
 
     assert fast.received == hung.received == {b.digest: ALL_DATA[b.digest] for b in blobs}
     assert fast.tries == 5 and fast.tagged_at < woke, (fast.tries, fast.tagged_at - woke)
+
+
+# -- the service's stream slots, across jobs --------------------------------------------------------
+
+
+class PacedSource(StandInSource):
+    """Serves one piece every `pace` seconds: a far or slow source registry."""
+
+    def __init__(self, name: str, pace: float) -> None:
+        super().__init__()
+        self.name = self.key = name
+        self.pace = pace
+
+    async def open_blob(self, repo: str, digest: str, offset: int = 0, size: int | None = None) -> tuple[_Answer, int]:
+        answer, at = await super().open_blob(repo, digest, offset, size)
+        answer.pace = self.pace
+        return answer, at
+
+
+def _job(target: PacedTarget, streams: Slots, source: StandInSource | None = None) -> ImageCopy:
+    copy = ImageCopy(Source(source or StandInSource(), "r", "v1"), [Target(0, target, "r", "v1")],  # type: ignore[arg-type]
+                     MemoryEvents(), asyncio.Event(), TUNING, streams=streams)
+    copy._lacking[0] = {BLOB.digest}
+    copy._complete[0] = asyncio.Event()
+    return copy
+
+
+async def _held_back_then_another(held: ImageCopy, other: ImageCopy) -> tuple[float, float]:
+    """`held` copies the blob in about 2 s through the service's only stream slot; `other` asks
+    for it 0.1 s later. When each had the blob."""
+    first = asyncio.ensure_future(held._copy_blob(BLOB, held.targets))
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(asyncio.gather(first, other._copy_blob(BLOB, other.targets)), 30)
+    ends = []
+    for copy in (held, other):
+        target = copy.targets[0].client
+        assert target.received == {BLOB.digest: DATA}  # type: ignore[attr-defined]
+        ends.append(target.done_at[BLOB.digest])  # type: ignore[attr-defined]
+    return ends[0], ends[1]
+
+
+async def test_a_read_held_back_by_a_slow_registry_gives_its_stream_slot_to_another_registrys_blob() -> None:
+    streams = Slots(1)
+    held, other = await _held_back_then_another(
+        _job(PacedTarget("slow.test", 0.03), streams), _job(PacedTarget("fast.test", 0.0), streams))
+    # Given the slot once the slow read had been held back for detach_after_s (0.3 s), not
+    # once the slow target had the whole blob.
+    assert other < held - 0.8, (other, held)
+
+
+async def test_a_read_for_a_slow_registry_keeps_its_slot_from_another_read_for_it() -> None:
+    # A second read for the same registry would go no faster, and hold memory beside the first.
+    streams = Slots(1)
+    held, other = await _held_back_then_another(
+        _job(PacedTarget("slow.test", 0.03), streams), _job(PacedTarget("slow.test", 0.0), streams))
+    assert other >= held, (other, held)
+
+
+async def test_a_read_held_back_by_a_slow_source_gives_its_stream_slot_to_a_blob_from_another() -> None:
+    streams = Slots(1)
+    held, other = await _held_back_then_another(
+        _job(PacedTarget("reg.test", 0.0), streams, PacedSource("far.test", 0.03)),
+        _job(PacedTarget("reg.test", 0.0), streams))
+    assert other < held - 0.8, (other, held)
+
+
+async def test_a_read_from_a_slow_source_keeps_its_slot_from_another_read_from_it() -> None:
+    streams = Slots(1)
+    held, other = await _held_back_then_another(
+        _job(PacedTarget("reg.test", 0.0), streams, PacedSource("far.test", 0.03)),
+        _job(PacedTarget("other.test", 0.0), streams, PacedSource("far.test", 0.0)))
+    assert other >= held, (other, held)
+
+
+# -- uploads another job leads ----------------------------------------------------------------------
+
+
+class RefusingTarget(PacedTarget):
+    """Takes the blob at its pace, then refuses it for good."""
+
+    async def finish_upload(self, location: str, repo: str, digest: str, body: AsyncIterator[bytes], length: int = 0) -> None:
+        await super().finish_upload(location, repo, digest, body, length)
+        del self.received[digest]
+        raise RegistryError(self.name, "upload", "denied", status=403, code="DENIED")
+
+
+class MountingTarget(PacedTarget):
+    def __init__(self, name: str, pace: float) -> None:
+        super().__init__(name, pace)
+        self.mounted: list[str] = []
+
+    async def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
+        self.mounted.append(from_repo)
+        return True
+
+
+async def _two_jobs(leader: PacedTarget, follower: MountingTarget, source_of_follower: str = "source.test") -> None:
+    """Two jobs copy the blob to repositories r1 and r2 of one registry; the second starts while
+    the first sends it."""
+    uploads = InFlight()
+    first = ImageCopy(Source(StandInSource(), "r", "v1"), [Target(0, leader, "r1", "v1")],  # type: ignore[arg-type]
+                      MemoryEvents(), asyncio.Event(), TUNING, uploads=uploads)
+    other_source = StandInSource()
+    other_source.key = source_of_follower
+    second = ImageCopy(Source(other_source, "r", "v1"), [Target(0, follower, "r2", "v1")],  # type: ignore[arg-type]
+                       MemoryEvents(), asyncio.Event(), TUNING, uploads=uploads)
+    for copy in (first, second):
+        copy._lacking[0] = {BLOB.digest}
+        copy._complete[0] = asyncio.Event()
+    leading = asyncio.ensure_future(first._copy_blob(BLOB, first.targets))
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(asyncio.gather(leading, second._copy_blob(BLOB, second.targets)), 30)
+
+
+async def test_a_job_waits_for_another_jobs_upload_to_its_registry_and_mounts_the_blob() -> None:
+    leader, follower = PacedTarget("reg.test", 0.01), MountingTarget("reg.test", 0.0)
+    await _two_jobs(leader, follower)
+    assert leader.received == {BLOB.digest: DATA}
+    assert follower.mounted == ["r1"] and follower.received == {}
+
+
+async def test_a_job_sends_the_blob_itself_when_the_upload_it_waited_for_fails() -> None:
+    leader, follower = RefusingTarget("reg.test", 0.01), MountingTarget("reg.test", 0.0)
+    await _two_jobs(leader, follower)
+    assert follower.mounted == [] and follower.received == {BLOB.digest: DATA}
+
+
+async def test_a_job_reading_another_source_does_not_wait_for_an_upload_from_elsewhere() -> None:
+    # That upload goes at its own source's pace, which may be far slower.
+    leader, follower = PacedTarget("reg.test", 0.01), MountingTarget("reg.test", 0.0)
+    await _two_jobs(leader, follower, source_of_follower="elsewhere.test")
+    assert follower.mounted == [] and follower.received == {BLOB.digest: DATA}
+    assert follower.done_at[BLOB.digest] < leader.done_at[BLOB.digest], (follower.done_at, leader.done_at)

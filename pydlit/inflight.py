@@ -1,0 +1,45 @@
+"""Blob uploads in flight across a service's jobs, by registry and digest.
+
+Jobs that copy the same layers to one registry at once (one image to several repositories, as
+separate jobs; images built on one base) would each send them. Instead the first to start leads
+the upload, and the others wait for it and mount the blob from its repository. Only a job that
+reads the same source registry follows: it would read the bytes at that pace itself.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class Upload:
+    """One blob being sent to one registry's repository by some job."""
+
+    repo: str
+    source: str  # the registry it is read from
+    landed: asyncio.Future[bool]  # whether the blob is now in `repo`
+
+
+class InFlight:
+    def __init__(self) -> None:
+        self._live: dict[tuple[str, str], Upload] = {}
+
+    def leader(self, registry: str, digest: str, source: str) -> Upload | None:
+        """The upload of this blob to this registry that a job reading `source` may wait for."""
+        up = self._live.get((registry, digest))
+        return up if up is not None and up.source == source else None
+
+    def lead(self, registry: str, digest: str, repo: str, source: str) -> Callable[[bool], None]:
+        """Announce an upload; what to call, once, with whether the blob landed."""
+        key = (registry, digest)
+        up = Upload(repo, source, asyncio.get_running_loop().create_future())
+        self._live[key] = up
+
+        def end(landed: bool) -> None:
+            if self._live.get(key) is up:
+                del self._live[key]
+            if not up.landed.done():
+                up.landed.set_result(landed)
+
+        return end
