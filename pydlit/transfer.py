@@ -545,6 +545,8 @@ class ImageCopy:
             if await asyncio.shield(up.landed) and (
                 up.repo == t.repo or await t.client.mount_blob(t.repo, blob.digest, up.repo)
             ):
+                log.info("%s at %s: mounted from %s, where another job had just uploaded it", blob.digest[:19],
+                         t.client.name, up.repo)
                 await self._blob_done(t, blob)
                 return []
         except RegistryError as exc:

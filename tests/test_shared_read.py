@@ -424,13 +424,17 @@ class RefusingTarget(PacedTarget):
 
 
 class MountingTarget(PacedTarget):
-    def __init__(self, name: str, pace: float) -> None:
+    def __init__(self, name: str, pace: float, refuses: bool = False) -> None:
         super().__init__(name, pace)
+        self.refuses = refuses  # as a registry does where these credentials may not read `from_repo`
+        self.asked: list[str] = []
         self.mounted: list[str] = []
 
     async def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
-        self.mounted.append(from_repo)
-        return True
+        self.asked.append(from_repo)
+        if not self.refuses:
+            self.mounted.append(from_repo)
+        return not self.refuses
 
 
 async def _two_jobs(leader: PacedTarget, follower: MountingTarget, source_of_follower: str = "source.test") -> None:
@@ -462,6 +466,12 @@ async def test_a_job_sends_the_blob_itself_when_the_upload_it_waited_for_fails()
     leader, follower = RefusingTarget("reg.test", 0.01), MountingTarget("reg.test", 0.0)
     await _two_jobs(leader, follower)
     assert follower.mounted == [] and follower.received == {BLOB.digest: DATA}
+
+
+async def test_a_job_sends_the_blob_itself_when_the_registry_refuses_the_mount() -> None:
+    leader, follower = PacedTarget("reg.test", 0.01), MountingTarget("reg.test", 0.0, refuses=True)
+    await _two_jobs(leader, follower)
+    assert follower.asked == ["r1"] and follower.received == {BLOB.digest: DATA}
 
 
 async def test_a_job_reading_another_source_does_not_wait_for_an_upload_from_elsewhere() -> None:
