@@ -542,9 +542,10 @@ class ImageCopy:
         """Once another job's upload of the blob to t's registry has landed, mount it from there;
         should that upload or the mount fail, the blob is sent after all."""
         try:
-            if await asyncio.shield(up.landed) and (
-                up.repo == t.repo or await t.client.mount_blob(t.repo, blob.digest, up.repo)
-            ):
+            landed = await asyncio.shield(up.landed)
+            if t.failed:
+                return []  # meanwhile, on another blob
+            if landed and (up.repo == t.repo or await t.client.mount_blob(t.repo, blob.digest, up.repo)):
                 log.info("%s at %s: mounted from %s, where another job had just uploaded it", blob.digest[:19],
                          t.client.name, up.repo)
                 await self._blob_done(t, blob)
