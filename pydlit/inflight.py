@@ -3,7 +3,8 @@
 Jobs that copy the same layers to one registry at once (one image to several repositories, as
 separate jobs; images built on one base) would each send them. Instead the first to start leads
 the upload, and the others wait for it and mount the blob from its repository. Only a job that
-reads the same source registry follows: it would read the bytes at that pace itself.
+reads the same source registry follows: it would read the bytes at that pace itself. A job with
+an upload session of that blob to resume leads all the same: the later jobs follow it instead.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Slots for blob copies: how many run at once, in a job and across a service.
 
 A slot can be given back before the work it was taken for ends: a target still uploading a blob
-on its own, or a read held back by a slow registry, must not keep others from theirs. Given
-back that way, it goes to the first waiter bound for other registries than the slow ones, so
-that the registries that are keeping up get the slot rather than another read for the slow one.
+on its own must not keep others from theirs. A read held back by a slow registry can give its
+slot way: the slot goes to the first waiter bound for other registries than the slow ones, and
+the read goes on beside the count, within a fixed allowance, so that what the slots bound
+(memory, streams) stays bounded.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ _Waiter = tuple["asyncio.Future[None]", frozenset[str]]
 class Slots:
     """A counting semaphore whose waiters say which registries their work goes to."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, spare: int = 0) -> None:
+        """`spare`: how many slots' work may go on beside the count once they gave way."""
         self._free = count
+        self._spare = spare
         self._waiters: deque[_Waiter] = deque()
 
     def take(self, registries: Iterable[str] = ()) -> Slot:
@@ -42,6 +45,7 @@ class Slots:
         except BaseException:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+                self._wake()  # a slot freed while this waiter was being cancelled is not lost
             elif fut.done() and not fut.cancelled():
                 self._release(())  # handed over just as the waiter was cancelled: passed on
             raise
@@ -57,6 +61,11 @@ class Slots:
         self._waiters.remove(chosen)
         chosen[0].set_result(None)
 
+    def _wake(self) -> None:
+        while self._free > 0 and any(not fut.done() for fut, _ in self._waiters):
+            self._free -= 1
+            self._release(())
+
 
 class Slot:
     """One slot of a `Slots`, held from `async with` until its end or an earlier `release`."""
@@ -65,6 +74,7 @@ class Slot:
         self._slots = slots
         self._registries = registries
         self._held = False
+        self._beside = False  # it gave way: its work goes on beside the count
 
     @property
     def held(self) -> bool:
@@ -81,8 +91,23 @@ class Slot:
     async def __aexit__(self, *exc: object) -> None:
         self.release()
 
-    def release(self, avoid: Iterable[str] = ()) -> None:
-        """Give the slot back (once), to a waiter bound for none of the `avoid` registries first."""
+    def release(self) -> None:
+        """Give the slot back (once); or, once it gave way, end the work that went on beside."""
         if self._held:
             self._held = False
-            self._slots._release(avoid)
+            self._slots._release(())
+        elif self._beside:
+            self._beside = False
+            self._slots._spare += 1
+
+    def give_way(self, avoid: Iterable[str]) -> bool:
+        """Hand the slot to work bound for none of the `avoid` registries that waits for one,
+        while this work goes on beside the count; False when none waits, or when as many as the
+        `Slots` spare already go on beside it."""
+        slots = self._slots
+        if not self._held or slots._spare <= 0 or not slots.wanted_beyond(avoid):
+            return False
+        slots._spare -= 1
+        self._held, self._beside = False, True
+        slots._release(avoid)
+        return True

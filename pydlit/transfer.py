@@ -46,7 +46,8 @@ class Tuning:
     # Streamed blobs in flight across every job of a service: what bounds its memory, at about
     # max_streams x targets x buffer_size, whatever the job concurrency. A read held back by its
     # source or its targets (see detach_after_s) gives its slot to a blob for other registries
-    # that waits for one, and goes on through buffers of two pieces.
+    # that waits for one, and goes on beside the limit (as many again at most: the worker's
+    # allowance), its buffers lowered to two pieces as they drain.
     max_streams: int = 8
     parallel_manifests: int = 8
     mount_candidates: int = 3
@@ -328,6 +329,8 @@ class ImageCopy:
     async def _fail(self, target: Target, error: BaseException) -> None:
         if not target.failed:
             target.failed = True
+            for idx, digest in [k for k in self._leads if k[0] == target.idx]:
+                self._end_lead(target, digest, False)
             if target.idx in self._complete:
                 self._complete[target.idx].set()
             async with self._settled:
@@ -477,6 +480,7 @@ class ImageCopy:
         for t in late:
             steps[t].cancel()
             t.slow = True
+            self._end_lead(t, blob.digest, False)  # it gets the blob later, on its own
             log.info("%s did not answer within %g s: it gets %s, and its later blobs, on its own",
                      t.client.name, self.tuning.preflight_wait_s, blob.digest[:19])
         if late:
@@ -533,14 +537,20 @@ class ImageCopy:
             await _gather_all(steps)
             return [t for step in steps for t in step.result()]
         finally:
-            for t in leading:  # those that got it were told so at once (see _blob_done)
-                end = self._leads.pop((t.idx, blob.digest), None)
-                if end is not None:
-                    end(False)
+            # Most were told as soon as their target had the blob, failed, or fell behind.
+            for t in leading:
+                self._end_lead(t, blob.digest, False)
+
+    def _end_lead(self, t: Target, digest: str, landed: bool) -> None:
+        """Tell the jobs waiting for t's upload of the blob whether it is there now."""
+        end = self._leads.pop((t.idx, digest), None)
+        if end is not None:
+            end(landed)
 
     async def _follow(self, t: Target, blob: Blob, up: Upload, alone: bool) -> list[Target]:
-        """Once another job's upload of the blob to t's registry has landed, mount it from there;
-        should that upload or the mount fail, the blob is sent after all."""
+        """Once another job's upload of the blob to t's registry has landed, mount it from there.
+        Should that upload fail, or the registry refuse the mount, the blob is sent after all;
+        an error answering the mount fails the target, as any step's does."""
         try:
             landed = await asyncio.shield(up.landed)
             if t.failed:
@@ -617,7 +627,7 @@ class ImageCopy:
             if not handed:
                 return late
             if shared_done is not None:
-                shared_done()  # every other sink is settled: the slots go
+                shared_done()  # every other sink is settled: the job's blob slot goes
             await _gather_all(handed)
         except Stopped:
             if handed:  # they stop at their own next chunk boundary
@@ -655,6 +665,9 @@ class ImageCopy:
                 sinks = [s for s in sinks if s.target in prompt]
             await asyncio.gather(*(opening[s.target] for s in sinks))  # what they raised beyond a RegistryError
             live = [s for s in sinks if s.error is None]
+            for s in sinks:
+                if s.error is not None:  # jobs waiting for this upload need not wait for a retry
+                    self._end_lead(s.target, blob.digest, False)
             held = sum(s.offset for s in live)
             try:
                 if live:
@@ -790,9 +803,7 @@ class ImageCopy:
 
     async def _blob_done(self, t: Target, blob: Blob) -> None:
         self.events.blob_progress(t.idx, blob.digest, blob.size)
-        end = self._leads.pop((t.idx, blob.digest), None)
-        if end is not None:
-            end(True)  # the jobs that waited for this upload mount the blob now
+        self._end_lead(t, blob.digest, True)  # the jobs that waited for this upload mount the blob now
         lacking = self._lacking.get(t.idx)
         if lacking is not None:
             lacking.discard(blob.digest)
@@ -890,6 +901,8 @@ class ImageCopy:
                 slot.release()
             if watch is not None:
                 watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch  # a failure of its own is a bug to hear of
             for reader in readers:
                 reader.cancel()
             # Waited for, not awaited: their failures reached the writers through the pipes, and
@@ -1042,40 +1055,40 @@ class ImageCopy:
                 return True
 
     async def _give_way_when_held(self, read: _Read, sinks: list[_Sink]) -> None:
-        while read.slot is not None and read.slot.held:
+        assert read.slot is not None
+        while read.slot.held:
             await asyncio.sleep(_GIVE_WAY_CHECK_S)
             self._give_way(read, sinks)
 
     def _give_way(self, read: _Read, sinks: list[_Sink]) -> None:
         """A read held back for detach_after_s, and for over three quarters of its time, by the
         source (every target waited for bytes) or by its targets (none did) gives its stream
-        slot to a blob bound for other registries, should one wait for it: a slow or hung
-        registry's jobs must not keep the others' from theirs. It goes on through buffers of
-        two pieces, as a slow target's own reads do."""
+        slot way to a blob bound for other registries, should one wait for it: a slow or hung
+        registry's jobs must not keep the others' from theirs. It goes on beside the count (at
+        most max_streams such reads at once), its buffers lowered to two pieces as they drain."""
         after = self.tuning.detach_after_s
-        if read.slot is None or not read.slot.held or after <= 0:
+        slot = read.slot
+        if slot is None or not slot.held or after <= 0:
             return
-        live = [s for s in sinks if s.pipe is not None and not s.pipe.closed]
+        live = [(s.target, s.pipe) for s in sinks if s.pipe is not None and not s.pipe.closed]
         if not live:
             return
         elapsed = asyncio.get_running_loop().time() - read.began
-        starved = [s.pipe.starved() for s in live if s.pipe is not None]
-        fed = elapsed - max(starved)  # while every target had bytes to send
+        starved = [pipe.starved() for _, pipe in live]
+        fed = elapsed - sum(starved)  # at least this long, every target had bytes to send
         if fed >= after and fed * 4 > elapsed * 3:
-            slow = {s.target.client.key for s in live}
-            names, held = sorted({s.target.client.name for s in live}), fed
+            slow = {t.client.key for t, _ in live}
+            names, held = sorted({t.client.name for t, _ in live}), fed
         elif min(starved) >= after and min(starved) * 4 > elapsed * 3:
             slow, names, held = {self.source.client.key}, [self.source.client.name], min(starved)
         else:
             return  # going well, or its targets differ in pace (one holding the others back leaves it: see _put)
-        if not self.streams.wanted_beyond(slow):
+        if not slot.give_way(slow):
             return
-        read.slot.release(avoid=slow)
-        for s in live:
-            if s.pipe is not None:
-                s.pipe.limit = min(s.pipe.limit, self._small_buffer)
+        for _, pipe in live:
+            pipe.limit = min(pipe.limit, self._small_buffer)
         log.info("%s held a read back for %.1f s of %.1f: it gives its stream slot to another registry's blob and goes "
-                 "on through %g MiB buffers", ", ".join(names), held, elapsed, self._small_buffer / MiB)
+                 "on beside the limit, through %g MiB buffers", ", ".join(names), held, elapsed, self._small_buffer / MiB)
 
     async def _write_target(self, blob: Blob, s: _Sink) -> None:
         t = s.target
@@ -1109,6 +1122,7 @@ class ImageCopy:
         except (RegistryError, SourceError, Stopped, PipeClosed, EOFError, DigestMismatch) as exc:
             # A request whose body failed reports a connection error: the reader's own is the reason.
             s.error = s.pipe.error or exc
+            self._end_lead(t, blob.digest, False)  # jobs waiting for this upload need not wait for a retry
             if isinstance(exc, RegistryError) and exc.status in (405, 501) and not s.monolithic:
                 s.monolithic, s.location = True, None
             elif isinstance(exc, RegistryError) and (exc.status == 416 or exc.code == "DIGEST_INVALID"):

@@ -134,7 +134,8 @@ class Worker:
         self.challenges = ChallengeCache()
         self.tokens = TokenCache()
         self.repos = KnownRepositories()
-        self.streams = Slots(settings.tuning.max_streams)
+        # As many reads again may go on beside the limit, once they gave their slot way.
+        self.streams = Slots(settings.tuning.max_streams, spare=settings.tuning.max_streams)
         self.uploads = InFlight()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()

@@ -20,7 +20,9 @@ import pytest
 from pydlit.registry.client import RetryPolicy
 from pydlit.registry.errors import RegistryError
 from pydlit.registry.manifests import OCI_MANIFEST, Blob, Manifest, Tree, sha256_digest
+import pydlit.transfer as transfer
 from pydlit.inflight import InFlight
+from pydlit.pipe import Pipe
 from pydlit.slots import Slots
 from pydlit.transfer import ImageCopy, MemoryEvents, Source, Target, Tuning
 
@@ -379,7 +381,7 @@ async def _held_back_then_another(held: ImageCopy, other: ImageCopy) -> tuple[fl
 
 
 async def test_a_read_held_back_by_a_slow_registry_gives_its_stream_slot_to_another_registrys_blob() -> None:
-    streams = Slots(1)
+    streams = Slots(1, spare=1)
     held, other = await _held_back_then_another(
         _job(PacedTarget("slow.test", 0.03), streams), _job(PacedTarget("fast.test", 0.0), streams))
     # Given the slot once the slow read had been held back for detach_after_s (0.3 s), not
@@ -389,14 +391,14 @@ async def test_a_read_held_back_by_a_slow_registry_gives_its_stream_slot_to_anot
 
 async def test_a_read_for_a_slow_registry_keeps_its_slot_from_another_read_for_it() -> None:
     # A second read for the same registry would go no faster, and hold memory beside the first.
-    streams = Slots(1)
+    streams = Slots(1, spare=1)
     held, other = await _held_back_then_another(
         _job(PacedTarget("slow.test", 0.03), streams), _job(PacedTarget("slow.test", 0.0), streams))
     assert other >= held, (other, held)
 
 
 async def test_a_read_held_back_by_a_slow_source_gives_its_stream_slot_to_a_blob_from_another() -> None:
-    streams = Slots(1)
+    streams = Slots(1, spare=1)
     held, other = await _held_back_then_another(
         _job(PacedTarget("reg.test", 0.0), streams, PacedSource("far.test", 0.03)),
         _job(PacedTarget("reg.test", 0.0), streams))
@@ -404,11 +406,47 @@ async def test_a_read_held_back_by_a_slow_source_gives_its_stream_slot_to_a_blob
 
 
 async def test_a_read_from_a_slow_source_keeps_its_slot_from_another_read_from_it() -> None:
-    streams = Slots(1)
+    streams = Slots(1, spare=1)
     held, other = await _held_back_then_another(
         _job(PacedTarget("reg.test", 0.0), streams, PacedSource("far.test", 0.03)),
         _job(PacedTarget("other.test", 0.0), streams, PacedSource("far.test", 0.0)))
     assert other >= held, (other, held)
+
+
+class HungTarget(PacedTarget):
+    """Takes nothing until woken: a registry that stopped answering mid-upload."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, 0.0)
+        self.wake = asyncio.Event()
+
+    async def finish_upload(self, location: str, repo: str, digest: str, body: AsyncIterator[bytes], length: int = 0) -> None:
+        await self.wake.wait()
+        await super().finish_upload(location, repo, digest, body, length)
+
+
+async def test_reads_that_gave_their_slot_way_are_bounded_by_the_allowance(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Five jobs to five hung registries, one stream and one read allowed beside it: two buffers
+    # are held at most, however many jobs wait.
+    pipes: list[Pipe] = []
+
+    class Recorded(Pipe):
+        def __init__(self, limit: int) -> None:
+            super().__init__(limit)
+            pipes.append(self)
+
+    monkeypatch.setattr(transfer, "Pipe", Recorded)
+    streams = Slots(1, spare=1)
+    targets = [HungTarget(f"hung{i}.test") for i in range(5)]
+    jobs = [_job(t, streams) for t in targets]
+    copying = asyncio.ensure_future(asyncio.gather(*(j._copy_blob(BLOB, j.targets) for j in jobs)))
+    await asyncio.sleep(2)
+    held, reading = sum(p.held for p in pipes), sum(1 for p in pipes if p.held)
+    for t in targets:
+        t.wake.set()
+    await asyncio.wait_for(copying, 30)
+    assert all(t.received == {BLOB.digest: DATA} for t in targets)
+    assert reading == 2 and held <= 2 * TUNING.buffer_size, (reading, held)
 
 
 # -- uploads another job leads ----------------------------------------------------------------------
@@ -480,3 +518,29 @@ async def test_a_job_reading_another_source_does_not_wait_for_an_upload_from_els
     await _two_jobs(leader, follower, source_of_follower="elsewhere.test")
     assert follower.mounted == [] and follower.received == {BLOB.digest: DATA}
     assert follower.done_at[BLOB.digest] < leader.done_at[BLOB.digest], (follower.done_at, leader.done_at)
+
+
+class RefusesToOpen(PacedTarget):
+    async def start_upload(self, repo: str) -> str:
+        raise RegistryError(self.name, "start upload", "denied", status=403, code="DENIED")
+
+
+async def test_a_job_is_told_at_once_that_the_upload_it_waits_for_failed() -> None:
+    # The leading job's target at that registry is refused at once; its other target takes
+    # about 3 s: the waiting job must not wait for that one.
+    uploads = InFlight()
+    refused, slow = RefusesToOpen("reg.test", 0.0), PacedTarget("slow.test", 0.05)
+    first = ImageCopy(Source(StandInSource(), "r", "v1"), [Target(0, refused, "r1", "v1"), Target(1, slow, "r1", "v1")],  # type: ignore[arg-type]
+                      MemoryEvents(), asyncio.Event(), TUNING, uploads=uploads)
+    follower = MountingTarget("reg.test", 0.0)
+    second = ImageCopy(Source(StandInSource(), "r", "v1"), [Target(0, follower, "r2", "v1")],  # type: ignore[arg-type]
+                       MemoryEvents(), asyncio.Event(), TUNING, uploads=uploads)
+    for copy in (first, second):
+        for t in copy.targets:
+            copy._lacking[t.idx] = {BLOB.digest}
+            copy._complete[t.idx] = asyncio.Event()
+    leading = asyncio.ensure_future(first._copy_blob(BLOB, first.targets))
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(asyncio.gather(leading, second._copy_blob(BLOB, second.targets)), 30)
+    assert follower.received == {BLOB.digest: DATA} and follower.mounted == []
+    assert follower.done_at[BLOB.digest] < slow.done_at[BLOB.digest] - 1.5, (follower.done_at, slow.done_at)

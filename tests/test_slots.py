@@ -1,5 +1,5 @@
-"""The slots blob copies take: counted, handed on in turn, and given back early to the work of
-other registries than a slow one."""
+"""The slots blob copies take: counted, handed on in turn, and given way to the work of other
+registries than a slow one, within an allowance."""
 from __future__ import annotations
 
 import asyncio
@@ -38,21 +38,6 @@ async def test_a_slot_is_handed_to_the_waiters_in_turn() -> None:
         assert again.held
 
 
-async def test_a_slot_given_back_by_a_slow_registry_goes_to_work_bound_elsewhere_first() -> None:
-    slots = Slots(1)
-    slow = slots.take({"slow"})
-    await slow.acquire()
-    same, for_slow = await _waiting(slots, {"slow", "b"})
-    other, for_other = await _waiting(slots, {"c"})
-    assert slots.wanted_beyond({"slow"}) and not slots.wanted_beyond({"slow", "c"})
-    slow.release(avoid={"slow"})
-    await asyncio.wait_for(for_other, 1)
-    assert other.held and not for_slow.done()
-    other.release()
-    await asyncio.wait_for(for_slow, 1)
-    assert same.held
-
-
 async def test_a_waiter_cancelled_as_the_slot_reaches_it_passes_the_slot_on() -> None:
     slots = Slots(1)
     holder = slots.take()
@@ -63,3 +48,46 @@ async def test_a_waiter_cancelled_as_the_slot_reaches_it_passes_the_slot_on() ->
     cancelled.cancel()
     await asyncio.wait_for(waiting, 1)
     assert last.held and cancelled.cancelled()
+
+
+async def test_a_newcomer_is_not_left_waiting_beside_a_free_slot() -> None:
+    # A waiter is cancelled; before its task runs again the slot is freed and a newcomer asks.
+    slots = Slots(1)
+    holder = slots.take({"a"})
+    await holder.acquire()
+    cancelled = asyncio.ensure_future(slots.take({"a"}).acquire())
+    await asyncio.sleep(0)
+    go = asyncio.Event()
+    newcomer = slots.take({"b"})
+
+    async def come() -> None:
+        await go.wait()
+        await newcomer.acquire()
+
+    coming = asyncio.ensure_future(come())
+    await asyncio.sleep(0)
+    go.set()  # in one turn of the loop: the newcomer asks, then the cancelled waiter leaves
+    cancelled.cancel()
+    holder.release()
+    await asyncio.wait_for(coming, 1)
+    assert newcomer.held and cancelled.cancelled()
+
+
+async def test_a_slot_gives_way_to_other_registries_within_the_spare_allowance() -> None:
+    slots = Slots(1, spare=1)
+    first = slots.take({"slow"})
+    await first.acquire()
+    assert not first.give_way({"slow"})  # nobody waits
+    same, for_same = await _waiting(slots, {"slow"})
+    assert not first.give_way({"slow"})  # only work for the slow registry waits
+    other, for_other = await _waiting(slots, {"fast"})
+    assert first.give_way({"slow"})
+    await asyncio.wait_for(for_other, 1)
+    assert other.held and not first.held and not for_same.done()
+    assert slots.wanted_beyond({"fast"}) and not slots.wanted_beyond({"fast", "slow"})
+    # The allowance is spent while the first one's work goes on beside the count.
+    assert not other.give_way({"fast"})
+    first.release()  # its work ended: the allowance is back
+    assert other.give_way({"fast"})
+    await asyncio.wait_for(for_same, 1)
+    assert same.held
