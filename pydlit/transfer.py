@@ -329,7 +329,7 @@ class ImageCopy:
     async def _fail(self, target: Target, error: BaseException) -> None:
         if not target.failed:
             target.failed = True
-            for idx, digest in [k for k in self._leads if k[0] == target.idx]:
+            for _, digest in [k for k in self._leads if k[0] == target.idx]:
                 self._end_lead(target, digest, False)
             if target.idx in self._complete:
                 self._complete[target.idx].set()
@@ -537,7 +537,8 @@ class ImageCopy:
             await _gather_all(steps)
             return [t for step in steps for t in step.result()]
         finally:
-            # Most were told as soon as their target had the blob, failed, or fell behind.
+            # Most were told as soon as their target had the blob, failed, fell behind, or met
+            # an error it will not retry.
             for t in leading:
                 self._end_lead(t, blob.digest, False)
 
@@ -551,10 +552,18 @@ class ImageCopy:
         """Once another job's upload of the blob to t's registry has landed, mount it from there.
         Should that upload fail, or the registry refuse the mount, the blob is sent after all;
         an error answering the mount fails the target, as any step's does."""
+        landing = asyncio.shield(up.landed)
+        # Woken too should the target fail meanwhile, on another blob: then it waits no more.
+        failing = asyncio.ensure_future(self._complete[t.idx].wait())
         try:
-            landed = await asyncio.shield(up.landed)
-            if t.failed:
-                return []  # meanwhile, on another blob
+            await asyncio.wait([landing, failing], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            landing.cancel()
+            failing.cancel()
+        if t.failed:
+            return []
+        try:
+            landed = up.landed.done() and up.landed.result()
             if landed and (up.repo == t.repo or await t.client.mount_blob(t.repo, blob.digest, up.repo)):
                 log.info("%s at %s: mounted from %s, where another job had just uploaded it", blob.digest[:19],
                          t.client.name, up.repo)
@@ -666,7 +675,7 @@ class ImageCopy:
             await asyncio.gather(*(opening[s.target] for s in sinks))  # what they raised beyond a RegistryError
             live = [s for s in sinks if s.error is None]
             for s in sinks:
-                if s.error is not None:  # jobs waiting for this upload need not wait for a retry
+                if s.error is not None and not _retryable(s.error):  # it fails: nobody waits for it
                     self._end_lead(s.target, blob.digest, False)
             held = sum(s.offset for s in live)
             try:
@@ -901,13 +910,11 @@ class ImageCopy:
                 slot.release()
             if watch is not None:
                 watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watch  # a failure of its own is a bug to hear of
             for reader in readers:
                 reader.cancel()
             # Waited for, not awaited: their failures reached the writers through the pipes, and
             # a cancellation of this copy itself must still get through.
-            await asyncio.wait([_unwatched(r) for r in readers])
+            await asyncio.wait([_unwatched(r) for r in [*readers, *([watch] if watch is not None else [])]])
         if verified.done() and not verified.cancelled() and verified.exception() is None and verified.result() is False:
             raise DigestMismatch()
 
@@ -1022,6 +1029,7 @@ class ImageCopy:
                 s.detached = s.target.slow = True
                 left.set()
                 s.verified = _verdict()
+                s.pipe.limit = min(s.pipe.limit, self._small_buffer)  # as a slow target's own reads are
                 log.info("%s held the read of %s back for %.1f s; it reads the rest, from byte %d, on its own",
                          s.target.client.name, blob.digest[:19], s.held_back, pos + cut)
                 readers.append(asyncio.create_task(self._read_source(blob, pos + cut, [s], s.verified, readers, left)))
@@ -1064,8 +1072,8 @@ class ImageCopy:
         """A read held back for detach_after_s, and for over three quarters of its time, by the
         source (every target waited for bytes) or by its targets (none did) gives its stream
         slot way to a blob bound for other registries, should one wait for it: a slow or hung
-        registry's jobs must not keep the others' from theirs. It goes on beside the count (at
-        most max_streams such reads at once), its buffers lowered to two pieces as they drain."""
+        registry's jobs must not keep the others' from theirs. It goes on beside the count (within
+        the service's allowance), its buffers lowered to two pieces as they drain."""
         after = self.tuning.detach_after_s
         slot = read.slot
         if slot is None or not slot.held or after <= 0:
@@ -1122,7 +1130,8 @@ class ImageCopy:
         except (RegistryError, SourceError, Stopped, PipeClosed, EOFError, DigestMismatch) as exc:
             # A request whose body failed reports a connection error: the reader's own is the reason.
             s.error = s.pipe.error or exc
-            self._end_lead(t, blob.digest, False)  # jobs waiting for this upload need not wait for a retry
+            if not _retryable(s.error):  # it fails: nobody waits for it (a retry is still waited for)
+                self._end_lead(t, blob.digest, False)
             if isinstance(exc, RegistryError) and exc.status in (405, 501) and not s.monolithic:
                 s.monolithic, s.location = True, None
             elif isinstance(exc, RegistryError) and (exc.status == 416 or exc.code == "DIGEST_INVALID"):

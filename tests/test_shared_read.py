@@ -544,3 +544,50 @@ async def test_a_job_is_told_at_once_that_the_upload_it_waits_for_failed() -> No
     await asyncio.wait_for(asyncio.gather(leading, second._copy_blob(BLOB, second.targets)), 30)
     assert follower.received == {BLOB.digest: DATA} and follower.mounted == []
     assert follower.done_at[BLOB.digest] < slow.done_at[BLOB.digest] - 1.5, (follower.done_at, slow.done_at)
+
+
+class QuickRetrySource(StandInSource):
+    policy = RetryPolicy(base_delay=0.01)
+
+
+async def test_a_job_waits_out_the_retry_of_the_upload_it_follows() -> None:
+    # The leading job's commit meets one 503; its retry lands: the other job mounts the blob
+    # then, instead of sending the registry a copy of its own.
+    uploads = InFlight()
+    leader, follower = FailsOnceAtTheEnd("reg.test", 0.01), MountingTarget("reg.test", 0.0)
+    copies = [
+        ImageCopy(Source(QuickRetrySource(), "r", "v1"), [Target(0, t, repo, "v1")],  # type: ignore[arg-type]
+                  MemoryEvents(), asyncio.Event(), TUNING, uploads=uploads)
+        for t, repo in ((leader, "r1"), (follower, "r2"))
+    ]
+    for copy in copies:
+        copy._lacking[0] = {BLOB.digest}
+        copy._complete[0] = asyncio.Event()
+    leading = asyncio.ensure_future(copies[0]._copy_blob(BLOB, copies[0].targets))
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(asyncio.gather(leading, copies[1]._copy_blob(BLOB, copies[1].targets)), 30)
+    assert leader.received == {BLOB.digest: DATA} and leader.tries == 2
+    assert follower.mounted == ["r1"] and follower.received == {}
+
+
+async def test_a_job_whose_target_fails_meanwhile_waits_no_more_for_the_upload_it_follows() -> None:
+    uploads = InFlight()
+    leader, follower = PacedTarget("reg.test", 0.03), MountingTarget("reg.test", 0.0)  # ~2 s upload
+    copies = [
+        ImageCopy(Source(StandInSource(), "r", "v1"), [Target(0, t, repo, "v1")],  # type: ignore[arg-type]
+                  MemoryEvents(), asyncio.Event(), TUNING, uploads=uploads)
+        for t, repo in ((leader, "r1"), (follower, "r2"))
+    ]
+    for copy in copies:
+        copy._lacking[0] = {BLOB.digest}
+        copy._complete[0] = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    leading = asyncio.ensure_future(copies[0]._copy_blob(BLOB, copies[0].targets))
+    await asyncio.sleep(0.1)
+    following = asyncio.ensure_future(copies[1]._copy_blob(BLOB, copies[1].targets))
+    await asyncio.sleep(0.2)
+    failed_at = loop.time()
+    await copies[1]._fail(copies[1].targets[0], RegistryError("reg.test", "push manifest", "denied", status=403))
+    await asyncio.wait_for(following, 30)
+    assert loop.time() - failed_at < 0.5 and follower.mounted == []
+    await leading

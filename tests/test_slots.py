@@ -3,6 +3,7 @@ registries than a slow one, within an allowance."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
@@ -91,3 +92,55 @@ async def test_a_slot_gives_way_to_other_registries_within_the_spare_allowance()
     assert other.give_way({"fast"})
     await asyncio.wait_for(for_same, 1)
     assert same.held
+
+
+async def test_the_counts_hold_under_random_takes_cancels_releases_and_give_ways() -> None:
+    # Whatever happens in whatever order: held + free == count, beside + allowance == spare, and
+    # no live waiter waits beside a free slot.
+    rng = random.Random(7)
+    for _ in range(200):
+        count, spare = rng.randint(1, 3), rng.randint(0, 3)
+        slots = Slots(count, spare=spare)
+        holding: list[Slot] = []
+        beside: list[Slot] = []
+        asking: list[tuple[Slot, asyncio.Task[None]]] = []
+
+        def settle() -> None:
+            for slot, task in list(asking):
+                if task.done():
+                    asking.remove((slot, task))
+                    if not task.cancelled() and slot.held:
+                        holding.append(slot)
+
+        for _step in range(60):
+            op = rng.random()
+            if op < 0.35:
+                slot = slots.take({rng.choice("ab")})
+                asking.append((slot, asyncio.ensure_future(slot.acquire())))
+            elif op < 0.5 and asking:
+                rng.choice(asking)[1].cancel()
+            elif op < 0.7 and holding:
+                slot = holding.pop(rng.randrange(len(holding)))
+                slot.release()
+                slot.release()
+            elif op < 0.85 and holding:
+                slot = rng.choice(holding)
+                if slot.give_way({rng.choice("ab")}):
+                    holding.remove(slot)
+                    beside.append(slot)
+            elif beside:
+                slot = beside.pop(rng.randrange(len(beside)))
+                slot.release()
+                slot.release()
+            for _ in range(rng.randint(0, 2)):
+                await asyncio.sleep(0)
+            settle()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        settle()
+        assert len(holding) + slots._free == count, (len(holding), slots._free, count)
+        assert len(beside) + slots._spare == spare
+        assert not (slots._free > 0 and any(not fut.done() for fut, _ in slots._waiters))
+        for _, task in asking:
+            task.cancel()
+        await asyncio.sleep(0)
