@@ -475,19 +475,29 @@ class MountingTarget(PacedTarget):
         return not self.refuses
 
 
-async def _two_jobs(leader: PacedTarget, follower: MountingTarget, source_of_follower: str = "source.test") -> None:
-    """Two jobs copy the blob to repositories r1 and r2 of one registry; the second starts while
-    the first sends it."""
+def _leader_and_follower(
+    leader: PacedTarget, follower: PacedTarget, source_of_follower: str = "source.test",
+    source: type[StandInSource] = StandInSource,
+) -> tuple[ImageCopy, ImageCopy]:
+    """Two jobs that copy the blob to repositories r1 and r2 of one registry, with the service's
+    uploads in flight between them."""
     uploads = InFlight()
-    first = ImageCopy(Source(StandInSource(), "r", "v1"), [Target(0, leader, "r1", "v1")],  # type: ignore[arg-type]
-                      MemoryEvents(), asyncio.Event(), TUNING, uploads=uploads)
-    other_source = StandInSource()
-    other_source.key = source_of_follower
-    second = ImageCopy(Source(other_source, "r", "v1"), [Target(0, follower, "r2", "v1")],  # type: ignore[arg-type]
-                       MemoryEvents(), asyncio.Event(), TUNING, uploads=uploads)
-    for copy in (first, second):
+    copies = []
+    for target, repo, key in ((leader, "r1", StandInSource.key), (follower, "r2", source_of_follower)):
+        src = source()
+        src.key = key
+        copy = ImageCopy(Source(src, "r", "v1"), [Target(0, target, repo, "v1")],  # type: ignore[arg-type]
+                         MemoryEvents(), asyncio.Event(), TUNING, uploads=uploads)
         copy._lacking[0] = {BLOB.digest}
         copy._complete[0] = asyncio.Event()
+        copies.append(copy)
+    return copies[0], copies[1]
+
+
+async def _two_jobs(leader: PacedTarget, follower: MountingTarget, source_of_follower: str = "source.test",
+                    source: type[StandInSource] = StandInSource) -> None:
+    """The second job starts while the first sends the blob."""
+    first, second = _leader_and_follower(leader, follower, source_of_follower, source)
     leading = asyncio.ensure_future(first._copy_blob(BLOB, first.targets))
     await asyncio.sleep(0.1)
     await asyncio.wait_for(asyncio.gather(leading, second._copy_blob(BLOB, second.targets)), 30)
@@ -553,41 +563,22 @@ class QuickRetrySource(StandInSource):
 async def test_a_job_waits_out_the_retry_of_the_upload_it_follows() -> None:
     # The leading job's commit meets one 503; its retry lands: the other job mounts the blob
     # then, instead of sending the registry a copy of its own.
-    uploads = InFlight()
     leader, follower = FailsOnceAtTheEnd("reg.test", 0.01), MountingTarget("reg.test", 0.0)
-    copies = [
-        ImageCopy(Source(QuickRetrySource(), "r", "v1"), [Target(0, t, repo, "v1")],  # type: ignore[arg-type]
-                  MemoryEvents(), asyncio.Event(), TUNING, uploads=uploads)
-        for t, repo in ((leader, "r1"), (follower, "r2"))
-    ]
-    for copy in copies:
-        copy._lacking[0] = {BLOB.digest}
-        copy._complete[0] = asyncio.Event()
-    leading = asyncio.ensure_future(copies[0]._copy_blob(BLOB, copies[0].targets))
-    await asyncio.sleep(0.1)
-    await asyncio.wait_for(asyncio.gather(leading, copies[1]._copy_blob(BLOB, copies[1].targets)), 30)
+    await _two_jobs(leader, follower, source=QuickRetrySource)
     assert leader.received == {BLOB.digest: DATA} and leader.tries == 2
     assert follower.mounted == ["r1"] and follower.received == {}
 
 
 async def test_a_job_whose_target_fails_meanwhile_waits_no_more_for_the_upload_it_follows() -> None:
-    uploads = InFlight()
     leader, follower = PacedTarget("reg.test", 0.03), MountingTarget("reg.test", 0.0)  # ~2 s upload
-    copies = [
-        ImageCopy(Source(StandInSource(), "r", "v1"), [Target(0, t, repo, "v1")],  # type: ignore[arg-type]
-                  MemoryEvents(), asyncio.Event(), TUNING, uploads=uploads)
-        for t, repo in ((leader, "r1"), (follower, "r2"))
-    ]
-    for copy in copies:
-        copy._lacking[0] = {BLOB.digest}
-        copy._complete[0] = asyncio.Event()
+    first, second = _leader_and_follower(leader, follower)
     loop = asyncio.get_running_loop()
-    leading = asyncio.ensure_future(copies[0]._copy_blob(BLOB, copies[0].targets))
+    leading = asyncio.ensure_future(first._copy_blob(BLOB, first.targets))
     await asyncio.sleep(0.1)
-    following = asyncio.ensure_future(copies[1]._copy_blob(BLOB, copies[1].targets))
+    following = asyncio.ensure_future(second._copy_blob(BLOB, second.targets))
     await asyncio.sleep(0.2)
     failed_at = loop.time()
-    await copies[1]._fail(copies[1].targets[0], RegistryError("reg.test", "push manifest", "denied", status=403))
+    await second._fail(second.targets[0], RegistryError("reg.test", "push manifest", "denied", status=403))
     await asyncio.wait_for(following, 30)
     assert loop.time() - failed_at < 0.5 and follower.mounted == []
     await leading
