@@ -4,7 +4,7 @@ Jobs that copy the same layers to one registry at once (one image to several rep
 separate jobs; images built on one base) would each send them. Instead the first to start leads
 the upload, and the others wait for it and mount the blob from its repository. Only a job that
 reads the same source registry follows: it would read the bytes at that pace itself. A job with
-an upload session of that blob to resume leads all the same: the later jobs follow it instead.
+an upload session of that blob to resume sends it all the same; later jobs follow the first.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ class InFlight:
         """Announce an upload; what to call, once, with whether the blob landed."""
         key = (registry, digest)
         up = Upload(repo, source, asyncio.get_running_loop().create_future())
-        self._live[key] = up
+        # One already led (a session to resume leads beside it) stays the one others follow.
+        self._live.setdefault(key, up)
 
         def end(landed: bool) -> None:
             if self._live.get(key) is up:
