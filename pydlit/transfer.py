@@ -562,16 +562,12 @@ class ImageCopy:
             failing.cancel()
         if t.failed:
             return []
-        try:
-            landed = up.landed.done() and up.landed.result()
-            if landed and (up.repo == t.repo or await t.client.mount_blob(t.repo, blob.digest, up.repo)):
-                log.info("%s at %s: mounted from %s, where another job had just uploaded it", blob.digest[:19],
-                         t.client.name, up.repo)
-                await self._blob_done(t, blob)
-                return []
-        except RegistryError as exc:
-            await self._fail(t, exc)
+        if up.landed.done() and up.landed.result() and await self._linked(t, blob, up.repo):
+            log.info("%s at %s: linked from %s, where another job had just uploaded it", blob.digest[:19],
+                     t.client.name, up.repo)
             return []
+        if t.failed:
+            return []  # the registry's answer to the mount
         self._check_stop()  # that upload may have ended for the same stop
         return await self._send_led(blob, [t], None, alone)
 
@@ -595,9 +591,14 @@ class ImageCopy:
             await self._settled.wait_for(lambda: blob.digest not in self._lacking[peer.idx] or peer.failed or sending.done())
         if blob.digest in self._lacking[peer.idx]:
             return False  # it failed there: `t` gets the bytes itself
+        return await self._linked(t, blob, peer.repo)
+
+    async def _linked(self, t: Target, blob: Blob, repo: str) -> bool:
+        """Whether `t` now holds the blob, linked from `repo` of its registry, which holds it:
+        mounted, or there already when it is t's own. An error answering fails `t`."""
         try:
-            # Other credentials may not read the peer's repository: the mount is then refused.
-            if peer.repo == t.repo or await t.client.mount_blob(t.repo, blob.digest, peer.repo):
+            # Other credentials may not read that repository: the mount is then refused.
+            if repo == t.repo or await t.client.mount_blob(t.repo, blob.digest, repo):
                 await self._blob_done(t, blob)
                 return True
         except RegistryError as exc:
