@@ -25,7 +25,7 @@ class Settings:
     lease_s: float = 30.0
     heartbeat_s: float = 1.0  # progress flush and lease renewal
     poll_s: float = 1.0  # how often an idle worker looks at the queue unprompted
-    stop_grace_s: float = 25.0  # a SIGTERM waits this long for chunk boundaries
+    stop_grace_s: float = 25.0  # a SIGTERM or a cancel waits this long for the chunks on their way
     stall_timeout_s: float = 60.0  # no byte for this long cuts a connection
     connections_per_host: int = 16
     retry: RetryPolicy = RetryPolicy()

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -62,7 +62,8 @@ class Tuning:
 
 
 class Stopped(Exception):
-    """The service is stopping; every upload in flight was checkpointed at a chunk boundary."""
+    """The job is stopping (the service is, or a user cancelled it); every upload in flight was
+    checkpointed at a chunk boundary."""
 
 
 class SourceError(Exception):
@@ -224,8 +225,50 @@ class ImageCopy:
         # Told whenever a target gets a blob or fails: what targets waiting to link a blob from
         # another target of their registry wait on.
         self._settled = asyncio.Condition()
+        # Requests carrying a blob's bytes by chunks, each with its checkpoint: what a stop
+        # waits for (see run).
+        self._carrying = 0
+        self._unloaded = asyncio.Event()
+        self._unloaded.set()
 
     async def run(self) -> None:
+        """Copy the image. A stop (a shutdown, a user's cancel) ends the copy with Stopped as soon
+        as no chunk is on its way: every upload session then stands at a checkpointed chunk
+        boundary, which a restart resumes and which a registry can delete. Distribution can do
+        neither with a session whose chunk was cut. Nothing else is waited for: not a retry's
+        sleep, nor a registry that does not answer."""
+        work = asyncio.ensure_future(self._run())
+        halt = asyncio.ensure_future(self._halt())
+        try:
+            await asyncio.wait([work, halt], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            halt.cancel()
+            if not work.done():
+                work.cancel()
+            await asyncio.wait([_unwatched(work), _unwatched(halt)])
+        if work.cancelled():
+            raise Stopped()
+        work.result()
+
+    async def _halt(self) -> None:
+        await self.stop.wait()
+        await self._unloaded.wait()
+
+    @contextlib.contextmanager
+    def _carry(self) -> Iterator[None]:
+        """Around a request that carries a blob's bytes and its checkpoint; none starts once the
+        copy is stopping."""
+        self._check_stop()
+        self._carrying += 1
+        self._unloaded.clear()
+        try:
+            yield
+        finally:
+            self._carrying -= 1
+            if not self._carrying:
+                self._unloaded.set()
+
+    async def _run(self) -> None:
         # The targets' tags are looked up while the source tree is read: one round trip less.
         heads = [asyncio.create_task(self._head_tag(t)) for t in self.targets]
         src = self.source
@@ -1106,19 +1149,20 @@ class ImageCopy:
             if s.offset == 0 and (s.monolithic or blob.size <= self.tuning.chunk_size):
                 # One request, nothing worth a checkpoint; the registry refuses bytes that do
                 # not hash to the digest, so a bad read is never committed.
-                body = _read_exact(s.pipe, blob.size)
-                await t.client.finish_upload(s.location, t.repo, blob.digest, body, blob.size)
-                UPLOADED.inc(blob.size)
-                s.done = True
-                await self._blob_done(t, blob)
+                with self._carry():  # to the checkpoint's end: a stop gives back no committed session
+                    body = _read_exact(s.pipe, blob.size)
+                    await t.client.finish_upload(s.location, t.repo, blob.digest, body, blob.size)
+                    UPLOADED.inc(blob.size)
+                    s.done = True
+                    await self._blob_done(t, blob)
                 return
             while s.offset < blob.size:
-                self._check_stop()
                 length = min(self.tuning.chunk_size, blob.size - s.offset)
-                s.location = await t.client.patch_chunk(s.location, t.repo, _read_exact(s.pipe, length), s.offset, length)
-                s.offset += length
-                UPLOADED.inc(length)
-                await self.events.save_upload(t.idx, blob.digest, s.location, s.offset)
+                with self._carry():
+                    s.location = await t.client.patch_chunk(s.location, t.repo, _read_exact(s.pipe, length), s.offset, length)
+                    s.offset += length
+                    UPLOADED.inc(length)
+                    await self.events.save_upload(t.idx, blob.digest, s.location, s.offset)
                 self.events.blob_progress(t.idx, blob.digest, s.offset)
             # Read now, not at the start: a sink that left the shared read has a verdict of its own.
             assert s.verified is not None

@@ -140,6 +140,10 @@ class Worker:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
+        # What tells each running job's copy to stop at its uploads' next chunk boundaries (a
+        # shutdown, a user's cancel), and when a user's cancel stops waiting for them.
+        self._stops: dict[str, asyncio.Event] = {}
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}
         # The CANCEL_REASONS each running job's task was cancelled for, first one first.
         self._cancels: dict[str, list[str]] = {}
         self._loop_task: asyncio.Task[None] | None = None
@@ -159,7 +163,11 @@ class Worker:
     def cancel(self, job_id: str, reason: str = "user") -> None:
         """Stop a job this worker runs, once per reason (the heartbeat repeats a DELETE every
         second): "user" ends it FAILED "cancelled" with its uploads cancelled, "shutdown" puts
-        it back in the queue, "lease" leaves it to its new owner."""
+        it back in the queue, "lease" leaves it to its new owner.
+
+        A user's cancel first lets every upload reach its chunk boundary, for stop_grace_s at
+        most: distribution can neither resume nor delete a session whose chunk was cut (its
+        bytes stay on its disk until the purge, a week later), and gives back one that was not."""
         task = self._running.get(job_id)
         if task is None or task.done():
             return
@@ -169,7 +177,12 @@ class Worker:
         reasons.append(reason)
         # A task cancelled before its first step dies before its first line, leaving the job
         # RUNNING with nobody to end it: it reads the reason when it starts instead.
-        if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:
+        if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:
+            return
+        if reasons == ["user"]:
+            self._stops[job_id].set()
+            self._deadlines[job_id] = asyncio.get_running_loop().call_later(self.settings.stop_grace_s, task.cancel)
+        else:
             task.cancel()
 
     async def _housekeeping(self) -> None:
@@ -192,6 +205,8 @@ class Worker:
             self._housekeeping_task.cancel()
         if self._loop_task:
             await self._loop_task
+        for stop in self._stops.values():
+            stop.set()
         tasks = list(self._running.values())
         if tasks:
             log.info("stopping: waiting for %d job(s) to reach a safe point", len(tasks))
@@ -219,6 +234,7 @@ class Worker:
                 log.warning("job %s: its lease had expired while it ran here", job.id)
                 continue
             if job is not None:
+                self._stops[job.id] = asyncio.Event()
                 task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
                 self._running[job.id] = task
                 task.add_done_callback(lambda _t, jid=job.id: self._job_done(jid))
@@ -229,6 +245,10 @@ class Worker:
     def _job_done(self, job_id: str) -> None:
         self._running.pop(job_id, None)
         self._cancels.pop(job_id, None)
+        self._stops.pop(job_id, None)
+        deadline = self._deadlines.pop(job_id, None)
+        if deadline is not None:
+            deadline.cancel()
         self._wake.set()
 
     async def _run(self, job: ClaimedJob) -> None:
@@ -261,11 +281,9 @@ class Worker:
             ending = Ending("FAILED", f"{len(failed)} of {n_targets} target(s) failed") if failed else Ending("FINISHED")
         except SourceError as exc:
             ending = Ending("FAILED", str(exc), NOT_COPIED)
-        except Stopped:
-            ending = REQUEUE
         except LeaseLost:
             log.warning("job %s: lease lost; another worker owns it now", job.id)
-        except asyncio.CancelledError:
+        except (Stopped, asyncio.CancelledError):
             ending = self._cancelled(job)
         except Exception as exc:  # a bug must fail one job, never the worker
             log.exception("job %s: internal error", job.id)
@@ -281,7 +299,8 @@ class Worker:
                 await self._settle(job.id, events, ending)
 
     def _cancelled(self, job: ClaimedJob) -> Ending | None:
-        """How a cancelled job ends, by the first reason it was cancelled for."""
+        """How a stopped or cancelled job ends, by the first reason it was cancelled for (none:
+        the service stopped)."""
         reasons = self._cancels.get(job.id)
         reason = reasons[0] if reasons else "user" if job.cancel_requested else "shutdown"
         if reason == "user":
@@ -374,6 +393,6 @@ class Worker:
             c.on_retry = functools.partial(_note_retry, events, [idx], "")
             targets.append(Target(idx, c, c.repository(t.get("image") or src["image"]), t.get("ref") or src["ref"], t.get("overwrite", False)))
         return ImageCopy(
-            source, targets, events, self._stop, self.settings.tuning, first_attempt=job.attempt == 1, streams=self.streams,
+            source, targets, events, self._stops[job.id], self.settings.tuning, first_attempt=job.attempt == 1, streams=self.streams,
             referrers=req.get("referrers", False), uploads=self.uploads,
         )

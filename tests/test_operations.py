@@ -135,6 +135,47 @@ def test_cancel_queued_running_and_ended_jobs(service_factory, proxy_factory, re
     assert image.total_bytes > 0
 
 
+def test_a_cancel_ends_chunks_cleanly_so_the_registry_frees_their_sessions(service_factory, proxy_factory, registries, repo_name):
+    # A chunk cut in the middle leaves distribution a session it can neither resume nor delete
+    # (BLOB_UPLOAD_INVALID): its bytes stay on the registry's disk until its purge, days later.
+    push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[12 * MiB], seed=41)
+    slow = proxy_factory(registries.target_a)
+    slow.rate_limit(2 * MiB, download=False, upload=True)
+    svc = service_factory(env={"PYDLIT_CHUNK_MIB": "3"})
+    job_id = svc.submit(job_body(registries.source, repo_name, "v1", [slow]))
+    wait_for(lambda: svc.status(job_id)["bytes_done"] >= 3 * MiB)  # a chunk in, the next on its way
+    assert registries.target_a.session_bytes(repo_name) > 3 * MiB
+
+    started = time.monotonic()
+    status, _ = call(svc, "DELETE", f"/api/distribute/image/{job_id}")
+    view = svc.wait(job_id, timeout=15)
+
+    assert status == 200 and (view["value"], view["error"]) == ("FAILED", "cancelled"), view
+    assert view["targets"][0]["error"] == "cancelled"
+    assert time.monotonic() - started < 5  # the chunk on its way had at most 1.5 s to go
+    assert registries.target_a.session_bytes(repo_name) == 0
+
+
+def test_a_cancel_during_a_retrys_wait_ends_the_job_at_once(service_factory, proxy_factory, registries, repo_name):
+    # No chunk is on its way: nothing to wait for, however long the registry asked to be left.
+    push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[12 * MiB], seed=42)
+    target = proxy_factory(registries.target_a)
+    target.fail_next(1, 503, methods="PATCH", retry_after=60)
+    svc = service_factory(env={"PYDLIT_CHUNK_MIB": "3"})
+    job_id = svc.submit(job_body(registries.source, repo_name, "v1", [target]))
+    wait_for(lambda: target.count("PATCH") == 1)
+    time.sleep(0.3)
+
+    started = time.monotonic()
+    status, _ = call(svc, "DELETE", f"/api/distribute/image/{job_id}")
+    view = svc.wait(job_id, timeout=15)
+
+    assert status == 200 and (view["value"], view["error"]) == ("FAILED", "cancelled"), view
+    assert time.monotonic() - started < 3
+    assert target.count("PATCH") == 1 and target.count("DELETE") == 1
+    assert registries.target_a.session_bytes(repo_name) == 0
+
+
 def test_cancel_during_a_small_blob_read_gives_its_upload_session_back(service, proxy_factory, registries, repo_name):
     image = push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[20_000, 30_000], seed=34)
     blobs = len(image.blobs)

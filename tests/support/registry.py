@@ -157,6 +157,12 @@ class Registry:
     def log_tail(self, max_bytes: int = 4000) -> str:
         return tail(self.log_path, max_bytes)
 
+    def session_bytes(self, repo: str) -> int:
+        """Bytes held in the repository's upload sessions (a DELETE leaves a session's 108-byte
+        hash state behind, not its data)."""
+        root = self.storage_dir / "docker/registry/v2/repositories" / repo / "_uploads"
+        return sum(f.stat().st_size for f in root.glob("*/data"))
+
     def __enter__(self) -> "Registry":
         return self.start()
 
