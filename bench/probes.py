@@ -23,6 +23,10 @@
         from 3 s in; with --slow-source, that registry is their source and serves at that rate),
         then, 3 s in, one job copying a 64 MiB image (4 layers) between healthy registries: how
         long that job took, while the service's stream slots were wanted by both.
+    python bench/probes.py cancel [--targets 3] [--at 0.4] [--rev REV]
+        One job copying a 512 MiB image (4 layers) to several registries, cancelled (DELETE) once
+        that share of it is sent: how long the job took to end, and the bytes its upload
+        sessions still hold on the registries' disks once it has.
 
 Everything runs on 127.0.0.1, with the registries and the service of bench.py.
 """
@@ -265,6 +269,37 @@ def slow_jobs(root: Path, jobs: int, rate_mib: float, hang: bool, from_slow: boo
         regs.sweep()
 
 
+def cancel(root: Path, targets: int, at: float, rev: str | None) -> None:
+    Service.code_dir, described = snapshot_code(root, rev)
+    regs = Registries(root)
+    source = regs.new("source")
+    image = push_image(source, "cancel/img", "v1", layer_sizes=(128 * 1024 * 1024,) * 4, seed=9000)
+    sinks = [regs.new(f"cancel-{i}") for i in range(targets)]
+    try:
+        with Service(root, {}, "cancel") as svc:
+            job = svc.proc.submit(body_for(source, "cancel/img", "v1", [(reg, "cancel/out") for reg in sinks]))
+            status: dict = {}
+            for _ in range(60_000):
+                status = svc.proc.status(job)
+                if status["bytes_done"] >= at * status["bytes_total"] > 0 or job_state(status) != "RUNNING":
+                    break
+                time.sleep(0.02)
+            sent = status["bytes_done"]
+            began = time.monotonic()
+            svc.proc._call("DELETE", f"/api/distribute/image/{job}")
+            status = svc.proc.wait(job, timeout=120.0)
+            took = time.monotonic() - began
+        held = sum(reg.session_bytes("cancel/out") for reg in sinks)
+        print(f"pydlit: {described}")
+        print(f"{image.total_bytes / 2**20:.0f} MiB (4 layers) to {targets} registries, cancelled with "
+              f"{sent / 2**20:.0f} MiB of {status['bytes_total'] / 2**20:.0f} MiB sent: {job_state(status)} "
+              f"({status['error']}) {took:.2f} s after the DELETE; the registries' upload sessions still hold "
+              f"{held / 2**20:.1f} MiB")
+    finally:
+        regs.drop([source, *sinks])
+        regs.sweep()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="probe", required=True)
@@ -290,6 +325,10 @@ def main() -> int:
     jobs.add_argument("--hang", action="store_true", help="the slow registry answers no new request from 3 s in")
     jobs.add_argument("--slow-source", action="store_true", help="the slow registry is the jobs' source, not their target")
     jobs.add_argument("--rev", default=None, help="a git revision's pydlit/ instead of the work tree")
+    stop = sub.add_parser("cancel")
+    stop.add_argument("--targets", type=int, default=3)
+    stop.add_argument("--at", type=float, default=0.4, help="the share of the job sent when it is cancelled")
+    stop.add_argument("--rev", default=None, help="a git revision's pydlit/ instead of the work tree")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="pydlit-probe-") as tmp:
         if args.probe == "registry-cost":
@@ -298,6 +337,8 @@ def main() -> int:
             long_link(Path(tmp), args.latency_ms / 1000, args.jobs, args.rev)
         elif args.probe == "slow-target":
             slow_target(Path(tmp), args.targets, args.rate_mib, args.hang, args.rev)
+        elif args.probe == "cancel":
+            cancel(Path(tmp), args.targets, args.at, args.rev)
         elif args.probe == "slow-jobs":
             slow_jobs(Path(tmp), args.jobs, args.rate_mib, args.hang, args.slow_source, args.rev)
         else:
