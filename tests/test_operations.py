@@ -26,7 +26,7 @@ from aiohttp import web
 from support.images import manifest_digest, push_image
 from support.proxy import FaultProxy
 from support.registry import free_port
-from support.service import job_body
+from support.service import job_body, wait_for
 
 from pydlit.registry.client import RetryPolicy
 from pydlit.secretbox import SecretBox, SecretError
@@ -52,18 +52,6 @@ def call(svc, method, path, token=None, data=None):
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, exc.read()
-
-
-def wait_for(predicate, timeout=30.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / step) + 1):
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            break
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def test_api_token_guards_every_call_but_health(service_factory):

@@ -20,7 +20,7 @@ from aiohttp import web
 from support.images import Image, assert_same_tree, push_image, read_back
 from support.proxy import FaultProxy, classify
 from support.regclient import RegistryHTTP
-from support.service import ServiceProcess, job_body, job_state
+from support.service import ServiceProcess, job_body, job_state, wait_for
 
 MiB = 1 << 20
 CHUNK = 4 * MiB  # PYDLIT_CHUNK_MIB=4 below
@@ -453,6 +453,31 @@ def test_sigterm_mid_transfer_checkpoints_requeues_and_resumes(
 
     sent = restart_and_finish(service, target, job, image, registries.target_a, repo_name, "SIGTERM")
     assert sent <= 1.05 * image.total_bytes
+
+
+def test_sigterm_while_a_target_is_waited_for_exits_at_once_and_resumes(
+    registries, proxy_factory, service_factory, repo_name
+):
+    # The registry asked for a minute's pause after a chunk: no chunk is on its way, so the stop
+    # has nothing to wait for.
+    image = push_image(registries.source, repo_name, "v1", layer_sizes=BIG_LAYERS[:1], seed=4112)
+    target = proxy_factory(registries.target_a)
+    target.rate_limit(8 * MiB, download=False)
+    service = service_factory(env=service_env())
+    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+    wait_for(lambda: target.count("PATCH", "upload_patch") >= 2)
+    target.fail_next(1, 503, methods="PATCH", retry_after=60)
+    wait_for(lambda: any(r.fault for r in target.requests))
+
+    stopping = time.monotonic()
+    code = service.stop(signal.SIGTERM, timeout=30)
+    took = time.monotonic() - stopping
+
+    assert code == 0 and took < 5, f"SIGTERM exit code {code} after {took:.1f}s\n{service.log_tail()}"
+    (row,) = db_rows(service.db_path, "SELECT state FROM jobs WHERE id = ?", job)
+    assert row["state"] == "QUEUED"
+    sent = restart_and_finish(service, target, job, image, registries.target_a, repo_name, "SIGTERM in a retry's wait")
+    assert sent <= image.total_bytes + CHUNK  # at most the refused chunk again
 
 
 def test_a_session_whose_offset_the_registry_misreports_is_started_over(

@@ -61,6 +61,19 @@ def job_body(
     return {"source": source, "targets": entries}
 
 
+def wait_for(predicate: Any, timeout: float = 30.0, step: float = 0.05) -> Any:
+    """The predicate's first true value, polled every `step` s for `timeout` s at most."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / step) + 1):
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            break
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
 def _decode(data: bytes) -> Any:
     try:
         return json.loads(data)
