@@ -243,9 +243,8 @@ class ImageCopy:
             await asyncio.wait([work, halt], return_when=asyncio.FIRST_COMPLETED)
         finally:
             halt.cancel()
-            if not work.done():
-                work.cancel()
-            await asyncio.wait([_unwatched(work), _unwatched(halt)])
+            work.cancel()
+            await _join([work, halt])
         if work.cancelled():
             raise Stopped()
         work.result()
@@ -517,7 +516,7 @@ class ImageCopy:
             # recorded where nobody gives it back.
             for step in steps.values():
                 step.cancel()
-            await asyncio.wait([_unwatched(step) for step in steps.values()])
+            await _join(list(steps.values()))
             raise
         late = [t for t, step in steps.items() if not step.done()]
         for t in late:
@@ -550,8 +549,11 @@ class ImageCopy:
         sending = asyncio.ensure_future(send_first())
         try:
             linked = await asyncio.gather(*(self._link_from(t, blob, first, sending) for t in later))
+        except asyncio.CancelledError:
+            sending.cancel()
+            raise
         finally:
-            await _gather_all([sending])
+            await _join([sending])
         unlinked = [t for t, ok in zip(later, linked, strict=True) if not ok and not t.failed]
         return [*sending.result(), *await self._send(blob, unlinked, alone=alone)]
 
@@ -683,14 +685,12 @@ class ImageCopy:
                 shared_done()  # every other sink is settled: the job's blob slot goes
             await _gather_all(handed)
         except Stopped:
-            if handed:  # they stop at their own next chunk boundary
-                await asyncio.wait([_unwatched(f) for f in handed])
+            await _join(handed)  # they stop at their own next chunk boundary
             raise
         except BaseException:
             for f in handed:
                 f.cancel()
-            if handed:
-                await asyncio.wait([_unwatched(f) for f in handed])
+            await _join(handed)
             raise
         for s in sinks:
             if s.detached and not s.done and not s.target.failed:
@@ -804,7 +804,7 @@ class ImageCopy:
         async def put(t: Target) -> None:
             try:
                 location = await sessions[t.idx]
-                await t.client.upload_blob(t.repo, blob.digest, data, location)
+                await t.client.upload_blob(t.repo, blob.digest, data, location, carry=self._carry)
             except RegistryError as exc:
                 await self._fail(t, exc)
                 return
@@ -812,7 +812,7 @@ class ImageCopy:
             await self._blob_done(t, blob)
 
         prompt = await self._in_time({t: sessions[t.idx] for t in targets}, blob)
-        await asyncio.gather(*(put(t) for t in prompt))
+        await _gather_all(put(t) for t in prompt)
         return [t for t in targets if t not in prompt]
 
     async def _read_whole(self, blob: Blob) -> bytes:
@@ -947,7 +947,7 @@ class ImageCopy:
             staying = [w for w in writers if w not in going_on]
             for w in staying:
                 w.cancel()
-            await asyncio.wait([_unwatched(w) for w in staying])
+            await _join(staying)
             raise
         finally:
             if slot is not None:
@@ -958,7 +958,7 @@ class ImageCopy:
                 reader.cancel()
             # Waited for, not awaited: their failures reached the writers through the pipes, and
             # a cancellation of this copy itself must still get through.
-            await asyncio.wait([_unwatched(r) for r in [*readers, *([watch] if watch is not None else [])]])
+            await _join([*readers, *([watch] if watch is not None else [])])
         if verified.done() and not verified.cancelled() and verified.exception() is None and verified.result() is False:
             raise DigestMismatch()
 
@@ -969,8 +969,7 @@ class ImageCopy:
         finally:
             for reader in readers:
                 reader.cancel()
-            if readers:
-                await asyncio.wait([_unwatched(r) for r in readers])
+            await _join(readers)
 
     async def _until_shared_read_over(
         self, blob: Blob, sinks: list[_Sink], writers: list[asyncio.Future[None]], reader: asyncio.Task[None],
@@ -1267,6 +1266,28 @@ def _retryable(exc: BaseException) -> bool:
             or exc.status in (405, 416, 501)
         )
     return isinstance(exc, (PipeClosed, EOFError, DigestMismatch))
+
+
+async def _join(futs: list[asyncio.Future[Any]]) -> None:
+    """Wait for the futures to end. Cancelled meanwhile, cancel them and wait all the same (a
+    cancellation again cancels them again), then raise CancelledError: nothing they started
+    goes on unowned once the caller is gone."""
+    for f in futs:
+        _unwatched(f)
+    pending = [f for f in futs if not f.done()]
+    cancelled = False
+    for _ in range(100):  # a round ends with them all, or with one more cancellation of the caller
+        if not pending:
+            break
+        try:
+            await asyncio.wait(pending)
+        except asyncio.CancelledError:
+            cancelled = True
+            for f in pending:
+                f.cancel()
+        pending = [f for f in pending if not f.done()]
+    if cancelled:
+        raise asyncio.CancelledError()
 
 
 async def _gather_all(aws) -> None:  # type: ignore[no-untyped-def]

@@ -264,9 +264,14 @@ class Worker:
         ending: Ending | None = None  # None: the lease is lost, there is nothing to write
         # The handlers below do not await: a cancel lands inside this try, where it is caught.
         try:
-            if job.cancel_requested or self._cancels.get(job.id):
-                raise asyncio.CancelledError()  # asked for before a crash took its worker, or before this task ran
             events.uploads.update(await self.store.uploads(job.id))
+            if job.cancel_requested or self._cancels.get(job.id):
+                # Asked for before a crash or a stop took its worker, or before this task ran:
+                # the sessions of its earlier attempt are given back all the same.
+                if events.uploads:
+                    with contextlib.suppress(ValueError, ssl.SSLError):
+                        copy = self._build(job, events)
+                raise asyncio.CancelledError()
             if asks_credentials(job.request) and not job.secrets:
                 raise SourceError(
                     "the job's credentials cannot be opened: the secret key (PYDLIT_SECRET_KEY or the "

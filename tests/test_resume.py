@@ -480,6 +480,28 @@ def test_sigterm_while_a_target_is_waited_for_exits_at_once_and_resumes(
     assert sent <= image.total_bytes + CHUNK  # at most the refused chunk again
 
 
+def test_a_job_whose_cancel_its_stopped_worker_never_acted_on_gives_its_sessions_back(
+    registries, proxy_factory, service_factory, repo_name
+):
+    image = push_image(registries.source, repo_name, "v1", layer_sizes=BIG_LAYERS[:2], seed=4113)
+    target = proxy_factory(registries.target_a)
+    target.rate_limit(24 * MiB, download=False)
+    service = service_factory(env=service_env())
+    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+    wait_mid_transfer(service, job)
+    assert service.stop(signal.SIGTERM, timeout=30) == 0
+    assert registries.target_a.session_bytes(repo_name) > 0
+    with sqlite3.connect(service.db_path) as db:  # a DELETE's write, which the stopping worker did not see
+        db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job,))
+
+    service.start()
+    view = service.wait(job, timeout=30)
+
+    assert (view["value"], view["error"]) == ("FAILED", "cancelled"), view
+    assert registries.target_a.session_bytes(repo_name) == 0
+    assert target.count("DELETE") >= 1 and image.total_bytes > 0
+
+
 def test_a_session_whose_offset_the_registry_misreports_is_started_over(
     registries, proxy_factory, service_factory, repo_name
 ):

@@ -105,7 +105,7 @@ class PacedTarget:
         self.received[digest] = bytes(got)
         self.done_at[digest] = asyncio.get_running_loop().time()
 
-    async def upload_blob(self, repo: str, digest: str, data: bytes, location: str | None = None) -> None:
+    async def upload_blob(self, repo: str, digest: str, data: bytes, location: str | None = None, carry: object = None) -> None:
         self.received[digest] = data
         self.done_at[digest] = asyncio.get_running_loop().time()
 

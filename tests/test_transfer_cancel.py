@@ -1,16 +1,18 @@
-"""What a cancelled copy does with the upload sessions it opened ahead of its source read.
+"""What a stopped or cancelled copy does with its uploads: the sessions it opened ahead of its
+source read, the requests carrying bytes, and what else it waits for.
 
 Stand-in clients: a real registry cannot be made to fail a DELETE the way a closed ClientSession
-does at shutdown, nor to hold a read for as long as a test needs."""
+does at shutdown, nor to hold a read or a request for as long as a test needs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
 from pydlit.registry.client import RetryPolicy
-from pydlit.registry.manifests import Blob
-from pydlit.transfer import ImageCopy, MemoryEvents, Source, Target
+from pydlit.registry.manifests import OCI_MANIFEST, Blob, Manifest, sha256_digest
+from pydlit.transfer import ImageCopy, MemoryEvents, Source, Stopped, Target
 
 pytestmark = pytest.mark.asyncio
 
@@ -74,3 +76,118 @@ async def test_a_cancelled_copy_stays_cancelled_when_giving_back_fails() -> None
     task = await _cancel_during_read(StandInTarget(RuntimeError("Session is closed")))
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# -- a stop ---------------------------------------------------------------------------------------
+
+SMALL = b"small blob"
+SMALL_BLOB = Blob(sha256_digest(SMALL), len(SMALL))
+
+
+class OneBlobSource:
+    """An image of one small blob."""
+
+    name = key = "source.test"
+    policy = RetryPolicy()
+    on_retry = None
+
+    async def get_manifest(self, repo: str, ref: str) -> Manifest:
+        return Manifest(OCI_MANIFEST, b"{}", sha256_digest(b"{}"), blobs=(SMALL_BLOB,))
+
+    async def read_blob(self, repo: str, digest: str, size: int) -> bytes:
+        return SMALL
+
+
+class SlowTarget(StandInTarget):
+    """Its commits take `put_s`; the first one, with `busy`, is refused and tried again a minute
+    later. Commits go inside `carry`, as the real client's do."""
+
+    def __init__(self, put_s: float = 0.0, busy: bool = False) -> None:
+        super().__init__()
+        self.put_s, self.busy = put_s, busy
+        self.puts: list[str] = []
+
+    async def head_manifest(self, repo: str, ref: str) -> None:
+        return None
+
+    async def repository_known(self, repo: str) -> bool:
+        return False
+
+    async def upload_blob(self, repo: str, digest: str, data: bytes, location: str | None = None, carry=None) -> None:
+        for _ in range(2):
+            with carry() if carry else contextlib.nullcontext():
+                self.puts.append("started")
+                await asyncio.sleep(self.put_s)
+                if not self.busy:
+                    self.puts.append("done")
+                    return
+                self.busy = False
+                self.puts.append("refused")
+            await asyncio.sleep(60)  # the client's retry waits out what the registry asked for
+
+    async def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
+        return True
+
+    async def put_manifest(self, repo: str, ref: str, manifest: Manifest) -> None:
+        return None
+
+
+async def _stop_once(target: SlowTarget, repos: int = 1, when: str = "started") -> tuple[asyncio.Task[None], asyncio.Event]:
+    stop = asyncio.Event()
+    targets = [Target(i, target, f"r{i}", "v1") for i in range(repos)]
+    copy = ImageCopy(Source(OneBlobSource(), "r", "v1"), targets, MemoryEvents(), stop)  # type: ignore[arg-type]
+    task = asyncio.create_task(copy.run())
+    for _ in range(500):
+        if when in target.puts:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    return task, stop
+
+
+def _copy_tasks_left() -> list[str]:
+    return [t.get_coro().__qualname__ for t in asyncio.all_tasks()
+            if not t.done() and t.get_coro().__qualname__.startswith("ImageCopy.")]
+
+
+async def test_a_stop_lets_the_put_of_a_small_blob_end() -> None:
+    # Cut, it would leave distribution a session it can neither commit nor delete.
+    target = SlowTarget(put_s=0.3)
+    task, _ = await _stop_once(target)
+    with pytest.raises(Stopped):
+        await asyncio.wait_for(task, 5)
+    assert target.puts == ["started", "done"]
+
+
+async def test_a_stop_does_not_wait_out_a_retry_of_the_target_a_registrys_others_link_from() -> None:
+    # Two repositories of one registry: the second waits to mount the blob from the first, whose
+    # commit the registry asked to try again in a minute.
+    target = SlowTarget(busy=True)
+    task, _ = await _stop_once(target, repos=2, when="refused")
+    with pytest.raises(Stopped):
+        await asyncio.wait_for(task, 5)
+    assert target.puts == ["started", "refused"]
+    assert _copy_tasks_left() == []
+
+
+async def test_a_copy_cancelled_again_while_it_stops_leaves_nothing_running() -> None:
+    # What the worker does once a cancel's grace is over, while the copy still gives back a session.
+    target = SlowTarget()
+    target.cancel_upload = _slow_give_back  # type: ignore[method-assign]
+    source = HangingSource()
+    stop = asyncio.Event()
+    copy = ImageCopy(Source(source, "r", "v1"), [Target(0, target, "r", "v1")], MemoryEvents(), stop)  # type: ignore[arg-type]
+    copy.blobs = [BLOB]
+    copy._run = lambda: copy._copy_whole(BLOB, copy.targets)  # type: ignore[method-assign]
+    task = asyncio.create_task(copy.run())
+    await source.reading.wait()
+    stop.set()
+    await asyncio.sleep(0.1)  # the read is cancelled: the copy gives its session back
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert _copy_tasks_left() == []
+
+
+async def _slow_give_back(location: str, repo: str) -> None:
+    await asyncio.sleep(1.0)

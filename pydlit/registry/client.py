@@ -736,16 +736,21 @@ class RegistryClient:
         async with resp:
             return self._location(resp)
 
-    async def upload_blob(self, repo: str, digest: str, data: bytes, location: str | None = None) -> None:
+    async def upload_blob(
+        self, repo: str, digest: str, data: bytes, location: str | None = None,
+        carry: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
+    ) -> None:
         """A blob held in memory, in two requests: open a session, commit it with the bytes. A
         failure of either (a lost session too) is retried as the pair. `location`: a session
-        opened already, which the first try commits to."""
+        opened already, which the first try commits to; `carry`: what each commit runs inside
+        (a copy that stops waits for the requests carrying bytes, not for the retries)."""
         opened = [location] if location else []
 
         async def op() -> None:
             session = opened.pop() if opened else await self._open_upload(repo)
             try:
-                await self.finish_upload(session, repo, digest, data, len(data))
+                with carry() if carry is not None else contextlib.nullcontext():
+                    await self.finish_upload(session, repo, digest, data, len(data))
             except RegistryError as exc:
                 if exc.code in ("BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_INVALID"):
                     exc.transient = True
