@@ -135,8 +135,9 @@ def _call(
     raise CommandError(f"the service answered HTTP {status}: {msg or 'no reason given'}", status)
 
 
-def _fail(out: TextIO, exc: CommandError) -> int:
-    print(f"pydlit: {exc}", file=out, flush=True)
+def _fail(exc: CommandError) -> int:
+    # To stderr, whatever `out` is: `JOB=$(pydlit submit req.json)` holds a job id or nothing.
+    print(f"pydlit: {exc}", file=sys.stderr, flush=True)
     return exc.code
 
 
@@ -173,7 +174,7 @@ def submit(
             return EXIT_OK
         view = _wait(server, job_id, token, out, timeout, interval)
     except CommandError as exc:
-        return _fail(out, exc)
+        return _fail(exc)
     return _outcome(view, out)
 
 
@@ -214,7 +215,7 @@ def status(server: str, job_id: str, token: str | None, out: TextIO = sys.stdout
     try:
         view = _call(_server_url(server), "GET", _job_path(job_id), token)
     except CommandError as exc:
-        return _fail(out, exc)
+        return _fail(exc)
     out.write(json.dumps(view, indent=2) + "\n" if as_json else render_status(view))
     out.flush()
     return EXIT_FAILED if view.get("value") == "FAILED" else EXIT_OK
@@ -225,9 +226,9 @@ def jobs(server: str, state: str | None, limit: int, token: str | None, out: Tex
     if state is not None:
         state = state.upper()
         if state not in JOB_STATES:
-            return _fail(out, CommandError(f"state must be one of {', '.join(JOB_STATES)}"))
+            return _fail(CommandError(f"state must be one of {', '.join(JOB_STATES)}"))
     if limit < 1:
-        return _fail(out, CommandError("limit must be at least 1"))
+        return _fail(CommandError("limit must be at least 1"))
     server = _server_url(server)
     query: dict[str, str | int] = {"state": state} if state else {}
     found: list[dict[str, Any]] = []
@@ -243,7 +244,7 @@ def jobs(server: str, state: str | None, limit: int, token: str | None, out: Tex
     except CommandError as exc:
         if exc.status in (404, 405):
             exc = CommandError(f"the service at {server} cannot list jobs (it predates GET {JOBS_PATH})")
-        return _fail(out, exc)
+        return _fail(exc)
     for job in sorted(found[:limit], key=lambda j: j.get("created_at") or "", reverse=True):
         print(_job_line(job), file=out)
     out.flush()
@@ -532,9 +533,9 @@ async def copy(
         source_ref = parse_reference(src)
         target_refs = [parse_reference(t, default=source_ref) for t in targets]
     except ValueError as exc:
-        return _fail(out, CommandError(str(exc)))
+        return _fail(CommandError(str(exc)))
     if not target_refs:
-        return _fail(out, CommandError("name at least one target"))
+        return _fail(CommandError("name at least one target"))
     events = MemoryEvents()
     printer = ProgressPrinter(out, f"copy {source_ref}")
     error = None

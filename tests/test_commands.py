@@ -354,63 +354,65 @@ def test_submit_wait_rides_out_a_short_outage(fake, request_file: Path) -> None:
     assert out.getvalue().splitlines()[-1] == "FINISHED: 2 target(s) copied, 0 skipped"
 
 
-def test_submit_wait_gives_up_on_a_long_outage(fake, request_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_submit_wait_gives_up_on_a_long_outage(fake, request_file: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setattr(commands, "RECONNECT_GRACE_S", 0.2)
     service = fake(FINISHING, dropped=1000)
     out = io.StringIO()
     assert submit(service.url, str(request_file), True, None, out, interval=0.02) == 2
-    assert out.getvalue().splitlines()[-1].startswith(f"pydlit: lost the connection to pydlit at {service.url}")
+    assert capsys.readouterr().err.startswith(f"pydlit: lost the connection to pydlit at {service.url}")
 
 
-def test_submit_wait_gives_up_after_the_timeout(fake, request_file: Path) -> None:
+def test_submit_wait_gives_up_after_the_timeout(fake, request_file: Path, capsys) -> None:
     service = fake([FINISHING[1]])
     out = io.StringIO()
     assert submit(service.url, str(request_file), True, None, out, timeout=0.3, interval=0.05) == 3
-    assert out.getvalue().splitlines()[-1] == f"pydlit: gave up waiting after 0.3 s; job {JOB_ID} is RUNNING and goes on"
+    assert out.getvalue().splitlines()[0] == JOB_ID
+    assert capsys.readouterr().err == f"pydlit: gave up waiting after 0.3 s; job {JOB_ID} is RUNNING and goes on\n"
 
 
-def test_submit_refused_request_is_a_usage_error(fake, tmp_path: Path) -> None:
+def test_submit_refused_request_is_a_usage_error(fake, tmp_path: Path, capsys) -> None:
     service = fake()
     bad = tmp_path / "bad.json"
     bad.write_text('{"source": {}}')
     out = io.StringIO()
     assert submit(service.url, str(bad), True, None, out) == 2
-    assert out.getvalue() == "pydlit: the service answered HTTP 400: request body: 'targets' is a required property\n"
+    assert out.getvalue() == ""  # the output is a job id or nothing
+    assert capsys.readouterr().err == "pydlit: the service answered HTTP 400: request body: 'targets' is a required property\n"
 
 
-def test_submit_sends_the_token(fake, request_file: Path) -> None:
+def test_submit_sends_the_token(fake, request_file: Path, capsys) -> None:
     service = fake(token="t0ken")
     out = io.StringIO()
     assert submit(service.url, str(request_file), False, None, out) == 2
-    assert out.getvalue() == "pydlit: the service requires an API token\n"
-    out = io.StringIO()
+    assert capsys.readouterr().err == "pydlit: the service requires an API token\n"
     assert submit(service.url, str(request_file), False, "wrong", out) == 2
-    assert out.getvalue() == "pydlit: the service refused the API token\n"
+    assert capsys.readouterr().err == "pydlit: the service refused the API token\n"
+    assert out.getvalue() == ""
     assert submit(service.url, str(request_file), True, "t0ken", io.StringIO(), interval=0.01) == 0
     assert set(service.authorization[2:]) == {"Bearer t0ken"}
 
 
-def test_unreachable_service_and_unreadable_file_are_usage_errors(request_file: Path, tmp_path: Path) -> None:
+def test_unreachable_service_and_unreadable_file_are_usage_errors(request_file: Path, tmp_path: Path, capsys) -> None:
     port = free_port()
     out = io.StringIO()
     assert submit(f"http://127.0.0.1:{port}", str(request_file), False, None, out) == 2
-    assert out.getvalue() == f"pydlit: cannot reach pydlit at http://127.0.0.1:{port}: connection refused\n"
-    out = io.StringIO()
+    assert capsys.readouterr().err == f"pydlit: cannot reach pydlit at http://127.0.0.1:{port}: connection refused\n"
     assert submit(f"127.0.0.1:{port}", str(tmp_path / "missing.json"), False, None, out) == 2
-    assert out.getvalue().startswith(f"pydlit: cannot read {tmp_path / 'missing.json'}: no such file")
+    assert capsys.readouterr().err.startswith(f"pydlit: cannot read {tmp_path / 'missing.json'}: no such file")
+    assert out.getvalue() == ""
     out = io.StringIO()
     assert status(f"http://127.0.0.1:{port}", JOB_ID, None, out) == 2
     assert jobs(f"http://127.0.0.1:{port}", None, 10, None, out) == 2
 
 
-def test_a_server_that_is_not_pydlit(fake) -> None:
+def test_a_server_that_is_not_pydlit(fake, capsys) -> None:
     service = fake(listed=None)  # no list route: aiohttp answers a text/plain 405
     out = io.StringIO()
     assert jobs(service.url, None, 10, None, out) == 2
-    assert out.getvalue() == f"pydlit: the service at {service.url} cannot list jobs (it predates GET /api/distribute/image)\n"
+    assert capsys.readouterr().err == f"pydlit: the service at {service.url} cannot list jobs (it predates GET /api/distribute/image)\n"
 
 
-def test_status_readable_json_and_unknown(fake) -> None:
+def test_status_readable_json_and_unknown(fake, capsys) -> None:
     service = fake([FAILING[1]])
     out = io.StringIO()
     assert status(service.url, JOB_ID, None, out) == 1
@@ -433,7 +435,7 @@ def test_status_readable_json_and_unknown(fake) -> None:
     assert json.loads(out.getvalue()) == FAILING[1]
     out = io.StringIO()
     assert status(service.url, "nope", None, out) == 2
-    assert out.getvalue() == "pydlit: the service answered HTTP 404: no job with id 'nope'\n"
+    assert capsys.readouterr().err == "pydlit: the service answered HTTP 404: no job with id 'nope'\n"
 
 
 def _listed() -> list[dict[str, Any]]:
@@ -456,7 +458,7 @@ def test_jobs_lists_newest_first_following_the_cursor(fake) -> None:
     assert service.list_queries == [{"limit": "5"}, {"limit": "2", "cursor": "3"}]
 
 
-def test_jobs_filters_by_state(fake) -> None:
+def test_jobs_filters_by_state(fake, capsys) -> None:
     service = fake(listed=_listed())
     out = io.StringIO()
     assert jobs(service.url, "finished", 50, None, out) == 0
@@ -465,7 +467,7 @@ def test_jobs_filters_by_state(fake) -> None:
     assert service.list_queries[0] == {"state": "FINISHED", "limit": "50"}
     out = io.StringIO()
     assert jobs(service.url, "DONE", 50, None, out) == 2
-    assert out.getvalue() == "pydlit: state must be one of QUEUED, RUNNING, FINISHED, FAILED\n"
+    assert capsys.readouterr().err == "pydlit: state must be one of QUEUED, RUNNING, FINISHED, FAILED\n"
     assert jobs(service.url, None, 0, None, io.StringIO()) == 2
 
 
@@ -568,15 +570,15 @@ def test_copy_of_a_missing_image_fails_with_the_reason(registries, repo_name) ->
     assert "404" in last
 
 
-def test_copy_refuses_bad_references_before_any_request() -> None:
+def test_copy_refuses_bad_references_before_any_request(capsys) -> None:
     out = io.StringIO()
     assert asyncio.run(copy("alpine:3.19", ["localhost:5000"], overwrite=False, verify_tls=False, out=out)) == 2
-    assert out.getvalue() == (
+    assert capsys.readouterr().err == (
         "pydlit: bad image reference 'alpine:3.19': expected [http[s]://]HOST[:PORT]/REPOSITORY[:TAG|@DIGEST]\n"
     )
-    out = io.StringIO()
     assert asyncio.run(copy("localhost:5000/a", [], overwrite=False, verify_tls=False, out=out)) == 2
-    assert out.getvalue() == "pydlit: name at least one target\n"
+    assert capsys.readouterr().err == "pydlit: name at least one target\n"
+    assert out.getvalue() == ""
 
 
 def test_memory_events_keep_what_the_engine_reports() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import os
 import subprocess
 import sys
 import time
@@ -128,3 +129,12 @@ def test_command_line_shows_its_flags_and_variables():
     assert out.returncode == 0
     for flag in ("--host", "--port", "--db", "PYDLIT_DB", "PYDLIT_PORT"):
         assert flag in out.stdout
+
+
+def test_a_client_command_that_fails_says_why_on_stderr_and_prints_nothing(tmp_path):
+    # What a script capturing the job id, JOB=$(pydlit submit req.json), relies on.
+    missing = tmp_path / "missing.json"
+    run = subprocess.run([sys.executable, "-m", "pydlit", "submit", str(missing)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=30, env={**os.environ, "PYDLIT_URL": "http://127.0.0.1:9"})
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.startswith(f"pydlit: cannot read {missing}: no such file")
