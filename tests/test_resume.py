@@ -424,15 +424,22 @@ def test_stalled_download_is_cut_and_retried(registries, proxy_factory, service_
 BIG_LAYERS = (24 * MiB + 1, 24 * MiB + 2, 24 * MiB + 3, 24 * MiB + 4)
 
 
+def copying_over_a_slow_link(
+    registries: Any, proxy_factory: Any, service_factory: Any, repo: str, layers: tuple[int, ...], seed: int, rate: int = 24 * MiB,
+) -> tuple[Image, FaultProxy, ServiceProcess, str]:
+    """A job copying a new image to target_a through a proxy that takes uploads at `rate`:
+    (the image, the proxy, the service, the job id)."""
+    image = push_image(registries.source, repo, "v1", layer_sizes=layers, seed=seed)
+    target = proxy_factory(registries.target_a)
+    target.rate_limit(rate, download=False)
+    service = service_factory(env=service_env())
+    return image, target, service, service.submit(job_body(registries.source, repo, "v1", [target]))
+
+
 def test_sigterm_mid_transfer_checkpoints_requeues_and_resumes(
     registries, proxy_factory, service_factory, repo_name
 ):
-    image = push_image(registries.source, repo_name, "v1", layer_sizes=BIG_LAYERS, seed=4109)
-    target = proxy_factory(registries.target_a)
-    target.rate_limit(24 * MiB, download=False)
-    service = service_factory(env=service_env())
-
-    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+    image, target, service, job = copying_over_a_slow_link(registries, proxy_factory, service_factory, repo_name, BIG_LAYERS, 4109)
     mid = wait_mid_transfer(service, job)
     stopping = time.monotonic()
     code = service.stop(signal.SIGTERM, timeout=30)
@@ -460,11 +467,8 @@ def test_sigterm_while_a_target_is_waited_for_exits_at_once_and_resumes(
 ):
     # The registry asked for a minute's pause after a chunk: no chunk is on its way, so the stop
     # has nothing to wait for.
-    image = push_image(registries.source, repo_name, "v1", layer_sizes=BIG_LAYERS[:1], seed=4112)
-    target = proxy_factory(registries.target_a)
-    target.rate_limit(8 * MiB, download=False)
-    service = service_factory(env=service_env())
-    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+    image, target, service, job = copying_over_a_slow_link(
+        registries, proxy_factory, service_factory, repo_name, BIG_LAYERS[:1], 4112, rate=8 * MiB)
     wait_for(lambda: target.count("PATCH", "upload_patch") >= 2)
     target.fail_next(1, 503, methods="PATCH", retry_after=60)
     wait_for(lambda: any(r.fault for r in target.requests))
@@ -483,11 +487,7 @@ def test_sigterm_while_a_target_is_waited_for_exits_at_once_and_resumes(
 def test_a_job_whose_cancel_its_stopped_worker_never_acted_on_gives_its_sessions_back(
     registries, proxy_factory, service_factory, repo_name
 ):
-    image = push_image(registries.source, repo_name, "v1", layer_sizes=BIG_LAYERS[:2], seed=4113)
-    target = proxy_factory(registries.target_a)
-    target.rate_limit(24 * MiB, download=False)
-    service = service_factory(env=service_env())
-    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+    image, target, service, job = copying_over_a_slow_link(registries, proxy_factory, service_factory, repo_name, BIG_LAYERS[:2], 4113)
     wait_mid_transfer(service, job)
     assert service.stop(signal.SIGTERM, timeout=30) == 0
     assert registries.target_a.session_bytes(repo_name) > 0
@@ -505,11 +505,7 @@ def test_a_job_whose_cancel_its_stopped_worker_never_acted_on_gives_its_sessions
 def test_a_session_whose_offset_the_registry_misreports_is_started_over(
     registries, proxy_factory, service_factory, repo_name
 ):
-    image = push_image(registries.source, repo_name, "v1", layer_sizes=BIG_LAYERS[:2], seed=4111)
-    target = proxy_factory(registries.target_a)
-    target.rate_limit(24 * MiB, download=False)
-    service = service_factory(env=service_env())
-    job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+    image, target, service, job = copying_over_a_slow_link(registries, proxy_factory, service_factory, repo_name, BIG_LAYERS[:2], 4111)
     wait_mid_transfer(service, job)
     assert service.stop(signal.SIGTERM, timeout=30) == 0
     # Asked where a checkpointed session stands, the registry names bytes it does not hold. 2.8
