@@ -793,13 +793,9 @@ class ImageCopy:
                 await self._fail(t, err)
             return []
         except BaseException:
-            # Cancelled (a user's DELETE, a shutdown): the sessions are given back all the same,
-            # for a moment at most and whatever that meets (a session closed at shutdown, say):
-            # the cancellation goes on.
-            giving = _unwatched(asyncio.ensure_future(_give_back(targets, sessions, wait=False)))
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(giving), _GIVE_BACK_S)
+            await _give_back_awhile(targets, sessions)
             raise
+        committed: set[int] = set()
 
         async def put(t: Target) -> None:
             try:
@@ -808,11 +804,16 @@ class ImageCopy:
             except RegistryError as exc:
                 await self._fail(t, exc)
                 return
+            committed.add(t.idx)
             UPLOADED.inc(blob.size)
             await self._blob_done(t, blob)
 
         prompt = await self._in_time({t: sessions[t.idx] for t in targets}, blob)
-        await _gather_all(put(t) for t in prompt)
+        try:
+            await _gather_all(put(t) for t in prompt)
+        except (Stopped, asyncio.CancelledError):
+            await _give_back_awhile([t for t in prompt if t.idx not in committed], sessions)
+            raise
         return [t for t in targets if t not in prompt]
 
     async def _read_whole(self, blob: Blob) -> bytes:
@@ -1230,6 +1231,15 @@ async def _give_back(targets: list[Target], sessions: dict[int, asyncio.Task[str
             await t.client.cancel_upload(session.result(), t.repo)
 
     await asyncio.gather(*(one(t) for t in targets))
+
+
+async def _give_back_awhile(targets: list[Target], sessions: dict[int, asyncio.Task[str]]) -> None:
+    """The sessions of a copy that stops or is cancelled (a user's DELETE, a shutdown) are given
+    back all the same, for a moment at most and whatever that meets (a session closed at
+    shutdown, say): the stop goes on."""
+    giving = _unwatched(asyncio.ensure_future(_give_back(targets, sessions, wait=False)))
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(asyncio.shield(giving), _GIVE_BACK_S)
 
 
 def _verdict() -> asyncio.Future[bool]:

@@ -267,8 +267,9 @@ class Worker:
             events.uploads.update(await self.store.uploads(job.id))
             if job.cancel_requested or self._cancels.get(job.id):
                 # Asked for before a crash or a stop took its worker, or before this task ran:
-                # the sessions of its earlier attempt are given back all the same.
-                if events.uploads:
+                # the sessions of its earlier attempt are given back all the same (with the
+                # job's own credentials, if it brought any).
+                if events.uploads and not (asks_credentials(job.request) and not job.secrets):
                     with contextlib.suppress(ValueError, ssl.SSLError):
                         copy = self._build(job, events)
                 raise asyncio.CancelledError()
@@ -316,13 +317,21 @@ class Worker:
         return None  # the heartbeat found the lease lost, and said so
 
     async def _give_back_uploads(self, job_id: str, copy: ImageCopy, events: JobEvents) -> None:
-        """A user cancelled the job: give the registries their upload sessions back."""
-        for (idx, _digest), (location, _offset) in list(events.uploads.items()):
+        """A user cancelled the job: give the registries their upload sessions back, all at once
+        and for stop_grace_s at most (a registry that stopped answering keeps its sessions)."""
+
+        async def one(idx: int, location: str) -> None:
             target = copy.targets[idx]
             try:
                 await target.client.cancel_upload(location, target.repo)
             except (RuntimeError, OSError, aiohttp.ClientError) as exc:  # the session closed at shutdown
                 log.warning("job %s target %d: an upload session was not given back: %s", job_id, idx, type(exc).__name__)
+
+        giving = [one(idx, location) for (idx, _digest), (location, _offset) in list(events.uploads.items())]
+        try:
+            await asyncio.wait_for(asyncio.gather(*giving), self.settings.stop_grace_s)
+        except asyncio.TimeoutError:
+            log.warning("job %s: its upload sessions were not all given back within %g s", job_id, self.settings.stop_grace_s)
 
     async def _settle(self, job_id: str, events: JobEvents, ending: Ending) -> None:
         """Write how the job ended, to the end: a cancel landing meanwhile (the heartbeat finding

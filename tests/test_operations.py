@@ -561,6 +561,71 @@ async def test_a_changed_key_fails_only_the_jobs_that_brought_credentials(tmp_pa
     assert "submit the job again" in views[with_auth]["error"]
 
 
+async def _cancelled_between_attempts(tmp_path: Path, secrets: dict, box: SecretBox, hang_s: float = 0.0) -> tuple[list[str], float]:
+    """A job cancelled while its worker stopped, with an upload session of its first attempt,
+    run by a worker whose key is `box`: the DELETEs its target registry was sent (and answered
+    `hang_s` later), and how long the job took to end."""
+    tmp_path.mkdir()
+    deletes: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.method == "DELETE":
+            deletes.append(request.path)
+            await asyncio.sleep(hang_s)
+        return web.Response(status=204 if request.method == "DELETE" else 200)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    registry = f"http://127.0.0.1:{port}"
+    request = {**WITH_AUTH, "targets": [{"endpoint": registry}]}
+    targets = [{"endpoint": registry, "image": "team/app", "ref": "v1"}]
+    try:
+        store = await Store.open(tmp_path / "t.db", box=SecretBox(b"k" * 32))
+        job_id = await store.enqueue(request, secrets, targets, "x")
+        claimed = await store.claim("node-a/1", 30.0)
+        assert claimed is not None and claimed.id == job_id
+        await store.save_upload(job_id, "node-a/1", 0, "sha256:" + "a" * 64, f"{registry}/v2/team/app/blobs/uploads/u1?_state=s", 4 * MiB)
+        assert await store.request_cancel(job_id) == "RUNNING"
+        await store.release(job_id, "node-a/1")  # a SIGTERM came before the worker saw the cancel
+        await store.close()
+        store = await Store.open(tmp_path / "t.db", box=box)
+        async with aiohttp.ClientSession() as session:
+            worker = Worker(store, session, worker_settings(tmp_path))
+            began = time.monotonic()
+            await worker.start()
+            try:
+                view = await ended(store, job_id)
+                took = time.monotonic() - began
+            finally:
+                await worker.stop()
+                await store.close()
+        assert (view["value"], view["error"]) == ("FAILED", "cancelled")
+    finally:
+        await runner.shutdown()
+        await runner.cleanup()
+    return deletes, took
+
+
+@pytest.mark.asyncio
+async def test_a_job_cancelled_between_attempts_gives_back_its_sessions_with_its_own_credentials(tmp_path: Path) -> None:
+    deletes, _ = await _cancelled_between_attempts(tmp_path / "a", SECRETS, SecretBox(b"k" * 32))
+    assert deletes == ["/v2/team/app/blobs/uploads/u1"]
+    # Its credentials sealed with another key: no request goes without them, or with others.
+    deletes, _ = await _cancelled_between_attempts(tmp_path / "b", SECRETS, SecretBox(b"x" * 32))
+    assert deletes == []
+
+
+@pytest.mark.asyncio
+async def test_a_registry_that_does_not_answer_a_give_back_holds_a_cancelled_job_for_the_grace_only(tmp_path: Path) -> None:
+    deletes, took = await _cancelled_between_attempts(tmp_path / "a", SECRETS, SecretBox(b"k" * 32), hang_s=10.0)
+    assert deletes == ["/v2/team/app/blobs/uploads/u1"]
+    assert took < 8  # stop_grace_s is 2 s here; the DELETE's stall timeout 60 s
+
+
 @pytest.mark.asyncio
 async def test_start_makes_no_new_key_file_while_credentials_wait_sealed_with_the_old_one(tmp_path: Path) -> None:
     db = tmp_path / "t.db"

@@ -170,6 +170,38 @@ async def test_a_stop_does_not_wait_out_a_retry_of_the_target_a_registrys_others
     assert _copy_tasks_left() == []
 
 
+async def test_a_stop_before_a_small_blobs_put_gives_its_session_back() -> None:
+    # The stop waits for another blob's chunk; the small blob, read meanwhile, is not sent, and
+    # the session opened for it goes back to the registry.
+    class GatedSource(OneBlobSource):
+        def __init__(self) -> None:
+            self.gate = asyncio.Event()
+
+        async def read_blob(self, repo: str, digest: str, size: int) -> bytes:
+            await self.gate.wait()
+            return SMALL
+
+    source, target, stop = GatedSource(), SlowTarget(), asyncio.Event()
+    copy = ImageCopy(Source(source, "r", "v1"), [Target(0, target, "r", "v1")], MemoryEvents(), stop)  # type: ignore[arg-type]
+    task = asyncio.create_task(copy.run())
+    for _ in range(500):
+        if target.opened:
+            break
+        await asyncio.sleep(0.01)
+    chunk = copy._carry()  # another blob's chunk on its way
+    chunk.__enter__()
+    stop.set()
+    source.gate.set()
+    for _ in range(500):
+        if target.given_back:
+            break
+        await asyncio.sleep(0.01)
+    chunk.__exit__(None, None, None)
+    with pytest.raises(Stopped):
+        await asyncio.wait_for(task, 5)
+    assert target.puts == [] and target.given_back == target.opened == ["/upload/0"]
+
+
 async def test_a_copy_cancelled_again_while_it_stops_leaves_nothing_running() -> None:
     # What the worker does once a cancel's grace is over, while the copy still gives back a session.
     target = SlowTarget()

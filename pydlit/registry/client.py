@@ -742,19 +742,20 @@ class RegistryClient:
     ) -> None:
         """A blob held in memory, in two requests: open a session, commit it with the bytes. A
         failure of either (a lost session too) is retried as the pair. `location`: a session
-        opened already, which the first try commits to; `carry`: what each commit runs inside
-        (a copy that stops waits for the requests carrying bytes, not for the retries)."""
+        opened already, which the first try commits to; `carry`: what each try runs inside (a
+        copy that stops waits for the requests carrying bytes, not for the retries' waits)."""
         opened = [location] if location else []
 
         async def op() -> None:
-            session = opened.pop() if opened else await self._open_upload(repo)
-            try:
-                with carry() if carry is not None else contextlib.nullcontext():
+            # A retry's session is opened inside `carry` too: none is opened once the copy stops.
+            with carry() if carry is not None else contextlib.nullcontext():
+                session = opened.pop() if opened else await self._open_upload(repo)
+                try:
                     await self.finish_upload(session, repo, digest, data, len(data))
-            except RegistryError as exc:
-                if exc.code in ("BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_INVALID"):
-                    exc.transient = True
-                raise
+                except RegistryError as exc:
+                    if exc.code in ("BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_INVALID"):
+                        exc.transient = True
+                    raise
 
         await self._call(op)
 
