@@ -166,8 +166,8 @@ class Worker:
         it back in the queue, "lease" leaves it to its new owner.
 
         A user's cancel first lets every upload reach its chunk boundary, for stop_grace_s at
-        most: distribution can neither resume nor delete a session whose chunk was cut (its
-        bytes stay on its disk until the purge, a week later), and gives back one that was not."""
+        most: distribution deletes a session that stands at one, but can neither resume nor
+        delete one whose chunk was cut (its bytes stay on its disk until the purge, a week later)."""
         task = self._running.get(job_id)
         if task is None or task.done():
             return
