@@ -91,15 +91,16 @@ async def job_cancel(request: web.Request) -> web.Response:
         raise ApiError(404, f"no job with id {job_id[:64]!r}")
     if was in ("FINISHED", "FAILED"):
         raise ApiError(409, f"the job already ended ({was}); there is nothing to cancel")
-    if was == "RUNNING":
-        request.app[WORKER].cancel(job_id)
-        # The worker ends the job once its uploads are cancelled at the registries; a short
-        # bounded wait lets the answer show that end state in the common case.
-        for _ in range(CANCEL_WAIT_STEPS):
-            view = await request.app[STORE].job_view(job_id)
-            if view is not None and view["value"] != "RUNNING":
-                break
-            await asyncio.sleep(0.1)
+    worker = request.app[WORKER]
+    worker.cancel(job_id)
+    worker.notify()  # a QUEUED job with upload sessions to give back is claimed for that
+    # The worker ends the job once its uploads are cancelled at the registries; a short
+    # bounded wait lets the answer show that end state in the common case.
+    for _ in range(CANCEL_WAIT_STEPS):
+        view = await request.app[STORE].job_view(job_id)
+        if view is not None and view["value"] not in ("QUEUED", "RUNNING"):
+            break
+        await asyncio.sleep(0.1)
     log.info("job %s: cancel requested (was %s)", job_id, was)
     return web.json_response(await request.app[STORE].job_view(job_id))
 

@@ -187,24 +187,27 @@ class Store:
                 [t for j in batch for t in j.targets],
             )
 
-    async def claim(self, owner: str, lease_s: float) -> ClaimedJob | None:
+    async def claim(self, owner: str, lease_s: float, cancelled_only: bool = False) -> ClaimedJob | None:
         """Atomically move a job to RUNNING under `owner`'s lease: a RUNNING one whose lease
         expired first (its process died, whatever its node's name; should it still live, every
         write it makes from now on fails its fence), else the oldest QUEUED one. A job taken
         over keeps its checkpoints, and the claim counts as an attempt, unless the owner takes
         back its own (its loop was held up past the lease: the same run goes on). Each half is
-        one index search: a long queue costs a claim nothing more."""
+        one index search: a long queue costs a claim nothing more. `cancelled_only`: a QUEUED
+        job whose cancel waits for its upload sessions to be given back (see request_cancel)."""
         now = self._clock()
+        expired = "state = 'RUNNING' AND lease_expires < ?"
+        queued = "state = 'QUEUED'" + (" AND cancel_requested = 1" if cancelled_only else "")
         async with self._tx:
             rows = await self._db.execute_fetchall(
-                """UPDATE jobs SET state = 'RUNNING', attempt = attempt + (lease_owner IS NOT ?), lease_owner = ?,
+                f"""UPDATE jobs SET state = 'RUNNING', attempt = attempt + (lease_owner IS NOT ?), lease_owner = ?,
                           lease_expires = ?, started_at = coalesce(started_at, ?)
                    WHERE id = coalesce(
-                       (SELECT id FROM jobs WHERE state = 'RUNNING' AND lease_expires < ? ORDER BY created_at LIMIT 1),
-                       (SELECT id FROM jobs WHERE state = 'QUEUED' ORDER BY created_at LIMIT 1))
+                       (SELECT id FROM jobs WHERE {expired} AND NOT ? ORDER BY created_at LIMIT 1),
+                       (SELECT id FROM jobs WHERE {queued} ORDER BY created_at LIMIT 1))
                    RETURNING id, request, attempt, cancel_requested,
                              (SELECT sealed FROM job_secrets WHERE job_id = jobs.id) AS sealed""",
-                (owner, owner, iso(now + timedelta(seconds=lease_s)), iso(now), iso(now)),
+                (owner, owner, iso(now + timedelta(seconds=lease_s)), iso(now), iso(now), cancelled_only),
             )
         if not rows:
             return None
@@ -353,12 +356,19 @@ class Store:
         )
 
     async def request_cancel(self, job_id: str) -> str | None:
-        """Cancel a job: a QUEUED one ends here and now; a RUNNING one is flagged for its worker.
-        Returns the state the job was in, or None when there is no such job."""
+        """Cancel a job: a QUEUED one ends here and now; a RUNNING one, or a QUEUED one holding
+        upload sessions of an earlier attempt (which a worker gives back), is flagged for a
+        worker. Returns the state the job was in, or None when there is no such job."""
         async with self._transaction(durable=True):
-            rows = await self._db.execute_fetchall("SELECT state FROM jobs WHERE id = ?", (job_id,))
-            state = next(iter(rows))["state"] if rows else None
-            if state == "QUEUED":
+            rows = await self._db.execute_fetchall(
+                "SELECT state, EXISTS (SELECT 1 FROM uploads WHERE job_id = jobs.id) AS sessions FROM jobs WHERE id = ?",
+                (job_id,),
+            )
+            row = next(iter(rows)) if rows else None
+            state = row["state"] if row else None
+            if state == "RUNNING" or (state == "QUEUED" and row["sessions"]):
+                await self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            elif state == "QUEUED":
                 now = self._now()
                 await self._db.execute(
                     "UPDATE jobs SET state = 'FAILED', error = 'cancelled', finished_at = ?, cancel_requested = 1 WHERE id = ?",
@@ -369,8 +379,6 @@ class Store:
                     "WHERE job_id = ? AND state IN ('PENDING', 'RUNNING')",
                     (now, job_id),
                 )
-            elif state == "RUNNING":
-                await self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
         return state
 
     async def prune(self, older_than: timedelta) -> int:

@@ -223,11 +223,12 @@ class Worker:
             # the DB must wake the next round, not wait for the poll.
             self._wake.clear()
             job = None
-            if len(self._running) < self.settings.concurrency:
-                try:
-                    job = await self.store.claim(self.owner, self.settings.lease_s)
-                except Exception:
-                    log.exception("claiming a job failed")
+            try:
+                # Full, it still takes a cancelled job that only has sessions to give back.
+                full = len(self._running) >= self.settings.concurrency
+                job = await self.store.claim(self.owner, self.settings.lease_s, cancelled_only=full)
+            except Exception:
+                log.exception("claiming a job failed")
             if job is not None and job.id in self._running:
                 # Its lease ran out while this very worker ran it (the loop was held up that long):
                 # the claim renewed it, and the task running it goes on.

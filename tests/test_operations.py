@@ -402,8 +402,8 @@ async def test_a_cancel_before_a_claimed_jobs_task_first_runs_ends_it(tmp_path: 
         worker = Worker(store, session, worker_settings(tmp_path, concurrency=1))
         real_claim = store.claim
 
-        async def claim_then_delete(owner: str, lease_s: float):  # type: ignore[no-untyped-def]
-            job = await real_claim(owner, lease_s)
+        async def claim_then_delete(owner: str, lease_s: float, cancelled_only: bool = False):  # type: ignore[no-untyped-def]
+            job = await real_claim(owner, lease_s, cancelled_only)
             if job is not None:
                 await store.request_cancel(job.id)
                 # The DELETE's call lands after the claim loop made the job's task, and before
@@ -624,6 +624,62 @@ async def test_a_registry_that_does_not_answer_a_give_back_holds_a_cancelled_job
     deletes, took = await _cancelled_between_attempts(tmp_path / "a", SECRETS, SecretBox(b"k" * 32), hang_s=10.0)
     assert deletes == ["/v2/team/app/blobs/uploads/u1"]
     assert took < 8  # stop_grace_s is 2 s here; the DELETE's stall timeout 60 s
+
+
+@pytest.mark.asyncio
+async def test_a_queued_job_cancelled_with_sessions_of_an_earlier_attempt_gives_them_back_though_the_worker_is_full(
+    tmp_path: Path,
+) -> None:
+    deletes: list[str] = []
+    over = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.method == "DELETE":
+            deletes.append(request.path)
+            return web.Response(status=204)
+        if request.path.startswith("/hang"):
+            await asyncio.wait_for(over.wait(), 30)  # the job that keeps the worker full reads from here
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    registry = f"http://127.0.0.1:{port}"
+    store = await Store.open(tmp_path / "t.db")
+    try:
+        targets = [{"endpoint": registry, "image": "team/app", "ref": "v1"}]
+        job_id = await store.enqueue({**REQUEST, "targets": [{"endpoint": registry}]}, NO_AUTH, targets, "x")
+        assert (await store.claim("node-a/1", 30.0)).id == job_id  # its first attempt, on another node
+        await store.save_upload(job_id, "node-a/1", 0, "sha256:" + "a" * 64, f"{registry}/v2/team/app/blobs/uploads/u1?_state=s", 4 * MiB)
+        busy = {**REQUEST, "source": {"endpoint": f"{registry}/hang", "image": "team/busy", "ref": "v1"}}
+        blocker = await store.enqueue(busy, NO_AUTH, TARGETS, "busy")
+        waiting = await store.enqueue(busy, NO_AUTH, TARGETS, "waiting")
+        async with aiohttp.ClientSession() as session:
+            worker = Worker(store, session, worker_settings(tmp_path, concurrency=1))
+            await worker.start()
+            try:
+                for _ in range(250):
+                    if (await store.job_view(blocker))["value"] == "RUNNING":
+                        break
+                    await asyncio.sleep(0.02)
+                await store.release(job_id, "node-a/1")  # a stop requeued it, checkpoints kept
+                assert await store.request_cancel(job_id) == "QUEUED"  # what DELETE does
+                worker.notify()
+                view = await ended(store, job_id)
+                assert (await store.job_view(blocker))["value"] == "RUNNING"
+                assert (await store.job_view(waiting))["value"] == "QUEUED"  # full for any other job
+            finally:
+                await worker.stop()
+    finally:
+        over.set()
+        await store.close()
+        await runner.shutdown()
+        await runner.cleanup()
+    assert (view["value"], view["error"]) == ("FAILED", "cancelled")
+    assert deletes == ["/v2/team/app/blobs/uploads/u1"]
 
 
 @pytest.mark.asyncio

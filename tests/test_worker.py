@@ -30,8 +30,8 @@ async def test_a_job_queued_during_an_empty_claim_is_taken_without_waiting_for_t
         real_claim = store.claim
         queued: list[str] = []
 
-        async def claim_racing_a_submission(owner: str, lease_s: float):  # type: ignore[no-untyped-def]
-            found = await real_claim(owner, lease_s)
+        async def claim_racing_a_submission(owner: str, lease_s: float, cancelled_only: bool = False):  # type: ignore[no-untyped-def]
+            found = await real_claim(owner, lease_s, cancelled_only)
             if not queued:
                 # The queue was empty when the claim looked; a job arrives before it returns.
                 queued.append(await store.enqueue(REQUEST, {}, TARGETS, "x"))
