@@ -197,14 +197,16 @@ class Store:
         job whose cancel waits for its upload sessions to be given back (see request_cancel)."""
         now = self._clock()
         expired = "state = 'RUNNING' AND lease_expires < ?"
-        queued = "state = 'QUEUED'" + (" AND cancel_requested = 1" if cancelled_only else "")
+        # The planner would rather walk the whole queue by jobs_queue than take the partial index.
+        queued = "jobs INDEXED BY jobs_queued_cancelled WHERE state = 'QUEUED' AND cancel_requested = 1" if cancelled_only \
+            else "jobs WHERE state = 'QUEUED'"
         async with self._tx:
             rows = await self._db.execute_fetchall(
                 f"""UPDATE jobs SET state = 'RUNNING', attempt = attempt + (lease_owner IS NOT ?), lease_owner = ?,
                           lease_expires = ?, started_at = coalesce(started_at, ?)
                    WHERE id = coalesce(
                        (SELECT id FROM jobs WHERE {expired} AND NOT ? ORDER BY created_at LIMIT 1),
-                       (SELECT id FROM jobs WHERE {queued} ORDER BY created_at LIMIT 1))
+                       (SELECT id FROM {queued} ORDER BY created_at LIMIT 1))
                    RETURNING id, request, attempt, cancel_requested,
                              (SELECT sealed FROM job_secrets WHERE job_id = jobs.id) AS sealed""",
                 (owner, owner, iso(now + timedelta(seconds=lease_s)), iso(now), iso(now), cancelled_only),

@@ -223,12 +223,14 @@ class Worker:
             # the DB must wake the next round, not wait for the poll.
             self._wake.clear()
             job = None
-            try:
-                # Full, it still takes a cancelled job that only has sessions to give back.
-                full = len(self._running) >= self.settings.concurrency
-                job = await self.store.claim(self.owner, self.settings.lease_s, cancelled_only=full)
-            except Exception:
-                log.exception("claiming a job failed")
+            # Full, it still takes a cancelled job that only has sessions to give back, as many
+            # again at most (none where the concurrency is 0: it runs nothing).
+            running, limit = len(self._running), self.settings.concurrency
+            if running < 2 * limit:
+                try:
+                    job = await self.store.claim(self.owner, self.settings.lease_s, cancelled_only=running >= limit)
+                except Exception:
+                    log.exception("claiming a job failed")
             if job is not None and job.id in self._running:
                 # Its lease ran out while this very worker ran it (the loop was held up that long):
                 # the claim renewed it, and the task running it goes on.
