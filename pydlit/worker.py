@@ -224,9 +224,9 @@ class Worker:
             self._wake.clear()
             job = None
             # Full, it still takes a cancelled job that only has sessions to give back, as many
-            # again at most (none where the concurrency is 0: it runs nothing).
+            # again at most (one at a time where the concurrency is 0 and no copy runs).
             running, limit = len(self._running), self.settings.concurrency
-            if running < 2 * limit:
+            if running < limit + max(limit, 1):
                 try:
                     job = await self.store.claim(self.owner, self.settings.lease_s, cancelled_only=running >= limit)
                 except Exception:

@@ -561,6 +561,25 @@ async def test_a_changed_key_fails_only_the_jobs_that_brought_credentials(tmp_pa
     assert "submit the job again" in views[with_auth]["error"]
 
 
+async def stand_in_registry(answer) -> tuple[web.AppRunner, str]:  # type: ignore[no-untyped-def]
+    """A registry on loopback that answers every request with `answer`: its runner and URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def first_attempt_left_a_session(store: Store, job_id: str, registry: str) -> None:
+    """The job's first attempt, on another node ("node-a/1"), running with one upload session of
+    4 MiB checkpointed at `registry`."""
+    claimed = await store.claim("node-a/1", 30.0)
+    assert claimed is not None and claimed.id == job_id
+    await store.save_upload(job_id, "node-a/1", 0, "sha256:" + "a" * 64, f"{registry}/v2/team/app/blobs/uploads/u1?_state=s", 4 * MiB)
+
+
 async def _cancelled_between_attempts(tmp_path: Path, secrets: dict, box: SecretBox, hang_s: float = 0.0) -> tuple[list[str], float]:
     """A job cancelled while its worker stopped, with an upload session of its first attempt,
     run by a worker whose key is `box`: the DELETEs its target registry was sent (and answered
@@ -574,21 +593,13 @@ async def _cancelled_between_attempts(tmp_path: Path, secrets: dict, box: Secret
             await asyncio.sleep(hang_s)
         return web.Response(status=204 if request.method == "DELETE" else 200)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    registry = f"http://127.0.0.1:{port}"
+    runner, registry = await stand_in_registry(answer)
     request = {**WITH_AUTH, "targets": [{"endpoint": registry}]}
     targets = [{"endpoint": registry, "image": "team/app", "ref": "v1"}]
     try:
         store = await Store.open(tmp_path / "t.db", box=SecretBox(b"k" * 32))
         job_id = await store.enqueue(request, secrets, targets, "x")
-        claimed = await store.claim("node-a/1", 30.0)
-        assert claimed is not None and claimed.id == job_id
-        await store.save_upload(job_id, "node-a/1", 0, "sha256:" + "a" * 64, f"{registry}/v2/team/app/blobs/uploads/u1?_state=s", 4 * MiB)
+        await first_attempt_left_a_session(store, job_id, registry)
         assert await store.request_cancel(job_id) == "RUNNING"
         await store.release(job_id, "node-a/1")  # a SIGTERM came before the worker saw the cancel
         await store.close()
@@ -627,8 +638,9 @@ async def test_a_registry_that_does_not_answer_a_give_back_holds_a_cancelled_job
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("concurrency", [1, 0])  # full with one job; running none at all
 async def test_a_queued_job_cancelled_with_sessions_of_an_earlier_attempt_gives_them_back_though_the_worker_is_full(
-    tmp_path: Path,
+    tmp_path: Path, concurrency: int,
 ) -> None:
     deletes: list[str] = []
     over = asyncio.Event()
@@ -641,27 +653,20 @@ async def test_a_queued_job_cancelled_with_sessions_of_an_earlier_attempt_gives_
             await asyncio.wait_for(over.wait(), 30)  # the job that keeps the worker full reads from here
         return web.Response(status=200)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    registry = f"http://127.0.0.1:{port}"
+    runner, registry = await stand_in_registry(answer)
     store = await Store.open(tmp_path / "t.db")
     try:
         targets = [{"endpoint": registry, "image": "team/app", "ref": "v1"}]
         job_id = await store.enqueue({**REQUEST, "targets": [{"endpoint": registry}]}, NO_AUTH, targets, "x")
-        assert (await store.claim("node-a/1", 30.0)).id == job_id  # its first attempt, on another node
-        await store.save_upload(job_id, "node-a/1", 0, "sha256:" + "a" * 64, f"{registry}/v2/team/app/blobs/uploads/u1?_state=s", 4 * MiB)
+        await first_attempt_left_a_session(store, job_id, registry)
         busy = {**REQUEST, "source": {"endpoint": f"{registry}/hang", "image": "team/busy", "ref": "v1"}}
         blocker = await store.enqueue(busy, NO_AUTH, TARGETS, "busy")
         waiting = await store.enqueue(busy, NO_AUTH, TARGETS, "waiting")
         async with aiohttp.ClientSession() as session:
-            worker = Worker(store, session, worker_settings(tmp_path, concurrency=1))
+            worker = Worker(store, session, worker_settings(tmp_path, concurrency=concurrency))
             await worker.start()
             try:
-                for _ in range(250):
+                for _ in range(250 if concurrency else 0):
                     if (await store.job_view(blocker))["value"] == "RUNNING":
                         break
                     await asyncio.sleep(0.02)
@@ -669,7 +674,7 @@ async def test_a_queued_job_cancelled_with_sessions_of_an_earlier_attempt_gives_
                 assert await store.request_cancel(job_id) == "QUEUED"  # what DELETE does
                 worker.notify()
                 view = await ended(store, job_id)
-                assert (await store.job_view(blocker))["value"] == "RUNNING"
+                assert (await store.job_view(blocker))["value"] == ("RUNNING" if concurrency else "QUEUED")
                 assert (await store.job_view(waiting))["value"] == "QUEUED"  # full for any other job
             finally:
                 await worker.stop()
