@@ -525,8 +525,7 @@ class ImageCopy:
             self._end_lead(t, blob.digest, False)  # it gets the blob later, on its own
             log.info("%s did not answer within %g s: it gets %s, and its later blobs, on its own",
                      t.client.name, self.tuning.preflight_wait_s, blob.digest[:19])
-        if late:
-            await asyncio.wait([_unwatched(steps[t]) for t in late])
+        await _join([steps[t] for t in late])
         return [t for t in steps if t not in late]
 
     async def _send_once_per_registry(
