@@ -312,13 +312,17 @@ class Store:
             many=True,
         )
 
-    async def save_upload(self, job_id: str, owner: str, idx: int, digest: str, location: str, offset: int) -> None:
+    async def save_upload(
+        self, job_id: str, owner: str, idx: int, digest: str, location: str, offset: int, named: bool = False,
+    ) -> None:
+        """`named`: the Location is on a host the registry named for itself (see named_uploads)."""
         await self._fenced(
-            f"""INSERT INTO uploads (job_id, target_idx, digest, location, offset, updated_at)
-                SELECT ?, ?, ?, ?, ?, ? WHERE {self._LEASED}
+            f"""INSERT INTO uploads (job_id, target_idx, digest, location, offset, named, updated_at)
+                SELECT ?, ?, ?, ?, ?, ?, ? WHERE {self._LEASED}
                 ON CONFLICT (job_id, target_idx, digest)
-                DO UPDATE SET location = excluded.location, offset = excluded.offset, updated_at = excluded.updated_at""",
-            (job_id, idx, digest, location, offset, self._now(), job_id, owner),
+                DO UPDATE SET location = excluded.location, offset = excluded.offset, named = excluded.named,
+                              updated_at = excluded.updated_at""",
+            (job_id, idx, digest, location, offset, named, self._now(), job_id, owner),
         )
 
     async def drop_upload(self, job_id: str, owner: str, idx: int, digest: str) -> None:
@@ -337,6 +341,12 @@ class Store:
     async def uploads(self, job_id: str) -> dict[tuple[int, str], tuple[str, int]]:
         rows = await self._db.execute_fetchall("SELECT target_idx, digest, location, offset FROM uploads WHERE job_id = ?", (job_id,))
         return {(r["target_idx"], r["digest"]): (r["location"], r["offset"]) for r in rows}
+
+    async def named_uploads(self, job_id: str) -> list[tuple[int, str]]:
+        """(target, Location) of the checkpoints on a host the registry named for itself, which
+        the target's client of a later attempt trusts as the one that saved them did."""
+        rows = await self._db.execute_fetchall("SELECT target_idx, location FROM uploads WHERE job_id = ? AND named", (job_id,))
+        return [(r["target_idx"], r["location"]) for r in rows]
 
     # -- where blobs are, for cross-repository mounts ---------------------------------------------
 

@@ -85,7 +85,7 @@ class Events(Protocol):
 
     def saved_upload(self, idx: int, digest: str) -> tuple[str, int] | None: ...
 
-    async def save_upload(self, idx: int, digest: str, location: str, offset: int) -> None: ...
+    async def save_upload(self, idx: int, digest: str, location: str, offset: int, named: bool = False) -> None: ...
 
     async def drop_upload(self, idx: int, digest: str) -> None: ...
 
@@ -126,8 +126,8 @@ class MemoryEvents:
     def saved_upload(self, idx: int, digest: str) -> tuple[str, int] | None:
         return self.uploads.get((idx, digest))
 
-    async def save_upload(self, idx: int, digest: str, location: str, offset: int) -> None:
-        self.uploads[(idx, digest)] = (location, offset)
+    async def save_upload(self, idx: int, digest: str, location: str, offset: int, named: bool = False) -> None:
+        self.uploads[(idx, digest)] = (location, offset)  # `named`: the client that saved it trusts it
 
     async def drop_upload(self, idx: int, digest: str) -> None:
         self.uploads.pop((idx, digest), None)
@@ -889,9 +889,13 @@ class ImageCopy:
             self.events.blob_progress(t.idx, blob.digest, 0)
             # Kept even when one PUT carries the whole blob: a cancelled job gives back every
             # session it has open, and this is where it finds them.
-            await self.events.save_upload(t.idx, blob.digest, s.location, 0)
+            await self._checkpoint(s, blob)
         except RegistryError as exc:
             s.error = exc
+
+    async def _checkpoint(self, s: _Sink, blob: Blob) -> None:
+        assert s.location is not None
+        await self.events.save_upload(s.target.idx, blob.digest, s.location, s.offset, s.target.client.named(s.location))
 
     async def _fan_out(
         self, blob: Blob, sinks: list[_Sink], shared_done: Callable[[], None] | None, buffer_size: int,
@@ -1161,7 +1165,7 @@ class ImageCopy:
                     s.location = await t.client.patch_chunk(s.location, t.repo, _read_exact(s.pipe, length), s.offset, length)
                     s.offset += length
                     UPLOADED.inc(length)
-                    await self.events.save_upload(t.idx, blob.digest, s.location, s.offset)
+                    await self._checkpoint(s, blob)
                 self.events.blob_progress(t.idx, blob.digest, s.offset)
             # Read now, not at the start: a sink that left the shared read has a verdict of its own.
             assert s.verified is not None

@@ -87,9 +87,9 @@ class JobEvents(MemoryEvents):
         self._notes[idx] = f"{iso(utcnow())}: {error}"
         self._unsaid.add(idx)
 
-    async def save_upload(self, idx: int, digest: str, location: str, offset: int) -> None:
-        await self.store.save_upload(self.job_id, self.owner, idx, digest, location, offset)
-        await super().save_upload(idx, digest, location, offset)
+    async def save_upload(self, idx: int, digest: str, location: str, offset: int, named: bool = False) -> None:
+        await self.store.save_upload(self.job_id, self.owner, idx, digest, location, offset, named)
+        await super().save_upload(idx, digest, location, offset, named)
 
     async def drop_upload(self, idx: int, digest: str) -> None:
         await self.store.drop_upload(self.job_id, self.owner, idx, digest)
@@ -268,13 +268,14 @@ class Worker:
         # The handlers below do not await: a cancel lands inside this try, where it is caught.
         try:
             events.uploads.update(await self.store.uploads(job.id))
+            named = await self.store.named_uploads(job.id)
             if job.cancel_requested or self._cancels.get(job.id):
                 # Asked for before a crash or a stop took its worker, or before this task ran:
                 # the sessions of its earlier attempt are given back all the same (with the
                 # job's own credentials, if it brought any).
                 if events.uploads and not (asks_credentials(job.request) and not job.secrets):
                     with contextlib.suppress(ValueError, ssl.SSLError):
-                        copy = self._build(job, events)
+                        copy = self._build(job, events, named)
                 raise asyncio.CancelledError()
             if asks_credentials(job.request) and not job.secrets:
                 raise SourceError(
@@ -282,7 +283,7 @@ class Worker:
                     ".key file beside the database) changed or was lost; submit the job again"
                 )
             try:
-                copy = self._build(job, events)
+                copy = self._build(job, events, named)
             except (ValueError, ssl.SSLError) as exc:
                 raise SourceError(f"the request cannot be run: {exc}") from None
             await copy.run()
@@ -381,7 +382,9 @@ class Worker:
             except Exception:
                 log.exception("job %s: heartbeat failed", job_id)
 
-    def _build(self, job: ClaimedJob, events: JobEvents) -> ImageCopy:
+    def _build(self, job: ClaimedJob, events: JobEvents, named: list[tuple[int, str]]) -> ImageCopy:
+        """The job's copy; `named`: its checkpoints' Locations on hosts the registries named (see
+        Store.named_uploads), which their targets' clients trust again."""
         req = job.request
         src = req["source"]
         secrets = job.secrets or {}
@@ -408,6 +411,8 @@ class Worker:
         for idx, t in enumerate(req["targets"]):
             c = client(t, auth_for(target_auth[idx] if idx < len(target_auth) else None, t["endpoint"]), push=True)
             c.on_retry = functools.partial(_note_retry, events, [idx], "")
+            for location in (loc for i, loc in named if i == idx):
+                c.trust_named(location)
             targets.append(Target(idx, c, c.repository(t.get("image") or src["image"]), t.get("ref") or src["ref"], t.get("overwrite", False)))
         return ImageCopy(
             source, targets, events, self._stops[job.id], self.settings.tuning, first_attempt=job.attempt == 1, streams=self.streams,

@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 from support.answers import trickle
 from support.mocked import aioresponses
 from support.registry import Registry
+from support.tokenserver import ANY_USER, TokenServer
 from yarl import URL
 
 from pydlit.registry import bodies
@@ -617,9 +618,7 @@ async def test_a_checkpointed_session_on_an_origin_not_named_to_this_client_is_s
 async def test_a_registry_reached_by_another_name_than_its_own_takes_a_chunked_upload(registries, tmp_path) -> None:  # type: ignore[no-untyped-def]
     # distribution with http.host names itself so in every Location; it is reached here by IP.
     registry = Registry(tmp_path / "named", "token", token_server=registries.token_server)
-    config = json.loads(registry.config_path.read_text())
-    config["http"]["host"] = f"http://localhost:{registry.port}"
-    registry.config_path.write_text(json.dumps(config))
+    registry.name_itself(f"http://localhost:{registry.port}")
     data = b"pydlit" * 500
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     with registry:
@@ -631,6 +630,60 @@ async def test_a_registry_reached_by_another_name_than_its_own_takes_a_chunked_u
             assert await client.upload_offset(location, "team/app") == 1000
             await client.finish_upload(location, "team/app", digest, data[1000:], len(data) - 1000)
             assert await client.head_blob("team/app", digest)
+
+
+@pytest.mark.asyncio
+async def test_a_session_on_a_host_the_registry_named_resumes_in_a_later_client_told_so(registries, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A restart's client: only a checkpoint that says the registry named that host is resumed.
+    registry = Registry(tmp_path / "named", "token", token_server=registries.token_server)
+    registry.name_itself(f"http://localhost:{registry.port}")
+    data = b"pydlit" * 500
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with registry:
+        async with aiohttp.ClientSession() as s:
+            def client() -> RegistryClient:
+                return RegistryClient(s, registry.endpoint, auth=registry.request_auth, policy=RetryPolicy(attempts=1), push=True)
+
+            first = client()
+            location = await first.start_upload("team/app")
+            location = await first.patch_chunk(location, "team/app", data[:1000], 0, 1000)
+            assert first.named(location) and not first.named(registry.url + "/v2/team/app/blobs/uploads/x")
+            assert await client().upload_offset(location, "team/app", expected=1000) is None  # sent no credentials
+
+            later = client()
+            later.trust_named(location)
+            assert await later.upload_offset(location, "team/app", expected=1000) == 1000
+            await later.finish_upload(location, "team/app", digest, data[1000:], len(data) - 1000)
+            assert await later.head_blob("team/app", digest)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("may_delete", [True, False], ids=["may-delete", "push-only"])
+async def test_an_upload_session_is_given_back_with_the_delete_action_the_registry_asks_for(tmp_path, may_delete) -> None:  # type: ignore[no-untyped-def]
+    # distribution's token auth wants `delete` on any DELETE, a session's too: a pull,push token
+    # is refused with insufficient_scope, and the client asks once for what the challenge names.
+    with TokenServer() as tokens:
+        tokens.set_acl(ANY_USER, [("*", ["pull", "push", "delete"] if may_delete else ["pull", "push"])])
+        with Registry(tmp_path / "reg", "token", token_server=tokens) as registry:
+            async with aiohttp.ClientSession() as s:
+                client = RegistryClient(s, registry.endpoint, auth=registry.request_auth, policy=RetryPolicy(attempts=1), push=True)
+                location = await client.patch_chunk(await client.start_upload("team/app"), "team/app", b"x" * 1000, 0, 1000)
+                asked = len(tokens.requests)
+                await client.cancel_upload(location, "team/app")
+                scopes = [r.scopes for r in tokens.requests[asked:]]
+                gone = await client.upload_offset(location, "team/app") is None
+    assert gone is may_delete
+    assert len(scopes) == 1 and "repository:team/app:delete" in " ".join(scopes[0]), scopes
+
+
+@pytest.mark.asyncio
+async def test_a_named_host_that_would_take_the_credentials_in_clear_is_not_trusted_again() -> None:
+    async with aiohttp.ClientSession() as s:
+        client = RegistryClient(s, "https://registry.test", auth={"basicauth": {"user": "alice", "password": PASSWORD}})
+        client.trust_named("http://registry.test/v2/team/app/blobs/uploads/u1?_state=x")
+        client.trust_named("https://storage.test/v2/team/app/blobs/uploads/u2?_state=y")
+        assert not client.named("http://registry.test/v2/team/app/blobs/uploads/u1?_state=x")
+        assert client.named("https://storage.test/v2/team/app/blobs/uploads/u2?_state=y")
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,8 @@ from aiohttp import web
 from support.images import Image, assert_same_tree, push_image, read_back
 from support.proxy import FaultProxy, classify
 from support.regclient import RegistryHTTP
+from support.registry import Registry
+from support.tokenserver import ANY_USER, TokenServer
 from support.service import ServiceProcess, job_body, job_state, wait_for
 
 MiB = 1 << 20
@@ -482,6 +484,40 @@ def test_sigterm_while_a_target_is_waited_for_exits_at_once_and_resumes(
     assert row["state"] == "QUEUED"
     sent = restart_and_finish(service, target, job, image, registries.target_a, repo_name, "SIGTERM in a retry's wait")
     assert sent <= image.total_bytes + CHUNK  # at most the refused chunk again
+
+
+@pytest.mark.parametrize("then", ["resume", "cancel"])
+def test_sessions_of_a_registry_that_names_itself_by_another_host_resume_or_are_given_back_after_a_restart(
+    registries, proxy_factory, service_factory, repo_name, tmp_path, then
+):
+    # Reached at 127.0.0.1, it names its sessions localhost (distribution's http.host; Quay and
+    # Harbor do the same with their configured hostname), with token auth: a restart's client
+    # sends that host the credentials only because the checkpoint says the registry named it.
+    # Its users may delete: distribution asks for that action to end a session.
+    tokens = TokenServer().start()
+    tokens.set_acl(ANY_USER, [("*", ["pull", "push", "delete"])])
+    registry = Registry(tmp_path / "named", "token", token_server=tokens)
+    target = proxy_factory(registry)
+    with tokens, registry.name_itself(f"http://localhost:{target.host.rsplit(':', 1)[1]}"):
+        image = push_image(registries.source, repo_name, "v1", layer_sizes=BIG_LAYERS[:2], seed=4114)
+        target.rate_limit(24 * MiB, download=False)
+        service = service_factory(env=service_env())
+        job = service.submit(job_body(registries.source, repo_name, "v1", [target]))
+        wait_for(lambda: any(u["offset"] > 0 for u in db_rows(service.db_path, "SELECT offset FROM uploads WHERE job_id = ?", job)))
+        assert service.stop(signal.SIGTERM, timeout=30) == 0
+        uploads = db_rows(service.db_path, "SELECT location, offset, named FROM uploads WHERE job_id = ?", job)
+        assert uploads and all(u["named"] == 1 and "//localhost:" in u["location"] for u in uploads), [dict(u) for u in uploads]
+
+        if then == "resume":
+            sent = restart_and_finish(service, target, job, image, registry, repo_name, "SIGTERM, sessions on a named host")
+            assert sent <= image.total_bytes + 2 * CHUNK  # not started over
+            return
+        assert registry.session_bytes(repo_name) > 0
+        with sqlite3.connect(service.db_path) as db:  # a DELETE while the service was down
+            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job,))
+        service.start()
+        assert service.wait(job, timeout=30)["error"] == "cancelled"
+        assert registry.session_bytes(repo_name) == 0
 
 
 def test_a_job_whose_cancel_its_stopped_worker_never_acted_on_gives_its_sessions_back(

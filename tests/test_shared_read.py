@@ -90,6 +90,9 @@ class PacedTarget:
     async def head_blob(self, repo: str, digest: str) -> bool:
         return False
 
+    def named(self, location: str) -> bool:
+        return False
+
     async def start_upload(self, repo: str) -> str:
         return f"/{self.name}/upload"
 
@@ -182,6 +185,9 @@ class HangingTarget(PacedTarget):
             await self.wake.wait()
         return False
 
+    def named(self, location: str) -> bool:
+        return False
+
     async def start_upload(self, repo: str) -> str:
         if self.step == "start_upload":
             await self.wake.wait()
@@ -251,6 +257,9 @@ class SlowToOpen(PacedTarget):
         super().__init__(name, 0.0)
         self.opened: list[str] = []
 
+    def named(self, location: str) -> bool:
+        return False
+
     async def start_upload(self, repo: str) -> str:
         await asyncio.sleep(0.5)
         self.opened.append(f"/{self.name}/upload")
@@ -275,7 +284,7 @@ class LostLease(Exception):
 
 
 class LosingEvents(MemoryEvents):
-    async def save_upload(self, idx: int, digest: str, location: str, offset: int) -> None:
+    async def save_upload(self, idx: int, digest: str, location: str, offset: int, named: bool = False) -> None:
         raise LostLease()  # what the worker's fenced write raises
 
 
@@ -531,6 +540,9 @@ async def test_a_job_reading_another_source_does_not_wait_for_an_upload_from_els
 
 
 class RefusesToOpen(PacedTarget):
+    def named(self, location: str) -> bool:
+        return False
+
     async def start_upload(self, repo: str) -> str:
         raise RegistryError(self.name, "start upload", "denied", status=403, code="DENIED")
 

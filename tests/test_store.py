@@ -467,6 +467,18 @@ async def test_upload_checkpoints_round_trip(store: Store) -> None:
     assert len(await store.uploads(job_id)) == 1
 
 
+async def test_a_checkpoint_says_whether_the_registry_named_its_host(store: Store) -> None:
+    job_id = await enqueue(store)
+    await store.claim("node/a", 30)
+    named = "http://localhost:5001/up/1?_state=one"
+    await store.save_upload(job_id, "node/a", 0, DIGEST_A, named, 0, named=True)
+    await store.save_upload(job_id, "node/a", 1, DIGEST_A, "http://127.0.0.1:5002/up/2?_state=two", 64)
+    assert await store.named_uploads(job_id) == [(0, named)]
+    # The newest checkpoint decides: a session the registry now names by the endpoint's host.
+    await store.save_upload(job_id, "node/a", 0, DIGEST_A, "http://127.0.0.1:5001/up/1?_state=three", 4096)
+    assert await store.named_uploads(job_id) == []
+
+
 async def test_uploads_survive_a_release(store: Store) -> None:
     job_id = await enqueue(store)
     await store.claim("node/a", 30)

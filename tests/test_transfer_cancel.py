@@ -40,6 +40,9 @@ class StandInTarget:
         self.given_back: list[str] = []
         self.error = give_back_error
 
+    def named(self, location: str) -> bool:
+        return False
+
     async def start_upload(self, repo: str) -> str:
         self.opened.append(f"/upload/{len(self.opened)}")
         return self.opened[-1]

@@ -373,12 +373,17 @@ class RegistryClient:
             auth.challenge = chosen
             return scope
         error = chosen.params.get("error")
+        wider = merge_scopes([scope, chosen.params.get("scope", "")])
+        # A token refused for its scope is asked for again only when the registry names actions
+        # it lacks: distribution wants `delete` to end an upload session, which pull,push lacks.
+        if error == "insufficient_scope" and wider != merge_scopes([scope]):
+            error = None
         if auth.challenge is not None and auth.challenge.scheme == "bearer" and error not in ("invalid_token", None):
             who = "the given credentials" if auth.has_credentials else "anonymous access"
             raise RegistryError(self.name, step, f"access denied for {who} ({error})", status=401, code="UNAUTHORIZED")
         auth.challenge = chosen
         auth.forget(scope)
-        return merge_scopes([scope, chosen.params.get("scope", "")])
+        return wider
 
     async def _ensure_ping(self, step: str) -> None:
         """Learn the auth scheme once, so that no request carrying a body meets a challenge."""
@@ -774,9 +779,9 @@ class RegistryClient:
                     "GET", url, step=f"resume upload to {repo}", scope=scope_for(repo, "pull,push"), expect=(204, 404, 400),
                 )
             except RegistryError as exc:
-                # A session checkpointed by an earlier process, on a host the registry named for
-                # itself then: this client has not seen the registry name it, so sends it no
-                # credentials. A new session's Location will be trusted.
+                # A checkpointed session on a host this client does not trust (one that would take
+                # the credentials in clear, or a checkpoint older than `named`) was sent none:
+                # the blob starts over in a new session.
                 if exc.status == 401 and not self._trusts(url):
                     return None
                 raise
@@ -831,10 +836,27 @@ class RegistryClient:
         # not always the one they are reached by: such an origin is the registry's own. Except
         # where credentials would go in clear to a registry that has TLS: that upload fails
         # with the host's 401 rather than leak them.
-        downgrade = self._origin.scheme == "https" and url.scheme != "https"
-        if self._trusts(resp.url) and not downgrade and not self._trusts(url):
-            self._trusted.append(url.origin())
+        if self._trusts(resp.url):
+            self._adopt(url)
         return str(url)
+
+    def _adopt(self, url: URL) -> None:
+        if self._origin.scheme == "https" and url.scheme != "https":
+            return
+        if not self._trusts(url):
+            self._trusted.append(url.origin())
+
+    def named(self, location: str) -> bool:
+        """Whether `location` is on a host the registry named for itself (see _location), not the
+        one it is reached by: a checkpoint records that, for the client of a later process."""
+        url = URL(location, encoded=True)
+        return self._trusts(url) and not same_origin(url, self._origin)
+
+    def trust_named(self, location: str) -> None:
+        """Trust the host of a checkpointed Location that an earlier process saw the registry name
+        for itself (`named`), as that process did: its session resumes, or is given back, with the
+        registry's credentials. A host that would take them in clear is never trusted."""
+        self._adopt(URL(location, encoded=True))
 
 
 class _WatchedBody:

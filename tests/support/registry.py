@@ -157,6 +157,14 @@ class Registry:
     def log_tail(self, max_bytes: int = 4000) -> str:
         return tail(self.log_path, max_bytes)
 
+    def name_itself(self, url: str) -> "Registry":
+        """Have the registry name itself `url` in the Locations it gives (distribution's
+        http.host), as one reached by another name does; from its next start."""
+        config = json.loads(self.config_path.read_text())
+        config["http"]["host"] = url
+        self.config_path.write_text(json.dumps(config))
+        return self
+
     def session_bytes(self, repo: str) -> int:
         """Bytes held in the repository's upload sessions (a DELETE leaves a session's 108-byte
         hash state behind, not its data)."""
