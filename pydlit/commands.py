@@ -374,7 +374,8 @@ def _outcome(view: dict[str, Any], out: TextIO) -> int:
     targets = view.get("targets") or []
     counts = Counter(t["state"] for t in targets)
     if view["value"] == "FINISHED":
-        print(f"FINISHED: {counts['FINISHED']} target(s) copied, {counts['SKIPPED']} skipped", file=out)
+        # "hold": a target whose tag already held the image finishes too, with nothing sent.
+        print(f"FINISHED: {counts['FINISHED']} target(s) hold the image, {counts['SKIPPED']} skipped", file=out)
         for t in targets:
             if t["state"] == "SKIPPED":
                 print(f"  skipped {_target_name(t)}: {t['error']}", file=out)
@@ -393,7 +394,8 @@ def render_status(view: dict[str, Any]) -> str:
     """A job status document as lines for people."""
     rows = [
         ("job", view["id"]),
-        ("state", f"{view['value']} (attempt {view.get('attempt', 0)})"),
+        ("state", f"{view['value']} (attempt {view.get('attempt', 0)})"
+                  + (", cancelling" if view.get("cancel_requested") and view["value"] in ("QUEUED", "RUNNING") else "")),
         ("source", view.get("source") or ""),
         ("created", view.get("created_at") or "-"),
         ("started", view.get("started_at") or "-"),

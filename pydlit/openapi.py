@@ -101,7 +101,7 @@ def _own_schemas() -> dict[str, Any]:
             "type": "object",
             "required": [
                 "id", "value", "created_at", "started_at", "finished_at", "finished_endpoints",
-                "skipped_clusters", "error", "attempt", "source", "bytes_done", "bytes_total", "targets",
+                "skipped_clusters", "error", "attempt", "cancel_requested", "source", "bytes_done", "bytes_total", "targets",
             ],
             "properties": {
                 "id": {"type": "string"},
@@ -123,6 +123,14 @@ def _own_schemas() -> dict[str, Any]:
                 },
                 "error": {**_NULLABLE_TEXT, "description": "Why the whole job failed."},
                 "attempt": {**_COUNT, "description": "How many times a worker has claimed the job."},
+                "cancel_requested": {
+                    "type": "boolean",
+                    "description": (
+                        "A DELETE asked for the job to end. While it is still QUEUED or RUNNING, it lets its"
+                        " chunks on their way through and gives its upload sessions back, then ends FAILED"
+                        " with the error 'cancelled'."
+                    ),
+                },
                 "source": {"type": "string", "description": "'<endpoint> <image>:<ref>'."},
                 "bytes_done": _COUNT,
                 "bytes_total": _COUNT,

@@ -518,6 +518,7 @@ def _view(job: sqlite3.Row, targets: list[sqlite3.Row]) -> dict[str, Any]:
         "skipped_clusters": [t["endpoint"] for t in targets if t["state"] == "SKIPPED"],
         "error": job["error"],
         "attempt": job["attempt"],
+        "cancel_requested": bool(job["cancel_requested"]),
         "source": job["source"],
         "bytes_done": sum(t["bytes_done"] for t in targets),
         "bytes_total": sum(t["bytes_total"] or 0 for t in targets),

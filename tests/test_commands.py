@@ -323,7 +323,7 @@ def test_submit_wait_follows_the_job_to_finished(fake, request_file: Path) -> No
     assert lines[0] == JOB_ID
     assert lines[1] == f"job {JOB_ID}: QUEUED  0 B"
     assert f"job {JOB_ID}: FINISHED  100% 8.0 MiB/8.0 MiB" in lines
-    assert lines[-1] == "FINISHED: 2 target(s) copied, 0 skipped"
+    assert lines[-1] == "FINISHED: 2 target(s) hold the image, 0 skipped"
 
 
 def test_submit_wait_on_a_tty_draws_the_bar(fake, request_file: Path) -> None:
@@ -331,7 +331,7 @@ def test_submit_wait_on_a_tty_draws_the_bar(fake, request_file: Path) -> None:
     out = TtyIO()
     assert submit(service.url, str(request_file), True, None, out, interval=0.01) == 0
     assert "\r\x1b[K" in out.getvalue() and "[####################]  100%" in out.getvalue()
-    assert out.getvalue().endswith("  2 FINISHED\nFINISHED: 2 target(s) copied, 0 skipped\n")
+    assert out.getvalue().endswith("  2 FINISHED\nFINISHED: 2 target(s) hold the image, 0 skipped\n")
 
 
 def test_submit_wait_reports_a_failed_job(fake, request_file: Path) -> None:
@@ -351,7 +351,7 @@ def test_submit_wait_rides_out_a_short_outage(fake, request_file: Path) -> None:
     notes = [line for line in out.getvalue().splitlines() if line.startswith("pydlit:")]
     assert notes == [f"pydlit: lost the connection to pydlit at {service.url}: remote end closed connection without"
                      f" response; retrying for up to {commands.RECONNECT_GRACE_S:g} s"]
-    assert out.getvalue().splitlines()[-1] == "FINISHED: 2 target(s) copied, 0 skipped"
+    assert out.getvalue().splitlines()[-1] == "FINISHED: 2 target(s) hold the image, 0 skipped"
 
 
 def test_submit_wait_gives_up_on_a_long_outage(fake, request_file: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -438,6 +438,13 @@ def test_status_readable_json_and_unknown(fake, capsys) -> None:
     assert capsys.readouterr().err == "pydlit: the service answered HTTP 404: no job with id 'nope'\n"
 
 
+def test_status_says_a_running_job_is_being_cancelled(fake) -> None:
+    service = fake([{**FAILING[0], "cancel_requested": True}])
+    out = io.StringIO()
+    assert status(service.url, JOB_ID, None, out) == 0
+    assert out.getvalue().splitlines()[1] == "state    RUNNING (attempt 1), cancelling"
+
+
 def _listed() -> list[dict[str, Any]]:
     states = ["FINISHED", "FAILED", "RUNNING", "FINISHED", "QUEUED", "FAILED", "FINISHED"]
     return [
@@ -491,7 +498,7 @@ def test_submit_wait_and_status_against_the_real_service(registries, repo_name, 
         out = io.StringIO()
         assert submit(server, str(request), True, None, out, interval=0.05) == 0, out.getvalue()
         job_id = out.getvalue().splitlines()[0]
-        assert out.getvalue().splitlines()[-1] == "FINISHED: 1 target(s) copied, 0 skipped"
+        assert out.getvalue().splitlines()[-1] == "FINISHED: 1 target(s) hold the image, 0 skipped"
         out = io.StringIO()
         assert status(server, job_id, None, out, as_json=True) == 0
         answer = json.loads(out.getvalue())
@@ -519,13 +526,13 @@ def test_copy_to_two_targets_reads_back_identical(registries, repo_name) -> None
     lines = out.getvalue().splitlines()
     assert lines[0].startswith(f"copy http://{registries.source.host}/{repo_name}:v1: RUNNING")
     assert f"  http://{target.host} {repo_name}-mirror:stable: FINISHED  100% " in "\n".join(lines)
-    assert lines[-1] == "FINISHED: 2 target(s) copied, 0 skipped"
+    assert lines[-1] == "FINISHED: 2 target(s) hold the image, 0 skipped"
 
     # Again: the tag holds the same digest, so nothing is sent and the copy still succeeds.
     out = io.StringIO()
     assert asyncio.run(copy(f"{registries.source.host}/{repo_name}:v1", [target.host],
                             overwrite=False, verify_tls=False, out=out)) == 0
-    assert out.getvalue().splitlines()[-1] == "FINISHED: 1 target(s) copied, 0 skipped"
+    assert out.getvalue().splitlines()[-1] == "FINISHED: 1 target(s) hold the image, 0 skipped"
 
 
 def test_copy_by_digest_and_skip_without_overwrite(registries, repo_name) -> None:
@@ -540,7 +547,7 @@ def test_copy_by_digest_and_skip_without_overwrite(registries, repo_name) -> Non
     newer = f"{registries.source.host}/{repo_name}:v2"
     assert asyncio.run(copy(newer, [target], overwrite=False, verify_tls=False, out=out)) == 0
     assert out.getvalue().splitlines()[-2:] == [
-        "FINISHED: 0 target(s) copied, 1 skipped",
+        "FINISHED: 0 target(s) hold the image, 1 skipped",
         f"  skipped http://{registries.target_a.host} {repo_name}:pinned: "
         f"{repo_name}:pinned already exists with digest {first.digest} and overwrite is false",
     ]

@@ -384,7 +384,10 @@ async def test_a_cancel_while_a_claimed_job_reads_its_checkpoints_ends_it(tmp_pa
         await worker.start()
         try:
             await asyncio.wait_for(reading.wait(), timeout=5)
+            assert (await store.job_view(job_id))["cancel_requested"] is False
             assert await store.request_cancel(job_id) == "RUNNING"  # what DELETE does
+            pending = await store.job_view(job_id)  # winding down: the view says why
+            assert (pending["value"], pending["cancel_requested"]) == ("RUNNING", True)
             worker.cancel(job_id)
             view = await ended(store, job_id)
         finally:
