@@ -268,7 +268,7 @@ class Worker:
         # The handlers below do not await: a cancel lands inside this try, where it is caught.
         try:
             events.uploads.update(await self.store.uploads(job.id))
-            named = await self.store.named_uploads(job.id)
+            named = await self.store.named_uploads(job.id) if events.uploads else []
             if job.cancel_requested or self._cancels.get(job.id):
                 # Asked for before a crash or a stop took its worker, or before this task ran:
                 # the sessions of its earlier attempt are given back all the same (with the
