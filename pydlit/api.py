@@ -91,6 +91,7 @@ async def job_cancel(request: web.Request) -> web.Response:
         raise ApiError(404, f"no job with id {job_id[:64]!r}")
     if was in ("FINISHED", "FAILED"):
         raise ApiError(409, f"the job already ended ({was}); there is nothing to cancel")
+    log.info("job %s: cancel requested (was %s)", job_id, was)
     worker = request.app[WORKER]
     worker.cancel(job_id)
     worker.notify()  # a QUEUED job with upload sessions to give back is claimed for that
@@ -101,7 +102,6 @@ async def job_cancel(request: web.Request) -> web.Response:
         if view is not None and view["value"] not in ("QUEUED", "RUNNING"):
             break
         await asyncio.sleep(0.1)
-    log.info("job %s: cancel requested (was %s)", job_id, was)
     return web.json_response(await request.app[STORE].job_view(job_id))
 
 

@@ -1,10 +1,12 @@
-"""Blob uploads in flight across a service's jobs, by registry and digest.
+"""Blob uploads in flight across a service's jobs, by registry account and digest.
 
 Jobs that copy the same layers to one registry at once (one image to several repositories, as
 separate jobs; images built on one base) would each send them. Instead the first to start leads
 the upload, and the others wait for it and mount the blob from its repository. Only a job that
-reads the same source registry follows: it would read the bytes at that pace itself. A job with
-an upload session of that blob to resume sends it all the same; later jobs follow the first.
+reads the same source registry follows: it would read the bytes at that pace itself. And only
+one with the same credentials (the registry account, RegistryClient.account): another's may not
+read the leader's repository, and would learn that only once the wait was over. A job with an
+upload session of that blob to resume sends it all the same; later jobs follow the first.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ class InFlight:
         self._live: dict[tuple[str, str], Upload] = {}
 
     def leader(self, registry: str, digest: str, source: str) -> Upload | None:
-        """The upload of this blob to this registry that a job reading `source` may wait for."""
+        """The upload of this blob to this registry (account) that a job reading `source` may
+        wait for."""
         up = self._live.get((registry, digest))
         return up if up is not None and up.source == source else None
 

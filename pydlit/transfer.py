@@ -565,12 +565,12 @@ class ImageCopy:
         following: dict[Target, Upload] = {}
         for t in targets:
             # A session to resume holds bytes already: worth more than another job's upload.
-            up = None if self._resumable(t, blob) else self.uploads.leader(t.client.key, blob.digest, src)
+            up = None if self._resumable(t, blob) else self.uploads.leader(t.client.account, blob.digest, src)
             if up is not None:
                 following[t] = up
         leading = [t for t in targets if t not in following]
         for t in leading:
-            self._leads[(t.idx, blob.digest)] = self.uploads.lead(t.client.key, blob.digest, t.repo, src)
+            self._leads[(t.idx, blob.digest)] = self.uploads.lead(t.client.account, blob.digest, t.repo, src)
         try:
             if not following:
                 return await self._send(blob, leading, shared_done, alone)
@@ -621,7 +621,8 @@ class ImageCopy:
         later: list[Target] = []
         for t in need:
             # A session to resume is worth more than what another target's upload would spare.
-            if any(f.client.key == t.client.key for f in first) and not self._resumable(t, blob):
+            # Only a target of the same account: another's mount may be refused, after the wait.
+            if any(f.client.account == t.client.account for f in first) and not self._resumable(t, blob):
                 later.append(t)
             else:
                 first.append(t)
@@ -630,7 +631,7 @@ class ImageCopy:
     async def _link_from(self, t: Target, blob: Blob, first: list[Target], sending: asyncio.Future[None]) -> bool:
         """Whether `t` now holds the blob, linked from the target of its registry that takes it,
         as soon as that one has it: not held to the pace of the other registries' uploads."""
-        peer = next(f for f in first if f.client.key == t.client.key)
+        peer = next(f for f in first if f.client.account == t.client.account)
         async with self._settled:
             await self._settled.wait_for(lambda: blob.digest not in self._lacking[peer.idx] or peer.failed or sending.done())
         if blob.digest in self._lacking[peer.idx]:

@@ -323,19 +323,27 @@ class Worker:
     async def _give_back_uploads(self, job_id: str, copy: ImageCopy, events: JobEvents) -> None:
         """A user cancelled the job: give the registries their upload sessions back, all at once
         and for stop_grace_s at most (a registry that stopped answering keeps its sessions)."""
+        kept: dict[int, list[str]] = {}  # target -> why each session it kept is kept
 
         async def one(idx: int, location: str) -> None:
             target = copy.targets[idx]
             try:
-                await target.client.cancel_upload(location, target.repo)
+                refused = await target.client.cancel_upload(location, target.repo)
             except (RuntimeError, OSError, aiohttp.ClientError) as exc:  # the session closed at shutdown
-                log.warning("job %s target %d: an upload session was not given back: %s", job_id, idx, type(exc).__name__)
+                kept.setdefault(idx, []).append(type(exc).__name__)
+                return
+            if refused is not None:
+                kept.setdefault(idx, []).append(str(refused))
 
         giving = [one(idx, location) for (idx, _digest), (location, _offset) in list(events.uploads.items())]
         try:
             await asyncio.wait_for(asyncio.gather(*giving), self.settings.stop_grace_s)
         except asyncio.TimeoutError:
             log.warning("job %s: its upload sessions were not all given back within %g s", job_id, self.settings.stop_grace_s)
+        for idx, reasons in sorted(kept.items()):
+            # Left to the registry's purge: the operator learns why (with token auth, say, the
+            # job's user may not delete).
+            log.warning("job %s target %d: %d upload session(s) not given back: %s", job_id, idx, len(reasons), reasons[0])
 
     async def _settle(self, job_id: str, events: JobEvents, ending: Ending) -> None:
         """Write how the job ended, to the end: a cancel landing meanwhile (the heartbeat finding

@@ -669,11 +669,33 @@ async def test_an_upload_session_is_given_back_with_the_delete_action_the_regist
                 client = RegistryClient(s, registry.endpoint, auth=registry.request_auth, policy=RetryPolicy(attempts=1), push=True)
                 location = await client.patch_chunk(await client.start_upload("team/app"), "team/app", b"x" * 1000, 0, 1000)
                 asked = len(tokens.requests)
-                await client.cancel_upload(location, "team/app")
+                refused = await client.cancel_upload(location, "team/app")
                 scopes = [r.scopes for r in tokens.requests[asked:]]
                 gone = await client.upload_offset(location, "team/app") is None
-    assert gone is may_delete
+                await client.start_upload("team/app")  # the pull,push token still serves
+                fetched = len(tokens.requests) - asked
+    assert gone is may_delete and (refused is None) is may_delete
     assert len(scopes) == 1 and "repository:team/app:delete" in " ".join(scopes[0]), scopes
+    assert fetched == 1
+    if refused is not None:
+        assert refused.status == 401 and "insufficient_scope" in str(refused)
+
+
+@pytest.mark.asyncio
+async def test_a_mount_refused_to_these_credentials_is_not_asked_again_for_other_blobs(tmp_path, proxy_factory) -> None:  # type: ignore[no-untyped-def]
+    # The repository known to hold the blobs is one these credentials may not read.
+    with TokenServer() as tokens:
+        tokens.set_acl(ANY_USER, [("bobns/*", ["pull", "push"])])
+        with Registry(tmp_path / "reg", "token", token_server=tokens) as registry:
+            counted = proxy_factory(registry)
+            async with aiohttp.ClientSession() as s:
+                client = RegistryClient(s, counted.endpoint, auth=registry.request_auth, policy=RetryPolicy(attempts=1), push=True)
+                assert not await client.mount_blob("bobns/x", "sha256:" + "a" * 64, "dst/a")
+                posts = counted.count("POST")
+                assert not await client.mount_blob("bobns/x", "sha256:" + "b" * 64, "dst/a")
+                assert counted.count("POST") == posts >= 1
+                assert not await client.mount_blob("bobns/x", "sha256:" + "b" * 64, "bobns/y")  # another repository is asked
+                assert counted.count("POST") == posts + 1
 
 
 @pytest.mark.asyncio

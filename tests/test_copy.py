@@ -844,6 +844,33 @@ def test_token_url_lacking_push_falls_back_to_the_challenge_flow(service, regist
     assert pushers, "no push token from the registry's own token flow"
 
 
+def test_a_token_url_that_does_not_cover_a_mount_leaves_the_target_its_own_token(service, registries, repo_name):
+    # The original API's token url with JSON credentials and no basicauth: the token covers the
+    # job's repository only. A mount from another repository is refused; the copy goes on with
+    # the configured token (it used to fall back to anonymous tokens, and the target failed).
+    reg, ts = registries.token, registries.token_server
+    image = push_image(registries.source, repo_name, "v1", "schema2", SMALL_LAYERS, seed=_seed())
+
+    def copy_to(*repos: str) -> dict[str, Any]:
+        body = job_body(registries.source, repo_name, "v1", [(reg, {"image": repo}) for repo in repos])
+        for target, repo in zip(body["targets"], repos):
+            target["auth"] = {"url": ts.auth_json_url(f"repository:{repo}:pull,push"),
+                              "json": {"username": reg.user, "password": reg.password}}
+        return _run(service, body)
+
+    _assert_all_finished(copy_to(f"{repo_name}-a"), image.total_bytes)
+    since = len(ts.requests)
+    second = copy_to(f"{repo_name}-b")  # the blobs are known in -a: a mount is tried first
+    both = copy_to(f"{repo_name}-c", f"{repo_name}-d")
+
+    flow = [r for r in ts.requests[since:] if r.path == "/token" and any(repo_name in scope for scope in r.scopes)]
+    assert flow == []  # the registry's own flow, which would have had no credentials, was never taken
+    for status in (second, both):
+        _assert_all_finished(status, image.total_bytes)
+    for repo in ("b", "c", "d"):
+        assert_same_tree(image, read_back(reg, f"{repo_name}-{repo}", "v1"))
+
+
 def test_tokens_are_renewed_during_a_long_upload(service_factory, registries, repo_name, proxy_factory):
     reg, ts = registries.token, registries.token_server
     image = push_image(registries.source, repo_name, "v1", "schema2", [5 * 1024 * 1024, 2048], seed=_seed())

@@ -144,6 +144,26 @@ def test_a_cancel_ends_chunks_cleanly_so_the_registry_frees_their_sessions(servi
     assert registries.target_a.session_bytes(repo_name) == 0
 
 
+def test_sessions_a_cancel_may_not_give_back_are_named_in_the_log(service_factory, proxy_factory, registries, repo_name):
+    # distribution wants the delete action to end a session; this token registry's users have
+    # pull,push only. The sessions are left to its purge, and the operator is told.
+    push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[12 * MiB], seed=44)
+    slow = proxy_factory(registries.token)
+    slow.rate_limit(2 * MiB, download=False, upload=True)
+    svc = service_factory(env={"PYDLIT_CHUNK_MIB": "3"})
+    job_id = svc.submit(job_body(registries.source, repo_name, "v1", [slow]))
+    wait_for(lambda: svc.status(job_id)["bytes_done"] >= 3 * MiB)
+
+    status, _ = call(svc, "DELETE", f"/api/distribute/image/{job_id}")
+    view = svc.wait(job_id, timeout=15)
+
+    assert status == 200 and (view["value"], view["error"]) == ("FAILED", "cancelled"), view
+    assert registries.token.session_bytes(repo_name) > 0
+    warning = next(line for line in svc.log_text().splitlines() if "not given back" in line)
+    assert f"job {job_id} target 0: 1 upload session(s) not given back" in warning and "insufficient_scope" in warning
+    assert registries.token.password not in svc.log_text()
+
+
 def test_a_cancel_during_a_retrys_wait_ends_the_job_at_once(service_factory, proxy_factory, registries, repo_name):
     # No chunk is on its way: nothing to wait for, however long the registry asked to be left.
     push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[12 * MiB], seed=42)

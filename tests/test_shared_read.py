@@ -81,7 +81,7 @@ class PacedTarget:
     """Takes one piece every `pace` seconds, evenly: never a long wait, one after another."""
 
     def __init__(self, name: str, pace: float) -> None:
-        self.name = self.key = name
+        self.name = self.key = self.account = name
         self.pace = pace
         self.received: dict[str, bytes] = {}
         self.done_at: dict[str, float] = {}
@@ -358,7 +358,7 @@ class PacedSource(StandInSource):
 
     def __init__(self, name: str, pace: float) -> None:
         super().__init__()
-        self.name = self.key = name
+        self.name = self.key = self.account = name
         self.pace = pace
 
     async def open_blob(self, repo: str, digest: str, offset: int = 0, size: int | None = None) -> tuple[_Answer, int]:
@@ -536,6 +536,15 @@ async def test_a_job_reading_another_source_does_not_wait_for_an_upload_from_els
     leader, follower = PacedTarget("reg.test", 0.01), MountingTarget("reg.test", 0.0)
     await _two_jobs(leader, follower, source_of_follower="elsewhere.test")
     assert follower.mounted == [] and follower.received == {BLOB.digest: DATA}
+    assert follower.done_at[BLOB.digest] < leader.done_at[BLOB.digest], (follower.done_at, leader.done_at)
+
+
+async def test_a_job_with_other_credentials_does_not_wait_for_an_upload_to_its_registry() -> None:
+    # They may not read the leader's repository, which it would learn only once the wait was over.
+    leader, follower = PacedTarget("reg.test", 0.01), MountingTarget("reg.test", 0.0)
+    follower.account = "reg.test another-user"
+    await _two_jobs(leader, follower)
+    assert follower.asked == [] and follower.received == {BLOB.digest: DATA}
     assert follower.done_at[BLOB.digest] < leader.done_at[BLOB.digest], (follower.done_at, leader.done_at)
 
 

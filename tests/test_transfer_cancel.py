@@ -33,7 +33,7 @@ class HangingSource:
 
 
 class StandInTarget:
-    name = key = "target.test"
+    name = key = account = "target.test"
 
     def __init__(self, give_back_error: Exception | None = None) -> None:
         self.opened: list[str] = []

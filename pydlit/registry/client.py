@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import hashlib
 import json
 import logging
 import random
@@ -208,6 +209,12 @@ class RegistryClient:
         self._origin = URL(self.base)
         self.policy = policy
         self._auth = Authenticator(auth, push=push, shared=tokens, stall_timeout=stall_timeout)
+        # The registry and who it takes this client for: clients of one account may link blobs
+        # from each other's repositories, where another account's mount may be refused. A digest,
+        # never the credentials themselves.
+        who = hashlib.sha256(json.dumps(auth, sort_keys=True, default=str).encode()).hexdigest()[:16] if auth else ""
+        self.account = f"{self.base} {who}"
+        self._unmountable: set[str] = set()  # repositories a mount from was refused to these credentials
         self._ssl = ssl_for(verify_tls, ca_cert)
         self._stall = stall_timeout
         self._timeout = request_timeout(stall_timeout)
@@ -360,6 +367,10 @@ class RegistryClient:
         if sent_static:
             if chosen.params.get("error") == "invalid_token" and auth.uses_static_token:
                 auth.forget(scope)
+            elif not auth.has_credentials:
+                # The registry's own flow would be anonymous: the configured token stays in use
+                # for the requests it covers, and this one fails (a mount, say, is not done).
+                raise RegistryError(self.name, step, "the configured token does not cover this request", status=401, code="UNAUTHORIZED")
             else:
                 # The pre-configured token lacks this scope (push, mount): use the registry's own flow.
                 auth.drop_static()
@@ -376,13 +387,14 @@ class RegistryClient:
         wider = merge_scopes([scope, chosen.params.get("scope", "")])
         # A token refused for its scope is asked for again only when the registry names actions
         # it lacks: distribution wants `delete` to end an upload session, which pull,push lacks.
-        if error == "insufficient_scope" and wider != merge_scopes([scope]):
-            error = None
-        if auth.challenge is not None and auth.challenge.scheme == "bearer" and error not in ("invalid_token", None):
+        # The token held stays good for what it covers.
+        widening = error == "insufficient_scope" and wider != merge_scopes([scope])
+        if auth.challenge is not None and auth.challenge.scheme == "bearer" and error not in ("invalid_token", None) and not widening:
             who = "the given credentials" if auth.has_credentials else "anonymous access"
             raise RegistryError(self.name, step, f"access denied for {who} ({error})", status=401, code="UNAUTHORIZED")
         auth.challenge = chosen
-        auth.forget(scope)
+        if not widening:
+            auth.forget(scope)
         return wider
 
     async def _ensure_ping(self, step: str) -> None:
@@ -673,6 +685,8 @@ class RegistryClient:
         """Ask the registry to link a blob it holds in another repository; False when it won't."""
         step = f"mount blob {digest[:19]} from {from_repo} into {repo}"
         scope = merge_scopes([scope_for(repo, "pull,push"), scope_for(from_repo, "pull")])
+        if from_repo in self._unmountable:
+            return False
 
         async def op() -> bool:
             try:
@@ -681,7 +695,10 @@ class RegistryClient:
                     step=step, scope=scope, expect=(201, 202), headers={"Content-Length": "0"},
                 )
             except RegistryError as exc:
-                # Some registries (Harbor) answer 401/403/404 to a mount they will not do.
+                # Some registries (Harbor) answer 401/403/404 to a mount they will not do. A
+                # refusal of these credentials stands for the repository's other blobs too.
+                if exc.status in (401, 403):
+                    self._unmountable.add(from_repo)
                 if exc.status in (401, 403, 404, 405):
                     return False
                 raise
@@ -816,7 +833,9 @@ class RegistryClient:
         )
         resp.release()
 
-    async def cancel_upload(self, location: str, repo: str) -> None:
+    async def cancel_upload(self, location: str, repo: str) -> RegistryError | None:
+        """Give an upload session back: None once the registry no longer holds it (or never
+        will), else why it still does. Never raised: the session is only left to its purge."""
         try:
             resp = await self.request(
                 "DELETE", URL(location, encoded=True), step=f"cancel upload to {repo}",
@@ -825,6 +844,8 @@ class RegistryClient:
             resp.release()
         except RegistryError as exc:
             log.debug("cancelling an upload failed: %s", exc)
+            return exc
+        return None
 
     def _location(self, resp: aiohttp.ClientResponse) -> str:
         loc = resp.headers.get("Location")
