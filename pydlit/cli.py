@@ -8,6 +8,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sqlite3
 import sys
@@ -108,7 +109,17 @@ def main(argv: list[str] | None = None) -> None:
     async def started(app: web.Application) -> None:
         log.info("pydlit listening on %s:%d, jobs in %s", settings.host, settings.port, settings.db)
 
+    async def stopping(app: web.Application) -> None:
+        # Another SIGTERM or SIGINT meanwhile (an impatient supervisor, a Ctrl-C after `docker
+        # stop`) would end the stop at once: chunks cut mid-way, and the job DB closed under the
+        # jobs' last writes. It is only noted; SIGKILL still ends the process.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, log.warning, "already stopping: the chunks on their way end first (at most %g s)",
+                                    settings.stop_grace_s)
+
     app.on_startup.append(started)  # after the resources of cleanup_ctx are up
+    app.on_shutdown.append(stopping)  # before cleanup_ctx stops the worker
     try:
         web.run_app(app, sock=sockets, shutdown_timeout=5, print=None)
     except sqlite3.Error as exc:

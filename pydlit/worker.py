@@ -298,15 +298,19 @@ class Worker:
         except Exception as exc:  # a bug must fail one job, never the worker
             log.exception("job %s: internal error", job.id)
             ending = Ending("FAILED", f"internal error: {type(exc).__name__}: {exc}", NOT_COPIED)
+        # A job that ends leaves no session for a later attempt to resume: the registries get
+        # them back. A cancel's first, so that its end means they are gone; a failure's after
+        # its end is written, which a registry that stopped answering must not hold up.
+        ended = copy if events.uploads and ending is not None and ending.state == "FAILED" else None
         try:
-            if ending is CANCELLED and copy is not None:
-                await self._give_back_uploads(job.id, copy, events)
-        except asyncio.CancelledError:
-            log.warning("job %s: stopped giving its upload sessions back to the registries", job.id)
+            if ended is not None and ending is CANCELLED:
+                await self._give_back_uploads(job.id, ended, events)
         finally:
             beat.cancel()
             if ending is not None:
                 await self._settle(job.id, events, ending)
+        if ended is not None and ending is not CANCELLED:
+            await self._give_back_uploads(job.id, ended, events)
 
     def _cancelled(self, job: ClaimedJob) -> Ending | None:
         """How a stopped or cancelled job ends, by the first reason it was cancelled for (none:
@@ -321,8 +325,9 @@ class Worker:
         return None  # the heartbeat found the lease lost, and said so
 
     async def _give_back_uploads(self, job_id: str, copy: ImageCopy, events: JobEvents) -> None:
-        """A user cancelled the job: give the registries their upload sessions back, all at once
-        and for stop_grace_s at most (a registry that stopped answering keeps its sessions)."""
+        """The job ended (a user cancelled it, or it failed): give the registries its upload
+        sessions back, all at once and for stop_grace_s at most (a registry that stopped
+        answering keeps its sessions)."""
         kept: dict[int, list[str]] = {}  # target -> why each session it kept is kept
 
         async def one(idx: int, location: str) -> None:
@@ -340,6 +345,9 @@ class Worker:
             await asyncio.wait_for(asyncio.gather(*giving), self.settings.stop_grace_s)
         except asyncio.TimeoutError:
             log.warning("job %s: its upload sessions were not all given back within %g s", job_id, self.settings.stop_grace_s)
+        except asyncio.CancelledError:  # the service stops: the job's end goes on being written
+            log.warning("job %s: stopped giving its upload sessions back to the registries", job_id)
+            return
         for idx, reasons in sorted(kept.items()):
             # Left to the registry's purge: the operator learns why (with token auth, say, the
             # job's user may not delete).

@@ -615,26 +615,9 @@ async def test_a_checkpointed_session_on_an_origin_not_named_to_this_client_is_s
 
 
 @pytest.mark.asyncio
-async def test_a_registry_reached_by_another_name_than_its_own_takes_a_chunked_upload(registries, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_registry_reached_by_another_name_takes_a_chunked_upload_which_a_later_client_told_so_resumes(registries, tmp_path) -> None:  # type: ignore[no-untyped-def]
     # distribution with http.host names itself so in every Location; it is reached here by IP.
-    registry = Registry(tmp_path / "named", "token", token_server=registries.token_server)
-    registry.name_itself(f"http://localhost:{registry.port}")
-    data = b"pydlit" * 500
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    with registry:
-        async with aiohttp.ClientSession() as s:
-            client = RegistryClient(s, registry.endpoint, auth=registry.request_auth, policy=RetryPolicy(attempts=1), push=True)
-            location = await client.start_upload("team/app")
-            assert URL(location).host == "localhost"
-            location = await client.patch_chunk(location, "team/app", data[:1000], 0, 1000)
-            assert await client.upload_offset(location, "team/app") == 1000
-            await client.finish_upload(location, "team/app", digest, data[1000:], len(data) - 1000)
-            assert await client.head_blob("team/app", digest)
-
-
-@pytest.mark.asyncio
-async def test_a_session_on_a_host_the_registry_named_resumes_in_a_later_client_told_so(registries, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    # A restart's client: only a checkpoint that says the registry named that host is resumed.
+    # A restart's client resumes only a checkpoint that says the registry named that host.
     registry = Registry(tmp_path / "named", "token", token_server=registries.token_server)
     registry.name_itself(f"http://localhost:{registry.port}")
     data = b"pydlit" * 500
@@ -646,7 +629,9 @@ async def test_a_session_on_a_host_the_registry_named_resumes_in_a_later_client_
 
             first = client()
             location = await first.start_upload("team/app")
+            assert URL(location).host == "localhost"
             location = await first.patch_chunk(location, "team/app", data[:1000], 0, 1000)
+            assert await first.upload_offset(location, "team/app") == 1000
             assert first.named(location) and not first.named(registry.url + "/v2/team/app/blobs/uploads/x")
             assert await client().upload_offset(location, "team/app", expected=1000) is None  # sent no credentials
 

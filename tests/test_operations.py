@@ -26,7 +26,7 @@ from aiohttp import web
 from support.images import manifest_digest, push_image
 from support.proxy import FaultProxy
 from support.registry import free_port
-from support.service import job_body, wait_for
+from support.service import ServiceProcess, job_body, wait_for
 
 from pydlit.registry.client import RetryPolicy
 from pydlit.secretbox import SecretBox, SecretError
@@ -123,15 +123,22 @@ def test_cancel_queued_running_and_ended_jobs(service_factory, proxy_factory, re
     assert image.total_bytes > 0
 
 
+def a_chunk_in(service_factory, proxy_factory, source, target, repo_name: str, seed: int) -> tuple[ServiceProcess, str]:  # type: ignore[no-untyped-def]
+    """A service and its job copying a 12 MiB layer to `target` in 3 MiB chunks, through a
+    proxy that takes 2 MiB/s: once the first chunk is in, the next on its way."""
+    push_image(source, repo_name, "v1", "schema2", layer_sizes=[12 * MiB], seed=seed)
+    slow = proxy_factory(target)
+    slow.rate_limit(2 * MiB, download=False, upload=True)
+    svc = service_factory(env={"PYDLIT_CHUNK_MIB": "3"})
+    job_id = svc.submit(job_body(source, repo_name, "v1", [slow]))
+    wait_for(lambda: svc.status(job_id)["bytes_done"] >= 3 * MiB)
+    return svc, job_id
+
+
 def test_a_cancel_ends_chunks_cleanly_so_the_registry_frees_their_sessions(service_factory, proxy_factory, registries, repo_name):
     # A chunk cut in the middle leaves distribution a session it can neither resume nor delete
     # (BLOB_UPLOAD_INVALID): its bytes stay on the registry's disk until its purge, days later.
-    push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[12 * MiB], seed=41)
-    slow = proxy_factory(registries.target_a)
-    slow.rate_limit(2 * MiB, download=False, upload=True)
-    svc = service_factory(env={"PYDLIT_CHUNK_MIB": "3"})
-    job_id = svc.submit(job_body(registries.source, repo_name, "v1", [slow]))
-    wait_for(lambda: svc.status(job_id)["bytes_done"] >= 3 * MiB)  # a chunk in, the next on its way
+    svc, job_id = a_chunk_in(service_factory, proxy_factory, registries.source, registries.target_a, repo_name, 41)
     assert registries.target_a.session_bytes(repo_name) > 3 * MiB
 
     started = time.monotonic()
@@ -147,12 +154,7 @@ def test_a_cancel_ends_chunks_cleanly_so_the_registry_frees_their_sessions(servi
 def test_sessions_a_cancel_may_not_give_back_are_named_in_the_log(service_factory, proxy_factory, registries, repo_name):
     # distribution wants the delete action to end a session; this token registry's users have
     # pull,push only. The sessions are left to its purge, and the operator is told.
-    push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[12 * MiB], seed=44)
-    slow = proxy_factory(registries.token)
-    slow.rate_limit(2 * MiB, download=False, upload=True)
-    svc = service_factory(env={"PYDLIT_CHUNK_MIB": "3"})
-    job_id = svc.submit(job_body(registries.source, repo_name, "v1", [slow]))
-    wait_for(lambda: svc.status(job_id)["bytes_done"] >= 3 * MiB)
+    svc, job_id = a_chunk_in(service_factory, proxy_factory, registries.source, registries.token, repo_name, 44)
 
     status, _ = call(svc, "DELETE", f"/api/distribute/image/{job_id}")
     view = svc.wait(job_id, timeout=15)

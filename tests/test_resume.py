@@ -464,6 +464,26 @@ def test_sigterm_mid_transfer_checkpoints_requeues_and_resumes(
     assert sent <= 1.05 * image.total_bytes
 
 
+def test_a_second_signal_during_the_stop_does_not_cut_it_short(registries, proxy_factory, service_factory, repo_name):
+    image, target, service, job = copying_over_a_slow_link(registries, proxy_factory, service_factory, repo_name, BIG_LAYERS[:1], 4115,
+                                                           rate=8 * MiB)
+    wait_for(lambda: any(u["offset"] > 0 for u in db_rows(service.db_path, "SELECT offset FROM uploads WHERE job_id = ?", job)))
+    proc = service._proc
+    assert proc is not None
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)  # the stop waits for the chunk on its way, half a second at this pace
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(30)
+
+    assert code == 0, service.log_tail()
+    assert "already stopping" in service.log_text()
+    (row,) = db_rows(service.db_path, "SELECT state, lease_owner FROM jobs WHERE id = ?", job)
+    assert (row["state"], row["lease_owner"]) == ("QUEUED", None)
+    sent = restart_and_finish(service, target, job, image, registries.target_a, repo_name, "two more signals in a SIGTERM")
+    assert sent <= 1.05 * image.total_bytes  # every chunk ended at its boundary: resumed, not started over
+
+
 def test_sigterm_while_a_target_is_waited_for_exits_at_once_and_resumes(
     registries, proxy_factory, service_factory, repo_name
 ):
@@ -535,6 +555,27 @@ def test_a_job_whose_cancel_its_stopped_worker_never_acted_on_gives_its_sessions
 
     assert (view["value"], view["error"]) == ("FAILED", "cancelled"), view
     assert registries.target_a.session_bytes(repo_name) == 0
+    assert target.count("DELETE") >= 1 and image.total_bytes > 0
+
+
+def test_a_job_that_fails_after_a_restart_gives_its_sessions_back(registries, proxy_factory, service_factory, repo_name):
+    # No later attempt resumes them: left alone, they would stay on the registry's disk until
+    # its purge (distribution: 7 days).
+    image = push_image(registries.source, repo_name, "v1", layer_sizes=BIG_LAYERS[:2], seed=4116)
+    source, target = proxy_factory(registries.source), proxy_factory(registries.target_a)
+    target.rate_limit(24 * MiB, download=False)
+    service = service_factory(env=service_env())
+    job = service.submit(job_body(source, repo_name, "v1", [target]))
+    wait_mid_transfer(service, job)
+    assert service.stop(signal.SIGTERM, timeout=30) == 0
+    assert registries.target_a.session_bytes(repo_name) > 0
+    source.fail_next(1000, 404, kinds="manifest_get")  # the image is gone from the source meanwhile
+
+    service.start()
+    view = service.wait(job, timeout=30)
+
+    assert view["value"] == "FAILED" and "read manifest" in view["error"], view
+    wait_for(lambda: registries.target_a.session_bytes(repo_name) == 0)
     assert target.count("DELETE") >= 1 and image.total_bytes > 0
 
 
