@@ -509,6 +509,8 @@ class ImageCopy:
         """The targets whose step for this blob ended within preflight_wait_s, every one when it is
         one target's alone. The others' steps are given up: slow, they get this blob and their
         later ones from reads of their own, instead of keeping the others from theirs."""
+        if not steps:
+            return []  # every target has failed, or gets its blobs on its own
         try:
             await asyncio.wait(steps.values(), timeout=self.tuning.preflight_wait_s if len(steps) > 1 else None)
         except BaseException:

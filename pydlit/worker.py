@@ -117,6 +117,17 @@ class JobEvents(MemoryEvents):
             await self.store.retrying(self.job_id, self.owner, notes)
 
 
+def _outcome(events: MemoryEvents, n_targets: int) -> Ending:
+    failed = [i for i, state in events.states.items() if state == "FAILED"]
+    if not failed:
+        return Ending("FINISHED")
+    reason = f"{len(failed)} of {n_targets} target(s) failed"
+    # One cause for all of them (the source's blob could not be read, say) is worth saying here.
+    causes = {events.errors.get(i) for i in failed}
+    cause = next(iter(causes)) if len(causes) == 1 else None
+    return Ending("FAILED", f"{reason}: {cause}" if cause else reason)
+
+
 def _note_retry(events: JobEvents, targets: Iterable[int], where: str, exc: Exception) -> None:
     for idx in targets:
         events.retrying(idx, f"{where}{exc}")
@@ -287,8 +298,7 @@ class Worker:
             except (ValueError, ssl.SSLError) as exc:
                 raise SourceError(f"the request cannot be run: {exc}") from None
             await copy.run()
-            failed = [i for i, s in events.states.items() if s == "FAILED"]
-            ending = Ending("FAILED", f"{len(failed)} of {n_targets} target(s) failed") if failed else Ending("FINISHED")
+            ending = _outcome(events, n_targets)
         except SourceError as exc:
             ending = Ending("FAILED", str(exc), NOT_COPIED)
         except LeaseLost:

@@ -311,6 +311,7 @@ def test_permanent_403_on_upload_post_fails_the_target_without_retries(
     (t,) = status["targets"]
     assert t["state"] == "FAILED" and t["error"] and "403" in t["error"], t
     assert "DENIED" in t["error"], t
+    assert status["error"] == f"1 of 1 target(s) failed: {t['error']}"  # the one cause, said on the job too
     # Not retried: the one POST was refused and that was the end of it.
     assert target.count("POST", "upload_post") == 1, target.requests
     assert target.count("PATCH", "upload_patch") == 0 and target.count("PUT", "upload_put") == 0

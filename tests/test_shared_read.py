@@ -239,6 +239,25 @@ async def test_a_target_that_stops_answering_does_not_keep_the_others_from_their
     assert fast.tagged_at < woke < hung.tagged_at
 
 
+async def test_blobs_after_every_target_went_its_own_way_still_reach_them() -> None:
+    # Both hang at the first blob's check: the later blobs have no target left for a shared read.
+    blobs = [BLOB, *MORE]
+    first, second = HangingTarget("one", "head_blob"), HangingTarget("two", "head_blob")
+    copy = ImageCopy(
+        Source(StandInSource(), "r", "v1"), [Target(i, t, "r", "v1") for i, t in enumerate((first, second))],  # type: ignore[arg-type]
+        MemoryEvents(), asyncio.Event(), dataclasses.replace(TUNING, parallel_blobs=1, preflight_wait_s=0.2),
+    )
+    copy.tree = Tree(Manifest(OCI_MANIFEST, b"{}", sha256_digest(b"{}"), blobs=tuple(blobs)))
+    copy.blobs = blobs
+    asyncio.get_running_loop().call_later(0.5, lambda: (first.wake.set(), second.wake.set()))
+
+    await asyncio.wait_for(copy._copy_to(copy.targets), 30)
+
+    expected = {b.digest: ALL_DATA[b.digest] for b in blobs}
+    assert first.received == second.received == expected
+    assert first.tagged_at and second.tagged_at
+
+
 # -- edges ------------------------------------------------------------------------------------------
 
 

@@ -11,7 +11,8 @@ import pytest
 from pydlit.registry.client import RetryPolicy
 from pydlit.settings import Settings
 from pydlit.store import Store
-from pydlit.worker import Worker
+from pydlit.transfer import MemoryEvents
+from pydlit.worker import Worker, _outcome
 
 CLOSED = "http://127.0.0.1:9"  # nothing listens: a job fails at once, without leaving loopback
 REQUEST = {"source": {"endpoint": CLOSED, "image": "team/app", "ref": "v1"}, "targets": [{"endpoint": CLOSED}]}
@@ -50,3 +51,17 @@ async def test_a_job_queued_during_an_empty_claim_is_taken_without_waiting_for_t
         finally:
             await worker.stop()
             await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_failed_jobs_error_names_the_cause_its_failed_targets_share() -> None:
+    events = MemoryEvents()
+    await events.target_state(0, "FINISHED")
+    await events.target_state(1, "FAILED", "src: read blob sha256:ab failed: HTTP 503")
+    await events.target_state(2, "FAILED", "src: read blob sha256:ab failed: HTTP 503")
+    assert _outcome(events, 3).error == "2 of 3 target(s) failed: src: read blob sha256:ab failed: HTTP 503"
+    await events.target_state(2, "FAILED", "t2: push manifest app:v1 failed: HTTP 403")
+    assert _outcome(events, 3).error == "2 of 3 target(s) failed"  # each its own: see the targets
+    await events.target_state(1, "FINISHED")
+    await events.target_state(2, "SKIPPED", "exists")
+    assert _outcome(events, 3).state == "FINISHED"
