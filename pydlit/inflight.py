@@ -1,12 +1,13 @@
-"""Blob uploads in flight across a service's jobs, by registry account and digest.
+"""Blob uploads in flight across a service's jobs, by registry and digest.
 
 Jobs that copy the same layers to one registry at once (one image to several repositories, as
 separate jobs; images built on one base) would each send them. Instead the first to start leads
 the upload, and the others wait for it and mount the blob from its repository. Only a job that
 reads the same source registry follows: it would read the bytes at that pace itself. And only
-one with the same credentials (the registry account, RegistryClient.account): another's may not
-read the leader's repository, and would learn that only once the wait was over. A job with an
-upload session of that blob to resume sends it all the same; later jobs follow the first.
+one that may read the leader's repository: its own, or one with the same credentials (the
+registry account, RegistryClient.account); another's would learn only once the wait was over
+that the mount is refused. A job with an upload session of that blob to resume sends it all the
+same; later jobs follow the first.
 """
 from __future__ import annotations
 
@@ -21,23 +22,28 @@ class Upload:
 
     repo: str
     source: str  # the registry it is read from
+    account: str  # whose credentials send it (RegistryClient.account)
     landed: asyncio.Future[bool]  # whether the blob is now in `repo`
+
+    def followed_by(self, source: str, account: str, repo: str) -> bool:
+        """Whether a target (of this registry) may wait for this upload rather than send."""
+        return source == self.source and (account == self.account or repo == self.repo)
 
 
 class InFlight:
     def __init__(self) -> None:
         self._live: dict[tuple[str, str], Upload] = {}
 
-    def leader(self, registry: str, digest: str, source: str) -> Upload | None:
-        """The upload of this blob to this registry (account) that a job reading `source` may
-        wait for."""
+    def leader(self, registry: str, digest: str, source: str, account: str, repo: str) -> Upload | None:
+        """The upload of this blob to this registry that a job reading `source`, for `repo`
+        with `account`'s credentials, may wait for."""
         up = self._live.get((registry, digest))
-        return up if up is not None and up.source == source else None
+        return up if up is not None and up.followed_by(source, account, repo) else None
 
-    def lead(self, registry: str, digest: str, repo: str, source: str) -> Callable[[bool], None]:
+    def lead(self, registry: str, digest: str, repo: str, source: str, account: str) -> Callable[[bool], None]:
         """Announce an upload; what to call, once, with whether the blob landed."""
         key = (registry, digest)
-        up = Upload(repo, source, asyncio.get_running_loop().create_future())
+        up = Upload(repo, source, account, asyncio.get_running_loop().create_future())
         # One already led (a session to resume leads beside it) stays the one others follow.
         self._live.setdefault(key, up)
 

@@ -567,12 +567,12 @@ class ImageCopy:
         following: dict[Target, Upload] = {}
         for t in targets:
             # A session to resume holds bytes already: worth more than another job's upload.
-            up = None if self._resumable(t, blob) else self.uploads.leader(t.client.account, blob.digest, src)
+            up = None if self._resumable(t, blob) else self.uploads.leader(t.client.key, blob.digest, src, t.client.account, t.repo)
             if up is not None:
                 following[t] = up
         leading = [t for t in targets if t not in following]
         for t in leading:
-            self._leads[(t.idx, blob.digest)] = self.uploads.lead(t.client.account, blob.digest, t.repo, src)
+            self._leads[(t.idx, blob.digest)] = self.uploads.lead(t.client.key, blob.digest, t.repo, src, t.client.account)
         try:
             if not following:
                 return await self._send(blob, leading, shared_done, alone)
@@ -623,8 +623,7 @@ class ImageCopy:
         later: list[Target] = []
         for t in need:
             # A session to resume is worth more than what another target's upload would spare.
-            # Only a target of the same account: another's mount may be refused, after the wait.
-            if any(f.client.account == t.client.account for f in first) and not self._resumable(t, blob):
+            if any(_may_link(f, t) for f in first) and not self._resumable(t, blob):
                 later.append(t)
             else:
                 first.append(t)
@@ -633,7 +632,7 @@ class ImageCopy:
     async def _link_from(self, t: Target, blob: Blob, first: list[Target], sending: asyncio.Future[None]) -> bool:
         """Whether `t` now holds the blob, linked from the target of its registry that takes it,
         as soon as that one has it: not held to the pace of the other registries' uploads."""
-        peer = next(f for f in first if f.client.account == t.client.account)
+        peer = next(f for f in first if _may_link(f, t))
         async with self._settled:
             await self._settled.wait_for(lambda: blob.digest not in self._lacking[peer.idx] or peer.failed or sending.done())
         if blob.digest in self._lacking[peer.idx]:
@@ -833,24 +832,32 @@ class ImageCopy:
 
     async def _already_there(self, t: Target, blob: Blob) -> bool:
         """Present at the target, or mounted there from a repository known to hold it."""
-        if blob.digest in t.held:
-            await self._blob_done(t, blob)
-            return True
         try:
-            if not t.fresh and await t.client.head_blob(t.repo, blob.digest):
-                await self._blob_done(t, blob)
-                return True
-            if self._resumable(t, blob):
-                return False  # a session to resume beats a mount attempt
-            candidates = await self.events.mount_sources(t.client.key, blob.digest)
-            if self.source.client.key == t.client.key:
-                candidates.insert(0, self.source.repo)
-            for repo in [r for r in dict.fromkeys(candidates) if r != t.repo][: self.tuning.mount_candidates]:
-                if await t.client.mount_blob(t.repo, blob.digest, repo):
-                    await self._blob_done(t, blob)
-                    return True
+            there = await self._there(t, blob)
         except RegistryError as exc:
             await self._fail(t, exc)
+            return False
+        if there:
+            saved = self.events.saved_upload(t.idx, blob.digest)
+            if saved is not None:  # an earlier attempt's session, of no use now
+                await t.client.cancel_upload(saved[0], t.repo)
+            await self._blob_done(t, blob)
+        return there
+
+    async def _there(self, t: Target, blob: Blob) -> bool:
+        if blob.digest in t.held:
+            return True
+        if not t.fresh and await t.client.head_blob(t.repo, blob.digest):
+            return True
+        if self._resumable(t, blob):
+            return False  # a session to resume beats a mount attempt
+        candidates = await self.events.mount_sources(t.client.key, blob.digest)
+        if self.source.client.key == t.client.key:
+            candidates.insert(0, self.source.repo)
+        tried = [r for r in dict.fromkeys(candidates) if r != t.repo and t.client.mountable(r)]
+        for repo in tried[: self.tuning.mount_candidates]:
+            if await t.client.mount_blob(t.repo, blob.digest, repo):
+                return True
         return False
 
     def _resumable(self, t: Target, blob: Blob) -> bool:
@@ -1201,6 +1208,12 @@ class ImageCopy:
         await self.events.drop_upload(s.target.idx, blob.digest)
         if location is not None:
             await s.target.client.cancel_upload(location, s.target.repo)
+
+
+def _may_link(peer: Target, t: Target) -> bool:
+    """Whether `t` may wait for `peer` to hold a blob and link it from there: same registry, and
+    the same repository or the same credentials (another's mount may be refused, after the wait)."""
+    return peer.client.key == t.client.key and (peer.repo == t.repo or peer.client.account == t.client.account)
 
 
 class _OffLoopHash:

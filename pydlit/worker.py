@@ -308,18 +308,19 @@ class Worker:
         except Exception as exc:  # a bug must fail one job, never the worker
             log.exception("job %s: internal error", job.id)
             ending = Ending("FAILED", f"internal error: {type(exc).__name__}: {exc}", NOT_COPIED)
-        # A job that ends leaves no session for a later attempt to resume: the registries get
-        # them back. A cancel's first, so that its end means they are gone; a failure's after
-        # its end is written, which a registry that stopped answering must not hold up.
-        ended = copy if events.uploads and ending is not None and ending.state == "FAILED" else None
+        # A job that ends leaves no session for a later attempt to resume (a failure's, or an
+        # earlier attempt's that this one did not need): the registries get them back. A
+        # cancel's first, so that its end means they are gone; the others' once the end is
+        # written (which a registry that stopped answering must not hold up), and only then:
+        # a job whose lease another worker took is that worker's to resume.
+        ended = copy if events.uploads and ending is not None and ending.state is not None else None
         try:
             if ended is not None and ending is CANCELLED:
                 await self._give_back_uploads(job.id, ended, events)
         finally:
             beat.cancel()
-            if ending is not None:
-                await self._settle(job.id, events, ending)
-        if ended is not None and ending is not CANCELLED:
+            written = ending is not None and await self._settle(job.id, events, ending)
+        if written and ended is not None and ending is not CANCELLED:
             await self._give_back_uploads(job.id, ended, events)
 
     def _cancelled(self, job: ClaimedJob) -> Ending | None:
@@ -357,42 +358,43 @@ class Worker:
             log.warning("job %s: its upload sessions were not all given back within %g s", job_id, self.settings.stop_grace_s)
         except asyncio.CancelledError:  # the service stops: the job's end goes on being written
             log.warning("job %s: stopped giving its upload sessions back to the registries", job_id)
-            return
         for idx, reasons in sorted(kept.items()):
             # Left to the registry's purge: the operator learns why (with token auth, say, the
             # job's user may not delete).
             log.warning("job %s target %d: %d upload session(s) not given back: %s", job_id, idx, len(reasons), reasons[0])
 
-    async def _settle(self, job_id: str, events: JobEvents, ending: Ending) -> None:
+    async def _settle(self, job_id: str, events: JobEvents, ending: Ending) -> bool:
         """Write how the job ended, to the end: a cancel landing meanwhile (the heartbeat finding
         the lease lost, the shutdown grace running out) only interrupts the wait, never the
-        write, so the row is never left RUNNING with no task to end it."""
+        write, so the row is never left RUNNING with no task to end it. Whether it was written
+        (not when another worker owns the job now)."""
         write = asyncio.ensure_future(self._write_ending(job_id, events, ending))
         waits = len(CANCEL_REASONS) + 1  # a task is cancelled once per reason
         for wait in range(waits):
             try:
-                await asyncio.shield(write)
-                return
+                return await asyncio.shield(write)
             except asyncio.CancelledError:
                 if write.done() or wait == waits - 1:
                     raise
+        raise AssertionError("unreachable: the last wait returns or raises")
 
-    async def _write_ending(self, job_id: str, events: JobEvents, ending: Ending) -> None:
+    async def _write_ending(self, job_id: str, events: JobEvents, ending: Ending) -> bool:
         try:
             await events.flush()
             if ending.state is None:
                 await self.store.release(job_id, self.owner)
                 log.info("job %s: checkpointed and requeued", job_id)
-                return
+                return True
             await self.store.finish(job_id, self.owner, ending.state, ending.error, ending.target_error)
         except LeaseLost:
             log.warning("job %s: lease lost before its end was written; another worker owns it now", job_id)
-            return
+            return False
         except Exception:
             log.exception("job %s: writing its end failed; it is taken up again once its lease expires", job_id)
-            return
+            return False
         level = logging.WARNING if ending.state == "FAILED" else logging.INFO
         log.log(level, "job %s: %s%s", job_id, ending.state, f" ({ending.error})" if ending.error else "")
+        return True
 
     async def _heartbeat(self, job_id: str, events: JobEvents) -> None:
         while True:

@@ -369,6 +369,39 @@ async def test_concurrent_requests_all_fall_back_when_the_static_token_lacks_a_s
 
 
 @pytest.mark.asyncio
+async def test_a_static_token_refused_without_a_reason_is_fetched_again_not_dropped(sleeps: list[float]) -> None:
+    # A token url with no basicauth: the registry's own flow would be anonymous. A 401 that does
+    # not say why (some registries' answer to an expired token) gets a fresh token from the url.
+    static_url = "http://127.0.0.1:5999/static"
+    with aioresponses() as m:
+        m.post(static_url, payload={"token": "old"})  # a POST: the url takes a JSON payload
+        m.post(static_url, payload={"token": "new"})
+        m.get(MANIFEST_URL, status=401, headers={"WWW-Authenticate": BEARER_CHALLENGE})
+        m.get(MANIFEST_URL, status=200, body=MANIFEST, content_type=DOCKER_MANIFEST)
+        async with aiohttp.ClientSession() as s:
+            await make_client(s, auth={"url": static_url, "json": {"username": "alice", "password": PASSWORD}}).get_manifest("team/app", "v1")
+        gets = calls(m, "GET", MANIFEST_URL)
+    assert [sent_headers(c)["Authorization"] for c in gets] == ["Bearer old", "Bearer new"]
+
+
+@pytest.mark.asyncio
+async def test_a_challenge_naming_another_repository_does_not_widen_the_token(sleeps: list[float]) -> None:
+    # insufficient_scope is followed once for more actions on the repository asked for (delete),
+    # never for a resource the request did not name.
+    tokens = Tokens("tok-1", "tok-2")
+    elsewhere = BEARER_CHALLENGE + ',scope="repository:other/app:pull",error="insufficient_scope"'
+    with aioresponses() as m:
+        m.get(PING, status=401, headers={"WWW-Authenticate": BEARER_CHALLENGE}, repeat=True)
+        m.get(REALM_RE, callback=tokens, repeat=True)
+        m.get(MANIFEST_URL, status=401, headers={"WWW-Authenticate": elsewhere}, repeat=True)
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError) as caught:
+                await make_client(s, auth={"basicauth": {"user": "alice", "password": PASSWORD}}).get_manifest("team/app", "v1")
+    assert len(tokens.calls) == 1 and tokens.calls[0].query.getall("scope") == ["repository:team/app:pull"]
+    assert caught.value.status == 401 and "insufficient_scope" in str(caught.value)
+
+
+@pytest.mark.asyncio
 async def test_401_invalid_token_forever_is_bounded_and_reported(sleeps: list[float]) -> None:
     tokens = Tokens("tok-SECRET-1", "tok-SECRET-2", "tok-SECRET-3", "tok-SECRET-4")
     with aioresponses() as m:

@@ -18,6 +18,8 @@ import time
 import urllib.request
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import aiohttp
 import aiosqlite
@@ -28,7 +30,7 @@ from support.proxy import FaultProxy
 from support.registry import free_port
 from support.service import ServiceProcess, job_body, wait_for
 
-from pydlit.registry.client import RetryPolicy
+from pydlit.registry.client import RegistryClient, RetryPolicy
 from pydlit.secretbox import SecretBox, SecretError
 from pydlit.settings import Settings, from_env
 from pydlit.store import MIGRATIONS, LeaseLost, Store, StoreError, migrate
@@ -584,6 +586,84 @@ async def test_a_changed_key_fails_only_the_jobs_that_brought_credentials(tmp_pa
         assert "key" not in views[job_id]["error"] and "127.0.0.1:9" in views[job_id]["error"]  # it ran
     assert "credentials cannot be opened" in views[with_auth]["error"]
     assert "submit the job again" in views[with_auth]["error"]
+
+
+@pytest.mark.asyncio
+async def test_a_job_whose_lease_was_taken_leaves_its_sessions_to_the_new_owner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its target failed, then another worker took the job over (an expired lease) and resumes
+    # the job's session: the old owner's end is refused, and it must not DELETE that session.
+    store = await Store.open(tmp_path / "t.db")
+    given_back: list[str] = []
+
+    class Client:
+        async def cancel_upload(self, location: str, repo: str) -> None:
+            given_back.append(location)
+
+    class Copy:
+        targets = [SimpleNamespace(client=Client(), repo="team/app")]
+
+        def __init__(self, events: Any) -> None:
+            self.events = events
+
+        async def run(self) -> None:
+            await self.events.target_state(0, "FAILED", "t: push manifest app:v1 failed: HTTP 403")
+            await store._db.execute("UPDATE jobs SET lease_expires = ? WHERE id = ?", ("2000-01-01T00:00:00+00:00", job_id))
+            await store._db.commit()
+            assert (await store.claim("node-c/1", 30.0)).id == job_id  # type: ignore[union-attr]
+
+    job_id = await store.enqueue(REQUEST, NO_AUTH, TARGETS, "x")
+    async with aiohttp.ClientSession() as session:
+        worker = Worker(store, session, worker_settings(tmp_path))
+        job = await store.claim(worker.owner, 30.0)
+        assert job is not None
+        await store.save_upload(job_id, worker.owner, 0, DIGEST, "http://reg.test/v2/team/app/blobs/uploads/u1?_state=s", 4 * MiB)
+        monkeypatch.setattr(worker, "_build", lambda job, events, named: Copy(events))
+        worker._stops[job.id] = asyncio.Event()
+        await worker._run_job(job)
+    row = (await store._db.execute_fetchall("SELECT state, lease_owner FROM jobs WHERE id = ?", (job_id,)))[0]
+    uploads = await store.uploads(job_id)
+    await store.close()
+    assert (row["state"], row["lease_owner"]) == ("RUNNING", "node-c/1")
+    assert given_back == [] and uploads, "the old owner gave back a session the new owner resumes"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("meanwhile", ["the-image-at-the-tag", "another-image-at-the-tag", "the-blob-under-another-tag"])
+async def test_a_job_that_finishes_without_its_earlier_attempts_sessions_gives_them_back(
+    tmp_path: Path, registry_factory: Any, meanwhile: str,
+) -> None:
+    # Before the second attempt someone else pushed to the target: the tag holds the image (the
+    # target finishes), another image (overwrite false: skipped), or the blob is there. The 4 MiB
+    # session of the first attempt is not needed, and would stay until the registry's purge.
+    source, target = registry_factory(), registry_factory()
+    repo = "team/app"
+    image = push_image(source, repo, "v1", layer_sizes=(6 * MiB + 1, 1000), seed=7)
+    push_image(target, repo, "other" if meanwhile == "the-blob-under-another-tag" else "v1",
+               layer_sizes=(6 * MiB + 1, 1000), seed=8 if meanwhile == "another-image-at-the-tag" else 7)
+    store = await Store.open(tmp_path / "t.db")
+    async with aiohttp.ClientSession() as session:
+        client = RegistryClient(session, target.endpoint, push=True)
+        location = await client.patch_chunk(await client.start_upload(repo), repo, b"x" * (4 * MiB), 0, 4 * MiB)
+        request = {"source": {"endpoint": source.endpoint, "image": repo, "ref": "v1"}, "targets": [{"endpoint": target.endpoint}]}
+        job_id = await store.enqueue(request, NO_AUTH, [{"endpoint": target.endpoint, "image": repo, "ref": "v1"}], "x")
+        await store.claim("node-a/1", 30.0)
+        await store.save_upload(job_id, "node-a/1", 0, max(image.blobs, key=image.blobs.get), location, 4 * MiB)
+        await store.release(job_id, "node-a/1")  # a stop requeued it
+        assert target.session_bytes(repo) == 4 * MiB
+
+        worker = Worker(store, session, worker_settings(tmp_path))
+        await worker.start()
+        try:
+            view = await ended(store, job_id)
+            for _ in range(100):  # given back once the end is written
+                if target.session_bytes(repo) == 0:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await worker.stop()
+            await store.close()
+    assert view["value"] == "FINISHED", view
+    assert target.session_bytes(repo) == 0
 
 
 async def stand_in_registry(answer) -> tuple[web.AppRunner, str]:  # type: ignore[no-untyped-def]

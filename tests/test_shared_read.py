@@ -93,6 +93,9 @@ class PacedTarget:
     def named(self, location: str) -> bool:
         return False
 
+    def mountable(self, from_repo: str) -> bool:
+        return True
+
     async def start_upload(self, repo: str) -> str:
         return f"/{self.name}/upload"
 
@@ -185,9 +188,6 @@ class HangingTarget(PacedTarget):
             await self.wake.wait()
         return False
 
-    def named(self, location: str) -> bool:
-        return False
-
     async def start_upload(self, repo: str) -> str:
         if self.step == "start_upload":
             await self.wake.wait()
@@ -275,9 +275,6 @@ class SlowToOpen(PacedTarget):
     def __init__(self, name: str) -> None:
         super().__init__(name, 0.0)
         self.opened: list[str] = []
-
-    def named(self, location: str) -> bool:
-        return False
 
     async def start_upload(self, repo: str) -> str:
         await asyncio.sleep(0.5)
@@ -567,10 +564,22 @@ async def test_a_job_with_other_credentials_does_not_wait_for_an_upload_to_its_r
     assert follower.done_at[BLOB.digest] < leader.done_at[BLOB.digest], (follower.done_at, leader.done_at)
 
 
-class RefusesToOpen(PacedTarget):
-    def named(self, location: str) -> bool:
-        return False
+@pytest.mark.parametrize("account", ["reg.test", "reg.test another-user"])
+async def test_a_target_of_the_same_repository_needs_nothing_once_another_holds_the_blob(account: str) -> None:
+    # Other tags of one repository: whatever their credentials, one upload serves both.
+    a, b = PacedTarget("reg.test", 0.0), PacedTarget("reg.test", 0.0)
+    b.account = account
+    copy = ImageCopy(Source(StandInSource(), "r", "v1"), [Target(0, a, "team/app", "v1"), Target(1, b, "team/app", "v2")],  # type: ignore[arg-type]
+                     MemoryEvents(), asyncio.Event(), TUNING)
+    for t in copy.targets:
+        copy._lacking[t.idx] = {BLOB.digest}
+        copy._complete[t.idx] = asyncio.Event()
+    await asyncio.wait_for(copy._copy_blob(BLOB, copy.targets), 30)
+    assert a.received == {BLOB.digest: DATA} and b.received == {}
+    assert not copy._lacking[1]
 
+
+class RefusesToOpen(PacedTarget):
     async def start_upload(self, repo: str) -> str:
         raise RegistryError(self.name, "start upload", "denied", status=403, code="DENIED")
 

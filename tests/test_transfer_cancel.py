@@ -43,6 +43,9 @@ class StandInTarget:
     def named(self, location: str) -> bool:
         return False
 
+    def mountable(self, from_repo: str) -> bool:
+        return True
+
     async def start_upload(self, repo: str) -> str:
         self.opened.append(f"/upload/{len(self.opened)}")
         return self.opened[-1]

@@ -78,6 +78,11 @@ def merge_scopes(scopes: list[str]) -> str:
     return " ".join(f"{head}:{','.join(sorted(merged[head]))}" for head in order)
 
 
+def resources(scope: str) -> set[str]:
+    """The resources (`repository:NAME`, …) a scope value names, without their actions."""
+    return {part.rpartition(":")[0] for part in scope.split()}
+
+
 def with_push(scope: str) -> str:
     """One repository's scope with push added; a scope of several repositories as it is."""
     if len(scope.split()) != 1 or not scope.startswith("repository:"):

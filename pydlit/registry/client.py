@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import hashlib
+import hmac
 import json
 import logging
+import os
 import random
 import re
 import ssl
@@ -21,7 +22,7 @@ import aiohttp
 from yarl import URL
 
 from ..metrics import RETRIES, request_timer
-from .auth import REDIRECTS, Authenticator, AuthError, ChallengeCache, TokenCache, merge_scopes, parse_challenges, scope_for
+from .auth import REDIRECTS, Authenticator, AuthError, ChallengeCache, TokenCache, merge_scopes, parse_challenges, resources, scope_for
 from . import bodies
 from .bodies import CONNECT_TIMEOUT_S, NO_COMPRESSION, connection_problem, read_body, request_timeout
 from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
@@ -39,6 +40,9 @@ MIN_UPLOAD_RATE = 64 * 1024
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 MAX_REDIRECTS = 5
 MAX_PAGES = 1000  # of one listing (tags, referrers)
+# Keys RegistryClient.account: equal credentials give equal accounts in this process, and the
+# account, were it ever shown, says nothing of them.
+_ACCOUNT_KEY = os.urandom(32)
 
 
 @dataclass(frozen=True)
@@ -212,7 +216,7 @@ class RegistryClient:
         # The registry and who it takes this client for: clients of one account may link blobs
         # from each other's repositories, where another account's mount may be refused. A digest,
         # never the credentials themselves.
-        who = hashlib.sha256(json.dumps(auth, sort_keys=True, default=str).encode()).hexdigest()[:16] if auth else ""
+        who = hmac.new(_ACCOUNT_KEY, json.dumps(auth, sort_keys=True, default=str).encode(), "sha256").hexdigest() if auth else ""
         self.account = f"{self.base} {who}"
         self._unmountable: set[str] = set()  # repositories a mount from was refused to these credentials
         self._ssl = ssl_for(verify_tls, ca_cert)
@@ -365,8 +369,9 @@ class RegistryClient:
         if chosen is None:
             raise RegistryError(self.name, step, "the registry refused the request and offered no way to authenticate", status=401)
         if sent_static:
-            if chosen.params.get("error") == "invalid_token" and auth.uses_static_token:
-                auth.forget(scope)
+            error = chosen.params.get("error")
+            if auth.uses_static_token and (error == "invalid_token" or (error is None and not auth.has_credentials)):
+                auth.forget(scope)  # expired or revoked (some registries do not say which): a fresh one
             elif not auth.has_credentials:
                 # The registry's own flow would be anonymous: the configured token stays in use
                 # for the requests it covers, and this one fails (a mount, say, is not done).
@@ -388,7 +393,9 @@ class RegistryClient:
         # A token refused for its scope is asked for again only when the registry names actions
         # it lacks: distribution wants `delete` to end an upload session, which pull,push lacks.
         # The token held stays good for what it covers.
-        widening = error == "insufficient_scope" and wider != merge_scopes([scope])
+        # Only more actions on the resources asked for: a challenge does not widen a job's token
+        # to other repositories.
+        widening = error == "insufficient_scope" and wider != merge_scopes([scope]) and resources(wider) == resources(scope)
         if auth.challenge is not None and auth.challenge.scheme == "bearer" and error not in ("invalid_token", None) and not widening:
             who = "the given credentials" if auth.has_credentials else "anonymous access"
             raise RegistryError(self.name, step, f"access denied for {who} ({error})", status=401, code="UNAUTHORIZED")
@@ -681,11 +688,15 @@ class RegistryClient:
 
         return await self._call(op)
 
+    def mountable(self, from_repo: str) -> bool:
+        """False once a mount from `from_repo` was refused to these credentials."""
+        return from_repo not in self._unmountable
+
     async def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
         """Ask the registry to link a blob it holds in another repository; False when it won't."""
         step = f"mount blob {digest[:19]} from {from_repo} into {repo}"
         scope = merge_scopes([scope_for(repo, "pull,push"), scope_for(from_repo, "pull")])
-        if from_repo in self._unmountable:
+        if not self.mountable(from_repo):
             return False
 
         async def op() -> bool:
