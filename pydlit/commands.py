@@ -42,6 +42,7 @@ HTTP_TIMEOUT_S = 30.0
 # reporting an error for a job that is about to resume.
 RECONNECT_GRACE_S = 30.0
 COPY_REFRESH_S = 0.2
+GIVE_BACK_S = 10.0  # how long `pydlit copy` waits for registries to drop the sessions it leaves
 RATE_WINDOW_S = 5.0
 BAR_WIDTH = 20
 DEFAULT_COLUMNS = 80
@@ -567,6 +568,9 @@ async def copy(
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+        # A target that failed part way holds an upload session nobody will resume.
+        for idx, reasons in sorted((await job.give_back(GIVE_BACK_S)).items()):
+            print(f"pydlit: {len(reasons)} upload session(s) at {target_refs[idx]} not given back: {reasons[0]}", file=sys.stderr)
     failed = error is not None or "FAILED" in events.states.values()
     view = _copy_view("FAILED" if failed else "FINISHED", source_ref, target_refs, events, error)
     printer.update(view)

@@ -83,6 +83,8 @@ class Events(Protocol):
 
     def blob_progress(self, idx: int, digest: str, done: int) -> None: ...
 
+    uploads: dict[tuple[int, str], tuple[str, int]]  # (target, digest) -> checkpointed (Location, offset)
+
     def saved_upload(self, idx: int, digest: str) -> tuple[str, int] | None: ...
 
     async def save_upload(self, idx: int, digest: str, location: str, offset: int, named: bool = False) -> None: ...
@@ -248,6 +250,34 @@ class ImageCopy:
         if work.cancelled():
             raise Stopped()
         work.result()
+
+    async def give_back(self, within: float) -> dict[int, list[str]]:
+        """Give the registries back the upload sessions the copy still holds, once it has ended
+        (no later attempt resumes them): all at once, for `within` seconds at most. Per target,
+        why each session it kept is kept (a registry's refusal, no answer in time)."""
+        async def one(idx: int, location: str) -> str | None:
+            t = self.targets[idx]
+            try:
+                refused = await t.client.cancel_upload(location, t.repo)
+            except (RuntimeError, OSError, aiohttp.ClientError) as exc:  # the session closed at shutdown
+                return type(exc).__name__
+            return None if refused is None else str(refused)
+
+        asks = {asyncio.ensure_future(one(idx, location)): idx for (idx, _), (location, _) in list(self.events.uploads.items())}
+        kept: dict[int, list[str]] = {}
+        if not asks:
+            return kept
+        try:
+            await asyncio.wait(asks, timeout=within)
+        finally:
+            for ask in asks:
+                ask.cancel()
+            await _join(list(asks))
+        for ask, idx in asks.items():
+            why = f"no answer within {within:g} s" if ask.cancelled() else ask.result()
+            if why is not None:
+                kept.setdefault(idx, []).append(why)
+        return kept
 
     async def _halt(self) -> None:
         await self.stop.wait()

@@ -316,12 +316,12 @@ class Worker:
         ended = copy if events.uploads and ending is not None and ending.state is not None else None
         try:
             if ended is not None and ending is CANCELLED:
-                await self._give_back_uploads(job.id, ended, events)
+                await self._give_back_uploads(job.id, ended)
         finally:
             beat.cancel()
             written = ending is not None and await self._settle(job.id, events, ending)
         if written and ended is not None and ending is not CANCELLED:
-            await self._give_back_uploads(job.id, ended, events)
+            await self._give_back_uploads(job.id, ended)
 
     def _cancelled(self, job: ClaimedJob) -> Ending | None:
         """How a stopped or cancelled job ends, by the first reason it was cancelled for (none:
@@ -335,29 +335,15 @@ class Worker:
             return REQUEUE
         return None  # the heartbeat found the lease lost, and said so
 
-    async def _give_back_uploads(self, job_id: str, copy: ImageCopy, events: JobEvents) -> None:
-        """The job ended (a user cancelled it, or it failed): give the registries its upload
-        sessions back, all at once and for stop_grace_s at most (a registry that stopped
-        answering keeps its sessions)."""
-        kept: dict[int, list[str]] = {}  # target -> why each session it kept is kept
-
-        async def one(idx: int, location: str) -> None:
-            target = copy.targets[idx]
-            try:
-                refused = await target.client.cancel_upload(location, target.repo)
-            except (RuntimeError, OSError, aiohttp.ClientError) as exc:  # the session closed at shutdown
-                kept.setdefault(idx, []).append(type(exc).__name__)
-                return
-            if refused is not None:
-                kept.setdefault(idx, []).append(str(refused))
-
-        giving = [one(idx, location) for (idx, _digest), (location, _offset) in list(events.uploads.items())]
+    async def _give_back_uploads(self, job_id: str, copy: ImageCopy) -> None:
+        """The job ended (a user cancelled it, it failed or finished): its upload sessions go back
+        to the registries, for stop_grace_s at most (a registry that stopped answering keeps
+        them)."""
         try:
-            await asyncio.wait_for(asyncio.gather(*giving), self.settings.stop_grace_s)
-        except asyncio.TimeoutError:
-            log.warning("job %s: its upload sessions were not all given back within %g s", job_id, self.settings.stop_grace_s)
+            kept = await copy.give_back(self.settings.stop_grace_s)
         except asyncio.CancelledError:  # the service stops: the job's end goes on being written
             log.warning("job %s: stopped giving its upload sessions back to the registries", job_id)
+            return
         for idx, reasons in sorted(kept.items()):
             # Left to the registry's purge: the operator learns why (with token auth, say, the
             # job's user may not delete).

@@ -577,6 +577,20 @@ def test_copy_of_a_missing_image_fails_with_the_reason(registries, repo_name) ->
     assert "404" in last
 
 
+def test_a_copy_whose_target_fails_gives_its_upload_sessions_back(registries, repo_name, proxy_factory) -> None:
+    push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[2 * 1024 * 1024], seed=46)
+    target = proxy_factory(registries.target_a)
+    target.fail_next(100, 403, methods="PUT", kinds="upload_put")  # the blob's commit, for good
+    out = io.StringIO()
+    code = asyncio.run(copy(f"{registries.source.host}/{repo_name}:v1", [f"{target.host}/{repo_name}:v1"],
+                            overwrite=False, verify_tls=False, out=out))
+    assert code == 1, out.getvalue()
+    # Both: the big layer's (checkpointed) and the config blob's (opened for its one PUT).
+    assert [r.status for r in target.requests if r.method == "DELETE"] == [204, 204]
+    sessions = registries.target_a.storage_dir / "docker/registry/v2/repositories" / repo_name / "_uploads"
+    assert not any(sessions.glob("*/data")), "a session was left to the registry's purge"
+
+
 def test_copy_refuses_bad_references_before_any_request(capsys) -> None:
     out = io.StringIO()
     assert asyncio.run(copy("alpine:3.19", ["localhost:5000"], overwrite=False, verify_tls=False, out=out)) == 2

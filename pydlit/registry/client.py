@@ -788,6 +788,10 @@ class RegistryClient:
                 except RegistryError as exc:
                     if exc.code in ("BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_INVALID"):
                         exc.transient = True
+                    else:
+                        # Refused or cut, its session is of no use: a retry opens its own, and a
+                        # failure would leave it to the registry's purge.
+                        await self.cancel_upload(session, repo)
                     raise
 
         await self._call(op)
