@@ -4,16 +4,21 @@ Jobs that copy the same layers to one registry at once (one image to several rep
 separate jobs; images built on one base) would each send them. Instead the first to start leads
 the upload, and the others wait for it and mount the blob from its repository. Only a job that
 reads the same source registry follows: it would read the bytes at that pace itself. And only
-one that may read the leader's repository: its own, or one with the same credentials (the
-registry account, RegistryClient.account); another's would learn only once the wait was over
-that the mount is refused. A job with an upload session of that blob to resume sends it all the
-same; later jobs follow the first.
+one that may read the leader's repository (see may_link). A job with an upload session of that
+blob to resume sends it all the same; later jobs follow the first.
 """
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+
+
+def may_link(account: str, repo: str, from_account: str, from_repo: str) -> bool:
+    """Whether a target of a registry may take a blob from an upload to `from_repo` there rather
+    than send it: into its own repository, or with the same credentials (another's may not read
+    that repository, and would learn so only once its wait was over)."""
+    return repo == from_repo or account == from_account
 
 
 @dataclass
@@ -27,7 +32,7 @@ class Upload:
 
     def followed_by(self, source: str, account: str, repo: str) -> bool:
         """Whether a target (of this registry) may wait for this upload rather than send."""
-        return source == self.source and (account == self.account or repo == self.repo)
+        return source == self.source and may_link(account, repo, self.account, self.repo)
 
 
 class InFlight:

@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
-from .inflight import InFlight, Upload
+from .inflight import InFlight, Upload, may_link
 from .metrics import DOWNLOADED, UPLOADED
 from .pipe import Pipe, PipeClosed
 from .referrers import DigestTag, ReferrerPusher, Referrers, find_digest_tags, find_referrers, tag_names
@@ -1241,9 +1241,8 @@ class ImageCopy:
 
 
 def _may_link(peer: Target, t: Target) -> bool:
-    """Whether `t` may wait for `peer` to hold a blob and link it from there: same registry, and
-    the same repository or the same credentials (another's mount may be refused, after the wait)."""
-    return peer.client.key == t.client.key and (peer.repo == t.repo or peer.client.account == t.client.account)
+    """Whether `t` may wait for `peer`, a target of the same job, to hold a blob and link it."""
+    return peer.client.key == t.client.key and may_link(t.client.account, t.repo, peer.client.account, peer.repo)
 
 
 class _OffLoopHash:
