@@ -390,11 +390,9 @@ class RegistryClient:
             return scope
         error = chosen.params.get("error")
         wider = merge_scopes([scope, chosen.params.get("scope", "")])
-        # A token refused for its scope is asked for again only when the registry names actions
-        # it lacks: distribution wants `delete` to end an upload session, which pull,push lacks.
-        # The token held stays good for what it covers.
-        # Only more actions on the resources asked for: a challenge does not widen a job's token
-        # to other repositories.
+        # A token refused for its scope is asked for again only when the registry names more
+        # actions on the resources asked for (distribution wants `delete` to end an upload
+        # session), never other resources; the token held stays good for what it covers.
         widening = error == "insufficient_scope" and wider != merge_scopes([scope]) and resources(wider) == resources(scope)
         if auth.challenge is not None and auth.challenge.scheme == "bearer" and error not in ("invalid_token", None) and not widening:
             who = "the given credentials" if auth.has_credentials else "anonymous access"
@@ -694,10 +692,10 @@ class RegistryClient:
 
     async def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
         """Ask the registry to link a blob it holds in another repository; False when it won't."""
-        step = f"mount blob {digest[:19]} from {from_repo} into {repo}"
-        scope = merge_scopes([scope_for(repo, "pull,push"), scope_for(from_repo, "pull")])
         if not self.mountable(from_repo):
             return False
+        step = f"mount blob {digest[:19]} from {from_repo} into {repo}"
+        scope = merge_scopes([scope_for(repo, "pull,push"), scope_for(from_repo, "pull")])
 
         async def op() -> bool:
             try:
