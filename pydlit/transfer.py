@@ -214,6 +214,7 @@ class ImageCopy:
         # and what to tell of those this copy leads, by target and digest.
         self.uploads = uploads or InFlight()
         self._leads: dict[tuple[int, str], Callable[[bool], None]] = {}
+        self._kept: dict[int, list[str]] = {}  # per target, why each session it gave back is still held
         self.tree: Tree | None = None
         self.with_referrers = referrers
         self.referrers: list[Referrers] = []  # found at the source
@@ -254,30 +255,30 @@ class ImageCopy:
     async def give_back(self, within: float) -> dict[int, list[str]]:
         """Give the registries back the upload sessions the copy still holds, once it has ended
         (no later attempt resumes them): all at once, for `within` seconds at most. Per target,
-        why each session it kept is kept (a registry's refusal, no answer in time)."""
-        async def one(idx: int, location: str) -> str | None:
-            t = self.targets[idx]
+        why each session the copy gave back (now or earlier) is still held: a registry's
+        refusal, no answer in time."""
+        asks = {asyncio.ensure_future(self._cancel(self.targets[idx], location)): idx
+                for (idx, _), (location, _) in list(self.events.uploads.items())}
+        if asks:
             try:
-                refused = await t.client.cancel_upload(location, t.repo)
-            except (RuntimeError, OSError, aiohttp.ClientError) as exc:  # the session closed at shutdown
-                return type(exc).__name__
-            return None if refused is None else str(refused)
+                await asyncio.wait(asks, timeout=within)
+            finally:
+                for ask in asks:
+                    ask.cancel()
+                await _join(list(asks))
+            for ask, idx in asks.items():
+                if ask.cancelled():
+                    self._kept.setdefault(idx, []).append(f"no answer within {within:g} s")
+        return self._kept
 
-        asks = {asyncio.ensure_future(one(idx, location)): idx for (idx, _), (location, _) in list(self.events.uploads.items())}
-        kept: dict[int, list[str]] = {}
-        if not asks:
-            return kept
+    async def _cancel(self, t: Target, location: str) -> None:
+        """Give one upload session back; a refusal is kept for give_back to report."""
         try:
-            await asyncio.wait(asks, timeout=within)
-        finally:
-            for ask in asks:
-                ask.cancel()
-            await _join(list(asks))
-        for ask, idx in asks.items():
-            why = f"no answer within {within:g} s" if ask.cancelled() else ask.result()
-            if why is not None:
-                kept.setdefault(idx, []).append(why)
-        return kept
+            refused = await t.client.cancel_upload(location, t.repo)
+        except (RuntimeError, OSError, aiohttp.ClientError) as exc:  # the session closed at shutdown
+            refused = exc
+        if refused is not None:
+            self._kept.setdefault(t.idx, []).append(str(refused) or type(refused).__name__)
 
     async def _halt(self) -> None:
         await self.stop.wait()
@@ -819,12 +820,12 @@ class ImageCopy:
         try:
             data = await self._read_whole(blob)
         except SourceError as err:
-            await _give_back(targets, sessions)
+            await self._give_back(targets, sessions)
             for t in targets:
                 await self._fail(t, err)
             return []
         except BaseException:
-            await _give_back_awhile(targets, sessions)
+            await self._give_back_awhile(targets, sessions)
             raise
         committed: set[int] = set()
 
@@ -843,9 +844,33 @@ class ImageCopy:
         try:
             await _gather_all(put(t) for t in prompt)
         except (Stopped, asyncio.CancelledError):
-            await _give_back_awhile([t for t in prompt if t.idx not in committed], sessions)
+            await self._give_back_awhile([t for t in prompt if t.idx not in committed], sessions)
             raise
         return [t for t in targets if t not in prompt]
+
+    async def _give_back(self, targets: list[Target], sessions: dict[int, asyncio.Task[str]], wait: bool = True) -> None:
+        """Upload sessions opened for bytes that will not come: the registry may drop them now.
+        One still being opened is waited for, or, when the copy is being cancelled, abandoned."""
+
+        async def one(t: Target) -> None:
+            session = sessions[t.idx]
+            if not session.done():
+                if not wait:
+                    session.cancel()
+                    return
+                await asyncio.wait([session])
+            if not session.cancelled() and session.exception() is None:
+                await self._cancel(t, session.result())
+
+        await asyncio.gather(*(one(t) for t in targets))
+
+    async def _give_back_awhile(self, targets: list[Target], sessions: dict[int, asyncio.Task[str]]) -> None:
+        """The sessions of a copy that stops or is cancelled (a user's DELETE, a shutdown) are
+        given back all the same, for a moment at most and whatever that meets (a session closed
+        at shutdown, say): the stop goes on."""
+        giving = _unwatched(asyncio.ensure_future(self._give_back(targets, sessions, wait=False)))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(giving), _GIVE_BACK_S)
 
     async def _read_whole(self, blob: Blob) -> bytes:
         """A blob small enough to hold, read and checked against its digest (twice at most)."""
@@ -870,7 +895,7 @@ class ImageCopy:
         if there:
             saved = self.events.saved_upload(t.idx, blob.digest)
             if saved is not None:  # an earlier attempt's session, of no use now
-                await t.client.cancel_upload(saved[0], t.repo)
+                await self._cancel(t, saved[0])
             await self._blob_done(t, blob)
         return there
 
@@ -923,7 +948,7 @@ class ImageCopy:
                 log.info("upload session for %s at %s is gone; starting that blob over", blob.digest[:19], t.client.name)
             elif saved:
                 # One PUT carries the blob: a session of an earlier try is given back, not resumed.
-                await t.client.cancel_upload(saved[0], t.repo)
+                await self._cancel(t, saved[0])
             s.location = await t.client.start_upload(t.repo)
             s.offset = 0
             self.events.blob_progress(t.idx, blob.digest, 0)
@@ -1237,7 +1262,7 @@ class ImageCopy:
         location, s.location = s.location, None
         await self.events.drop_upload(s.target.idx, blob.digest)
         if location is not None:
-            await s.target.client.cancel_upload(location, s.target.repo)
+            await self._cancel(s.target, location)
 
 
 def _may_link(peer: Target, t: Target) -> bool:
@@ -1262,32 +1287,6 @@ class _OffLoopHash:
         if self._last is not None:
             await self._last
         return self._sha.hexdigest()
-
-
-async def _give_back(targets: list[Target], sessions: dict[int, asyncio.Task[str]], wait: bool = True) -> None:
-    """Upload sessions opened for bytes that will not come: the registry may drop them now. One
-    still being opened is waited for, or, when the copy is being cancelled, abandoned."""
-
-    async def one(t: Target) -> None:
-        session = sessions[t.idx]
-        if not session.done():
-            if not wait:
-                session.cancel()
-                return
-            await asyncio.wait([session])
-        if not session.cancelled() and session.exception() is None:
-            await t.client.cancel_upload(session.result(), t.repo)
-
-    await asyncio.gather(*(one(t) for t in targets))
-
-
-async def _give_back_awhile(targets: list[Target], sessions: dict[int, asyncio.Task[str]]) -> None:
-    """The sessions of a copy that stops or is cancelled (a user's DELETE, a shutdown) are given
-    back all the same, for a moment at most and whatever that meets (a session closed at
-    shutdown, say): the stop goes on."""
-    giving = _unwatched(asyncio.ensure_future(_give_back(targets, sessions, wait=False)))
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(asyncio.shield(giving), _GIVE_BACK_S)
 
 
 def _verdict() -> asyncio.Future[bool]:

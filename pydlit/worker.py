@@ -309,11 +309,12 @@ class Worker:
             log.exception("job %s: internal error", job.id)
             ending = Ending("FAILED", f"internal error: {type(exc).__name__}: {exc}", NOT_COPIED)
         # A job that ends leaves no session for a later attempt to resume (a failure's, or an
-        # earlier attempt's that this one did not need): the registries get them back. A
+        # earlier attempt's that this one did not need): the registries get them back, and the
+        # log names those they kept, these or ones given back along the way. A
         # cancel's first, so that its end means they are gone; the others' once the end is
         # written (which a registry that stopped answering must not hold up), and only then:
         # a job whose lease another worker took is that worker's to resume.
-        ended = copy if events.uploads and ending is not None and ending.state is not None else None
+        ended = copy if ending is not None and ending.state is not None else None
         try:
             if ended is not None and ending is CANCELLED:
                 await self._give_back_uploads(job.id, ended)

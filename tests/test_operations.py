@@ -168,6 +168,21 @@ def test_sessions_a_cancel_may_not_give_back_are_named_in_the_log(service_factor
     assert registries.token.password not in svc.log_text()
 
 
+def test_small_blobs_sessions_a_failed_job_may_not_give_back_are_named_in_the_log(service_factory, proxy_factory, registries, repo_name):
+    # Each small blob's session opens while the source is read; the source fails for good, and
+    # the token registry will not let them go (no delete action): the log says so, once.
+    push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[2048, 9000], seed=45)
+    source = proxy_factory(registries.source)
+    source.fail_next(1000, 404, kinds="blob_get")
+    svc = service_factory(env={"PYDLIT_RETRY_ATTEMPTS": "1"})
+    view = svc.wait(svc.submit(job_body(source, repo_name, "v1", [registries.token])), timeout=30)
+
+    assert view["value"] == "FAILED", view
+    warnings = [line for line in svc.log_text().splitlines() if "not given back" in line]
+    assert len(warnings) == 1 and "target 0: 3 upload session(s) not given back" in warnings[0], warnings
+    assert "insufficient_scope" in warnings[0]
+
+
 def test_a_cancel_during_a_retrys_wait_ends_the_job_at_once(service_factory, proxy_factory, registries, repo_name):
     # No chunk is on its way: nothing to wait for, however long the registry asked to be left.
     push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[12 * MiB], seed=42)
