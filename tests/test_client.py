@@ -700,6 +700,26 @@ async def test_an_upload_session_is_given_back_with_the_delete_action_the_regist
 
 
 @pytest.mark.asyncio
+async def test_a_session_whose_chunk_was_cut_is_reported_kept_when_given_back(tmp_path, proxy_factory) -> None:  # type: ignore[no-untyped-def]
+    # distribution can neither resume nor delete it (BLOB_UPLOAD_INVALID) and keeps its bytes
+    # until its purge: its give-back says so, where a session already gone is no refusal.
+    with Registry(tmp_path / "reg", "plain") as registry:
+        cutting = proxy_factory(registry)
+        async with aiohttp.ClientSession() as s:
+            client = RegistryClient(s, cutting.endpoint, policy=RetryPolicy(attempts=1), push=True)
+            cut = await client.start_upload("team/app")
+            cutting.cut_upload_after(1000)
+            with pytest.raises(RegistryError):
+                await client.patch_chunk(cut, "team/app", b"x" * 4000, 0, 4000)
+            kept = await client.cancel_upload(cut, "team/app")
+            whole = await client.start_upload("team/app")
+            assert await client.cancel_upload(whole, "team/app") is None
+            assert await client.cancel_upload(whole, "team/app") is None  # gone: nothing to say
+    assert kept is not None and kept.code == "BLOB_UPLOAD_INVALID", kept
+    assert registry.session_bytes("team/app") > 0
+
+
+@pytest.mark.asyncio
 async def test_a_mount_refused_to_these_credentials_is_not_asked_again_for_other_blobs(tmp_path, proxy_factory) -> None:  # type: ignore[no-untyped-def]
     # The repository known to hold the blobs is one these credentials may not read.
     with TokenServer() as tokens:
