@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import sys
 import time
 import urllib.error
@@ -28,12 +29,13 @@ import aiohttp
 from .openapi import JOB_STATES, LIST_LIMIT_MAX, TARGET_STATES
 from .registry.client import RegistryClient
 from .schema import ENDPOINT_PATTERN, IMAGE_MAX_LENGTH, IMAGE_PATTERN, REF_PATTERN
-from .transfer import ImageCopy, MemoryEvents, Source, SourceError, Target
+from .transfer import ImageCopy, MemoryEvents, Source, SourceError, Stopped, Target
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the job or copy ran and failed
 EXIT_USAGE = 2  # bad input, or the service could not be asked
 EXIT_TIMEOUT = 3  # gave up waiting; the job goes on
+EXIT_INTERRUPTED = 130  # `copy` stopped by Ctrl-C or SIGTERM: the shell's 128 + SIGINT
 
 POLL_INTERVAL_S = 0.5
 WAIT_TIMEOUT_S = 3600.0
@@ -43,6 +45,9 @@ HTTP_TIMEOUT_S = 30.0
 RECONNECT_GRACE_S = 30.0
 COPY_REFRESH_S = 0.2
 GIVE_BACK_S = 10.0  # how long `pydlit copy` waits for registries to drop the sessions it leaves
+# How long an interrupted `copy` lets the chunks on their way end (a hung registry's would not).
+COPY_STOP_GRACE_S = 25.0
+INTERRUPTED = "interrupted"  # an interrupted copy's error
 RATE_WINDOW_S = 5.0
 BAR_WIDTH = 20
 DEFAULT_COLUMNS = 80
@@ -530,7 +535,7 @@ async def copy(
     """Copy the image `src` to every reference in `targets` with the service's engine, here.
 
     Exit 0 when every target finished or was skipped, 1 when the source could not be read or a
-    target failed, 2 for a bad reference.
+    target failed, 2 for a bad reference, 130 when interrupted (Ctrl-C, SIGTERM).
     """
     try:
         source_ref = parse_reference(src)
@@ -539,8 +544,67 @@ async def copy(
         return _fail(CommandError(str(exc)))
     if not target_refs:
         return _fail(CommandError("name at least one target"))
-    events = MemoryEvents()
     printer = ProgressPrinter(out, f"copy {source_ref}")
+    with _Interrupts() as interrupts:
+        try:
+            view = await _copy(source_ref, target_refs, overwrite, verify_tls, referrers, printer, interrupts.stop)
+        except asyncio.CancelledError:
+            if not interrupts.forced:
+                raise
+            printer.close()
+            print("pydlit: quit at once: upload sessions on their way are left to the registries' purge", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    printer.update(view)
+    printer.close()
+    code = _outcome(view, out)
+    return EXIT_INTERRUPTED if view["error"] == INTERRUPTED else code
+
+
+class _Interrupts:
+    """Ctrl-C or SIGTERM in `copy`: the first lets the chunks on their way end, so that the
+    registries can delete the sessions (distribution can neither resume nor delete one whose
+    chunk was cut); a second, or the grace running out, quits at once."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.forced = False
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> _Interrupts:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._loop.add_signal_handler(sig, self._interrupted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._loop.remove_signal_handler(sig)
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+    def _interrupted(self) -> None:
+        if self.stop.is_set():
+            self._force()
+            return
+        self.stop.set()
+        print("pydlit: interrupted: ending the chunks on their way, then giving the upload sessions back"
+              " (again to quit at once)", file=sys.stderr)
+        self._deadline = self._loop.call_later(COPY_STOP_GRACE_S, self._force)
+
+    def _force(self) -> None:
+        if self._task is not None and not self.forced:
+            self.forced = True
+            self._task.cancel()
+
+
+async def _copy(
+    source_ref: ImageRef, target_refs: list[ImageRef], overwrite: bool, verify_tls: bool, referrers: bool,
+    printer: ProgressPrinter, stop: asyncio.Event,
+) -> dict[str, Any]:
+    """The copy's final view; a target that failed, or every target of an interrupted copy, gives
+    its upload sessions back."""
+    events = MemoryEvents()
     error = None
     async with aiohttp.ClientSession(auto_decompress=False, headers={"User-Agent": USER_AGENT}) as session:
 
@@ -556,7 +620,7 @@ async def copy(
             Source(source_client, source_client.repository(source_ref.repository), source_ref.ref),
             [target(idx, ref) for idx, ref in enumerate(target_refs)],
             events,
-            asyncio.Event(),
+            stop,
             referrers=referrers,
         )
         ticker = asyncio.create_task(_refresh(printer, lambda: _copy_view("RUNNING", source_ref, target_refs, events)))
@@ -564,15 +628,14 @@ async def copy(
             await job.run()
         except SourceError as exc:
             error = f"cannot read the source: {exc}"
+        except Stopped:
+            error = INTERRUPTED
         finally:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
-        # A target that failed part way holds an upload session nobody will resume.
+        # No later run resumes a session: a copy keeps no checkpoints.
         for idx, reasons in sorted((await job.give_back(GIVE_BACK_S)).items()):
             print(f"pydlit: {len(reasons)} upload session(s) at {target_refs[idx]} not given back: {reasons[0]}", file=sys.stderr)
     failed = error is not None or "FAILED" in events.states.values()
-    view = _copy_view("FAILED" if failed else "FINISHED", source_ref, target_refs, events, error)
-    printer.update(view)
-    printer.close()
-    return _outcome(view, out)
+    return _copy_view("FAILED" if failed else "FINISHED", source_ref, target_refs, events, error)

@@ -6,6 +6,10 @@ import asyncio
 import io
 import json
 import re
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ from support.images import assert_same_tree, push_image, read_back
 from support.referrers import push_referrer, tag_index
 from support.regclient import RegistryHTTP
 from support.registry import free_port
+from support.service import wait_for
 
 from pydlit import commands
 from pydlit.app import create_app
@@ -589,6 +594,48 @@ def test_a_copy_whose_target_fails_gives_its_upload_sessions_back(registries, re
     assert [r.status for r in target.requests if r.method == "DELETE"] == [204, 204]
     sessions = registries.target_a.storage_dir / "docker/registry/v2/repositories" / repo_name / "_uploads"
     assert not any(sessions.glob("*/data")), "a session was left to the registry's purge"
+
+
+def _copy_process(src: str, target: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "pydlit", "copy", src, target], cwd=Path(__file__).parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _interrupt_mid_chunk(proc: subprocess.Popen[str], target, times: int) -> tuple[str, str, float]:
+    wait_for(lambda: target.blob_upload_bytes() >= 4 * MiB or proc.poll() is not None, timeout=30)
+    assert proc.poll() is None, proc.communicate()
+    t0 = time.monotonic()
+    for _ in range(times):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+    out, err = proc.communicate(timeout=30)
+    return out, err, time.monotonic() - t0
+
+
+def test_ctrl_c_ends_a_copys_chunks_then_gives_the_sessions_back(registries, repo_name, proxy_factory) -> None:
+    push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[40 * MiB, 40 * MiB], seed=47)
+    target = proxy_factory(registries.target_a)
+    target.rate_limit(16 * MiB, download=False)
+    proc = _copy_process(f"{registries.source.host}/{repo_name}:v1", f"{target.host}/{repo_name}:v1")
+    out, err, took = _interrupt_mid_chunk(proc, target, times=1)
+    assert proc.returncode == 130, (out, err)
+    assert out.splitlines()[-1] == "FAILED: interrupted"
+    assert "pydlit: interrupted: ending the chunks on their way" in err and "Traceback" not in err
+    assert took < 10
+    # Every session stood at a chunk boundary, so the registry deleted it with its bytes.
+    assert [r.status for r in target.requests if r.method == "DELETE"] == [204, 204]
+    assert registries.target_a.session_bytes(repo_name) == 0
+
+
+def test_a_second_ctrl_c_quits_a_copy_at_once(registries, repo_name, proxy_factory) -> None:
+    push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[40 * MiB], seed=48)
+    target = proxy_factory(registries.target_a)
+    target.rate_limit(1 * MiB, download=False)  # the chunk on its way would take 12 s more
+    proc = _copy_process(f"{registries.source.host}/{repo_name}:v1", f"{target.host}/{repo_name}:v1")
+    out, err, took = _interrupt_mid_chunk(proc, target, times=2)
+    assert proc.returncode == 130, (out, err)
+    assert "pydlit: quit at once" in err and "Traceback" not in err
+    assert took < 5
 
 
 def test_copy_refuses_bad_references_before_any_request(capsys) -> None:
