@@ -252,10 +252,11 @@ def run_child(cmd: list[str], what: str) -> ChildRun:
     return ChildRun(wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss)
 
 
-def skopeo_copy(src_host: str, src_ref: str, dst_host: str, dst_ref: str) -> ChildRun:
+def skopeo_copy(src_host: str, src_ref: str, dst_host: str, dst_ref: str, dest_creds: str | None = None) -> ChildRun:
     # --preserve-digests: the byte-for-byte copy pydlit makes (and no chance of recompression).
     cmd = [SKOPEO, "copy", "--quiet", "--insecure-policy", "--preserve-digests",
            "--src-tls-verify=false", "--dest-tls-verify=false",
+           *(["--dest-creds", dest_creds] if dest_creds else []),
            f"docker://{src_host}/{src_ref}", f"docker://{dst_host}/{dst_ref}"]
     return run_child(cmd, f"skopeo copy {src_ref} -> {dst_host}/{dst_ref}")
 
@@ -272,7 +273,7 @@ def skopeo_many(copies: list[tuple[str, str, str, str]], parallel: int) -> tuple
 
 
 class Registries:
-    """Fresh plain registries on ports never used before in this run."""
+    """Fresh registries (plain unless asked) on ports never used before in this run."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -280,13 +281,13 @@ class Registries:
         self._n = 0
         self._trash: list[Path] = []
 
-    def new(self, label: str) -> Registry:
+    def new(self, label: str, kind: str = "plain") -> Registry:
         port = free_port()
         while port in self._used:
             port = free_port()
         self._used.add(port)
         self._n += 1
-        reg = Registry(self.root / f"{self._n:03d}-{label}", "plain", port=port)
+        reg = Registry(self.root / f"{self._n:03d}-{label}", kind, port=port)
         return reg.start()
 
     def drop(self, regs: list[Registry]) -> None:

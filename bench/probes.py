@@ -27,6 +27,10 @@
         One job copying a 512 MiB image (4 layers) to several registries, cancelled (DELETE) once
         that share of it is sent: how long the job took to end, and the bytes its upload
         sessions still hold on the registries' disks once it has.
+    python bench/probes.py tls [--reps 3] [--rev REV]
+        The single-target copy of bench.py (512 MiB, 4 layers, from a plain registry) to a fresh
+        https registry with htpasswd Basic auth each time: pydlit's job against `skopeo copy
+        --dest-creds`, in alternating order, and each tool's CPU seconds: what TLS costs each.
 
 Everything runs on 127.0.0.1, with the registries and the service of bench.py.
 """
@@ -46,7 +50,7 @@ from datetime import datetime
 from pathlib import Path
 
 import aiohttp
-from bench import Registries, Service, body_for, proc_cpu, snapshot_code  # also puts tests/ on sys.path
+from bench import Registries, Service, body_for, proc_cpu, skopeo_copy, snapshot_code  # also puts tests/ on sys.path
 from support.images import push_image
 from support.proxy import FaultProxy
 from support.registry import Registry
@@ -300,6 +304,47 @@ def cancel(root: Path, targets: int, at: float, rev: str | None) -> None:
         regs.sweep()
 
 
+def tls(root: Path, reps: int, rev: str | None) -> None:
+    Service.code_dir, described = snapshot_code(root, rev)
+    regs = Registries(root)
+    source = regs.new("source")
+    image = push_image(source, "tls/img", "v1", layer_sizes=(128 * 1024 * 1024,) * 4, seed=9500)
+    times: dict[str, list[float]] = {"pydlit": [], "skopeo": []}
+    cpus: dict[str, list[float]] = {"pydlit": [], "skopeo": []}
+    try:
+        with Service(root, {}, "tls") as svc:
+            def run_pydlit(target: Registry) -> tuple[float, float]:
+                c0 = proc_cpu(svc.pid)
+                wall, _ = svc.run_jobs([body_for(source, "tls/img", "v1", [(target, "tls/out")])])
+                return wall, proc_cpu(svc.pid) - c0
+
+            def run_skopeo(target: Registry) -> tuple[float, float]:
+                run = skopeo_copy(source.host, "tls/img:v1", target.host, "tls/out:v1", f"{target.user}:{target.password}")
+                return run.wall, run.cpu
+
+            for rep in range(reps):
+                tools = [("pydlit", run_pydlit), ("skopeo", run_skopeo)]
+                for name, run in tools if rep % 2 == 0 else tools[::-1]:
+                    target = regs.new(f"tls-{name}-{rep}", "tls_htpasswd")
+                    try:
+                        os.sync()
+                        wall, cpu = run(target)
+                    finally:
+                        regs.drop([target])
+                    times[name].append(wall)
+                    cpus[name].append(cpu)
+                    print(f"  rep {rep + 1} {name}: {wall:.2f} s, {cpu:.2f} cpu-s", flush=True)
+        print(f"pydlit: {described}")
+        med = {name: (statistics.median(times[name]), statistics.median(cpus[name])) for name in times}
+        print(f"{image.total_bytes / 2**20:.0f} MiB (4 layers) to an https registry with Basic auth, {reps} reps, medians: "
+              f"pydlit {med['pydlit'][0]:.2f} s ({med['pydlit'][1]:.2f} cpu-s), skopeo {med['skopeo'][0]:.2f} s "
+              f"({med['skopeo'][1]:.2f} cpu-s): {med['pydlit'][0] / med['skopeo'][0]:.2f}x skopeo's time, "
+              f"{med['pydlit'][1] / med['skopeo'][1]:.2f}x its CPU")
+    finally:
+        regs.drop([source])
+        regs.sweep()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="probe", required=True)
@@ -329,6 +374,9 @@ def main() -> int:
     stop.add_argument("--targets", type=int, default=3)
     stop.add_argument("--at", type=float, default=0.4, help="the share of the job sent when it is cancelled")
     stop.add_argument("--rev", default=None, help="a git revision's pydlit/ instead of the work tree")
+    secure = sub.add_parser("tls")
+    secure.add_argument("--reps", type=int, default=3)
+    secure.add_argument("--rev", default=None, help="a git revision's pydlit/ instead of the work tree")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="pydlit-probe-") as tmp:
         if args.probe == "registry-cost":
@@ -339,6 +387,8 @@ def main() -> int:
             slow_target(Path(tmp), args.targets, args.rate_mib, args.hang, args.rev)
         elif args.probe == "cancel":
             cancel(Path(tmp), args.targets, args.at, args.rev)
+        elif args.probe == "tls":
+            tls(Path(tmp), args.reps, args.rev)
         elif args.probe == "slow-jobs":
             slow_jobs(Path(tmp), args.jobs, args.rate_mib, args.hang, args.slow_source, args.rev)
         else:
