@@ -1,4 +1,5 @@
-"""Blob uploads in flight across a service's jobs, by registry and digest.
+"""Writes in flight across a service's jobs: blob uploads by registry and digest, and manifest
+pushes by registry repository.
 
 Jobs that copy the same layers to one registry at once (one image to several repositories, as
 separate jobs; images built on one base) would each send them. Instead the first to start leads
@@ -6,11 +7,14 @@ the upload, and the others wait for it and mount the blob from its repository. O
 reads the same source registry follows: it would read the bytes at that pace itself. And only
 one that may read the leader's repository (see may_link). A job with an upload session of that
 blob to resume sends it all the same; later jobs follow the first.
+
+Manifests are pushed to a repository by one target at a time (see pushing_manifests).
 """
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 
@@ -38,6 +42,26 @@ class Upload:
 class InFlight:
     def __init__(self) -> None:
         self._live: dict[tuple[str, str], Upload] = {}
+        self._pushing: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def pushing_manifests(self, registry: str, repo: str) -> AsyncIterator[None]:
+        """Hold the repository's manifest pushes to this one. Two targets putting the same
+        manifests into one repository at once (two tags of one image; two jobs) make
+        distribution 2.8 refuse an index now and then: while one rewrites a child's link, the
+        other's index finds that child unknown (400 MANIFEST_BLOB_UNKNOWN)."""
+        key = (registry, repo)
+        lock, users = self._pushing.get(key, (asyncio.Lock(), 0))
+        self._pushing[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._pushing[key]
+            if users == 1:
+                del self._pushing[key]
+            else:
+                self._pushing[key] = (lock, users - 1)
 
     def leader(self, registry: str, digest: str, source: str, account: str, repo: str) -> Upload | None:
         """The upload of this blob to this registry that a job reading `source`, for `repo`

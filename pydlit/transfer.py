@@ -215,6 +215,7 @@ class ImageCopy:
         self.uploads = uploads or InFlight()
         self._leads: dict[tuple[int, str], Callable[[bool], None]] = {}
         self._kept: dict[int, list[str]] = {}  # per target, why each session it gave back is still held
+        self._pushed: set[tuple[str, str, str]] = set()  # child manifests in place: (registry, repository, digest)
         self.tree: Tree | None = None
         self.with_referrers = referrers
         self.referrers: list[Referrers] = []  # found at the source
@@ -494,23 +495,28 @@ class ImageCopy:
 
         async def child(m: Manifest) -> None:
             async with sem:
+                where = (t.client.key, t.repo, m.digest)
+                if where in self._pushed:  # by another target of the job, into this repository
+                    return
                 if t.fresh or await t.client.head_manifest(t.repo, m.digest) != m.digest:
                     await t.client.put_manifest(t.repo, m.digest, m)
+                self._pushed.add(where)
 
         top = self.tree.top
         try:
-            if not t.current:
-                for level in push_levels(self.tree):
-                    await _gather_all(child(m) for m in level)
-            attached = bool(self._attached_trees())
-            if attached:
+            async with self.uploads.pushing_manifests(t.client.key, t.repo):
                 if not t.current:
-                    await t.client.put_manifest(t.repo, top.digest, top)  # their subject, before them
-                pusher = ReferrerPusher(t.client, t.repo, t.held)
-                await pusher.push(self.referrers)
-                await pusher.push_tags(self.digest_tags, t.overwrite)
-            if not t.current and not (attached and t.ref == top.digest):
-                await t.client.put_manifest(t.repo, t.ref, top)
+                    for level in push_levels(self.tree):
+                        await _gather_all(child(m) for m in level)
+                attached = bool(self._attached_trees())
+                if attached:
+                    if not t.current:
+                        await t.client.put_manifest(t.repo, top.digest, top)  # their subject, before them
+                    pusher = ReferrerPusher(t.client, t.repo, t.held)
+                    await pusher.push(self.referrers)
+                    await pusher.push_tags(self.digest_tags, t.overwrite)
+                if not t.current and not (attached and t.ref == top.digest):
+                    await t.client.put_manifest(t.repo, t.ref, top)
         except RegistryError as exc:
             await self._fail(t, exc)
             return
@@ -524,7 +530,7 @@ class ImageCopy:
         """`shared_done` is called once the blob's shared read is over, while targets that left
         it may still be uploading; `alone`: the read is for one slow target. A target that does
         not answer in time (a hung registry) gets the blob later, on its own."""
-        checks = {t: asyncio.ensure_future(self._already_there(t, blob)) for t in targets}
+        checks = self._checks(blob, targets)
         late: list[Target] = []
         try:
             prompt = await self._in_time(checks, blob)
@@ -885,10 +891,24 @@ class ImageCopy:
             raise SourceError(str(exc)) from None
         raise self._read_twice_wrong(blob)
 
-    async def _already_there(self, t: Target, blob: Blob) -> bool:
-        """Present at the target, or mounted there from a repository known to hold it."""
+    def _checks(self, blob: Blob, targets: list[Target]) -> dict[Target, asyncio.Future[bool]]:
+        """Whether each target holds the blob, asked once per repository: the other targets of a
+        repository take the first one's answer. Two mounts of one blob into one repository at
+        once rewrite its link twice, and distribution 2.8 truncates a link before writing it: a
+        manifest pushed meanwhile finds the blob unknown (400 MANIFEST_BLOB_UNKNOWN)."""
+        checks: dict[Target, asyncio.Future[bool]] = {}
+        asked: dict[tuple[str, str], asyncio.Future[bool]] = {}
+        for t in targets:
+            first = asked.get((t.client.key, t.repo))
+            checks[t] = asyncio.ensure_future(self._already_there(t, blob, first))
+            asked.setdefault((t.client.key, t.repo), checks[t])
+        return checks
+
+    async def _already_there(self, t: Target, blob: Blob, first: asyncio.Future[bool] | None) -> bool:
+        """Present at the target, or mounted there from a repository known to hold it; or, with
+        `first`, as another target of its repository found."""
         try:
-            there = await self._there(t, blob)
+            there = await self._there(t, blob, first)
         except RegistryError as exc:
             await self._fail(t, exc)
             return False
@@ -899,9 +919,11 @@ class ImageCopy:
             await self._blob_done(t, blob)
         return there
 
-    async def _there(self, t: Target, blob: Blob) -> bool:
+    async def _there(self, t: Target, blob: Blob, first: asyncio.Future[bool] | None) -> bool:
         if blob.digest in t.held:
             return True
+        if first is not None:
+            return await _answer(first)
         if not t.fresh and await t.client.head_blob(t.repo, blob.digest):
             return True
         if self._resumable(t, blob):
@@ -1323,6 +1345,13 @@ def _retryable(exc: BaseException) -> bool:
             or exc.status in (405, 416, 501)
         )
     return isinstance(exc, (PipeClosed, EOFError, DigestMismatch))
+
+
+async def _answer(check: asyncio.Future[bool]) -> bool:
+    """Another target's check: True only when it found the blob there. Waited for, not awaited:
+    a late target's check, cancelled, must not cancel the one it waits on."""
+    await asyncio.wait([check])
+    return not check.cancelled() and check.exception() is None and check.result()
 
 
 async def _join(futs: list[asyncio.Future[Any]]) -> None:

@@ -13,6 +13,7 @@ import re
 import secrets
 import time
 import urllib.request
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -646,6 +647,28 @@ def test_targets_on_one_registry_take_the_bytes_once(service, registries, repo_n
     assert all(r.path == f"/v2/{repo_b}/blobs/uploads/" for r in mounted), posts
     for repo, tag in ((repo_name, "v1"), (repo_b, "v1"), (repo_name, "v1-again")):
         assert_same_tree(image, read_back(registries.target_a, repo, tag))
+
+
+def test_two_tags_of_one_repository_link_each_blob_and_push_each_manifest_once(service, registries, repo_name, proxy_factory):
+    # The registry already holds the blobs in another repository. Two targets writing the same
+    # links at once made distribution refuse one tag's index now and then (MANIFEST_BLOB_UNKNOWN):
+    # each blob is mounted once and each child manifest pushed once, the tags one after the other.
+    image = push_image(registries.source, repo_name, "v1", "oci_index", SMALL_LAYERS, seed=_seed(), platforms=4)
+    proxy = proxy_factory(registries.target_a)
+    _assert_all_finished(_run(service, job_body(registries.source, repo_name, "v1", [proxy])), image.total_bytes)
+    proxy.reset_counters()
+    repo_b = f"{repo_name}-b"
+    status = _run(service, job_body(registries.source, repo_name, "v1",
+                                    [(proxy, {"image": repo_b, "ref": "1.0"}), (proxy, {"image": repo_b, "ref": "latest"})]))
+
+    _assert_all_finished(status, image.total_bytes)
+    mounts = [r for r in proxy.requests if r.kind == "upload_post"]
+    assert len(mounts) == len(image.blobs) and all(r.status == 201 for r in mounts), mounts
+    pushed = Counter(r.path.rsplit("/", 1)[1] for r in proxy.requests if r.kind == "manifest_put")
+    children = [d for d in image.manifests if d != image.digest]
+    assert len(children) == 4 and pushed == {**{d: 1 for d in children}, "1.0": 1, "latest": 1}, pushed
+    for tag in ("1.0", "latest"):
+        assert_same_tree(image, read_back(registries.target_a, repo_b, tag))
 
 
 def test_jobs_copying_to_one_registry_at_once_send_each_blob_once(service, registries, repo_name, proxy_factory):

@@ -1,5 +1,8 @@
-"""The service's uploads in flight: who leads, who may follow, and what ends a lead."""
+"""The service's writes in flight: who leads an upload, who may follow, what ends a lead; and manifest
+pushes into one repository, one at a time."""
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
@@ -39,3 +42,37 @@ async def test_a_second_upload_of_a_led_blob_leaves_the_first_lead_in_place() ->
     beside(False)
     up = uploads.leader("reg", "sha256:a", "src", "alice", "r3")
     assert up is not None and up.repo == "r1" and not up.landed.done()
+
+
+async def test_manifests_go_into_a_repository_one_push_at_a_time() -> None:
+    pushes = InFlight()
+    log: list[str] = []
+
+    async def push(name: str, registry: str, repo: str) -> None:
+        async with pushes.pushing_manifests(registry, repo):
+            log.append(f"{name} in")
+            await asyncio.sleep(0.01)
+            log.append(f"{name} out")
+
+    await asyncio.gather(push("a", "reg", "r1"), push("b", "reg", "r1"), push("c", "reg", "r2"), push("d", "other", "r1"))
+    assert log.index("b in") > log.index("a out")  # the same repository: after
+    assert log.index("c in") < log.index("a out") and log.index("d in") < log.index("a out")  # others: beside
+    assert pushes._pushing == {}  # nothing kept for repositories no push waits for
+
+
+async def test_a_push_cancelled_while_it_waits_its_turn_leaves_the_others_theirs() -> None:
+    pushes = InFlight()
+    async with pushes.pushing_manifests("reg", "r1"):
+        waiting = asyncio.ensure_future(_hold(pushes))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    async with asyncio.timeout(1):
+        await _hold(pushes)
+    assert pushes._pushing == {}
+
+
+async def _hold(pushes: InFlight) -> None:
+    async with pushes.pushing_manifests("reg", "r1"):
+        pass

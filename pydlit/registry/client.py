@@ -166,6 +166,10 @@ def with_query(location: str, **params: str) -> URL:
     return URL(location + sep + urlencode(params, safe=":"), encoded=True)
 
 
+# The waits before pushing again a manifest refused for naming a blob unknown (see put_manifest).
+RACED_PUT_WAITS = (0.1, 0.3, 0.6)
+
+
 class KnownRepositories:
     """Repositories registries were seen to hold, shared by a service's clients, so that a new
     tag in a repository that exists costs no tags/list each time. Repositories are seldom
@@ -543,17 +547,28 @@ class RegistryClient:
             resp.release()
             return resp.headers.get("OCI-Subject")
 
-        try:
-            return await self._call(op)
-        except RegistryError as exc:
-            if exc.code == "MANIFEST_BLOB_UNKNOWN" and any(b.urls and b.digest in exc.message for b in manifest.blobs):
-                exc.message += (
-                    "; that layer is left to its URLs, which this registry does not accept: allow them in its "
-                    "configuration (distribution: validation.manifests.urls.allow)"
-                )
-            elif manifest.media_type == OCI_ARTIFACT and exc.status in (400, 415):
-                exc.message += f"; the registry may not take {OCI_ARTIFACT}, a type withdrawn before OCI 1.1"
-            raise
+        waits = iter(RACED_PUT_WAITS)
+        while True:
+            try:
+                return await self._call(op)
+            except RegistryError as exc:
+                unknown = "MANIFEST_BLOB_UNKNOWN" in f"{exc.code}: {exc.message}"
+                if unknown and any(b.urls and b.digest in exc.message for b in manifest.blobs):
+                    exc.message += (
+                        "; that layer is left to its URLs, which this registry does not accept: allow them in its "
+                        "configuration (distribution: validation.manifests.urls.allow)"
+                    )
+                elif manifest.media_type == OCI_ARTIFACT and exc.status in (400, 415):
+                    exc.message += f"; the registry may not take {OCI_ARTIFACT}, a type withdrawn before OCI 1.1"
+                elif unknown and exc.status == 400 and (wait := next(waits, None)) is not None:
+                    # A manifest is pushed once all it names is in place. Distribution truncates
+                    # a blob's or child's link before it writes it again, so while anyone else
+                    # puts the same blob into the repository (another job, another tool), a
+                    # manifest naming it may find it unknown for an instant.
+                    log.info("retrying in %.1fs after: %s", wait, exc)
+                    await asyncio.sleep(wait)
+                    continue
+                raise
 
     async def list_referrers(self, repo: str, digest: str, limit: int) -> list[dict[str, Any]] | None:
         """The descriptors of the manifests whose subject is `digest`, from the referrers API, or
