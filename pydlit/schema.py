@@ -264,6 +264,10 @@ def _truncate(text: str) -> str:
     return f"{text[:_PREVIEW_LIMIT]}... ({len(text)} characters)"
 
 
+# What comes before an '@' at a string's start (after a scheme): a URL's user and password.
+_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*://)?)[^/?#\s]*@")
+
+
 def _preview(value: Any) -> str:
     # Containers are never echoed: they may hold an auth block.
     if isinstance(value, dict):
@@ -271,6 +275,7 @@ def _preview(value: Any) -> str:
     if isinstance(value, list):
         return "an array"
     if isinstance(value, str):
+        value = _USERINFO.sub(r"\1***@", value)
         if len(value) <= _PREVIEW_LIMIT:
             return repr(value)
         return f"{value[:_PREVIEW_LIMIT]!r}... ({len(value)} characters)"

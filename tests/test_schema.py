@@ -218,6 +218,17 @@ def test_ca_cert_is_not_echoed():
     assert "876543219" not in message
 
 
+@pytest.mark.parametrize("endpoint", [
+    "http://user:secret876543219@localhost:5000/v2",
+    "https://secret876543219@registry.example",
+    "user:secret876543219@localhost:5000",
+])
+def test_a_password_in_an_endpoint_is_not_echoed(endpoint):
+    message = error_for(with_source(endpoint=endpoint))
+    assert message.startswith("source.endpoint: ") and "no credentials" in message and "***@" in message
+    assert "876543219" not in message
+
+
 def test_container_values_are_not_echoed():
     body = base()
     body["targets"] = {"auth": {"basicauth": {"user": "u", "password": "secret876543219"}}}
