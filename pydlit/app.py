@@ -2,6 +2,7 @@
 resources (DB, HTTP session, worker) in cleanup_ctx, torn down in reverse."""
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -78,23 +79,38 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app.add_routes(routes)
-    app.cleanup_ctx.extend([_node_ctx, _store_ctx, _session_ctx, _worker_ctx])
+    app.cleanup_ctx.append(_resources_ctx)
     return app
+
+
+async def _resources_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Each resource up in turn, down in reverse. One context enters them all, so that a start
+    that fails part way closes what it opened: aiohttp's run_app exits no context when one fails
+    to start, and the job DB's thread, left open, would keep the process alive for ever. (Each
+    closes in a finally: a failed start is thrown into those already up.)"""
+    async with contextlib.AsyncExitStack() as stack:
+        for ctx in (_node_ctx, _store_ctx, _session_ctx, _worker_ctx):
+            await stack.enter_async_context(contextlib.asynccontextmanager(ctx)(app))
+        yield
 
 
 async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     lock = NodeLock(settings.db, settings.node)
     lock.acquire()  # NodeBusy: the start stops here, before any job is touched
-    yield
-    lock.release()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     app[STORE] = await Store.open(settings.db, secret_key=settings.secret_key)
-    yield
-    await app[STORE].close()
+    try:
+        yield
+    finally:
+        await app[STORE].close()
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -103,8 +119,10 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SESSION] = aiohttp.ClientSession(
         connector=connector, json_serialize=json.dumps, headers={"User-Agent": "pydlit/2"}, auto_decompress=False
     )
-    yield
-    await app[SESSION].close()
+    try:
+        yield
+    finally:
+        await app[SESSION].close()
 
 
 async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -115,5 +133,7 @@ async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
     worker = Worker(app[STORE], app[SESSION], settings, credentials)
     app[WORKER] = worker
     await worker.start()
-    yield
-    await worker.stop()
+    try:
+        yield
+    finally:
+        await worker.stop()

@@ -12,6 +12,7 @@ import signal
 import socket
 import sqlite3
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         log.warning("listening on %s without PYDLIT_API_TOKEN: anyone who can reach port %d can run copies",
                     settings.host, settings.port)
+    problem = _db_problem(Path(settings.db))
+    if problem:
+        raise SystemExit(f"pydlit: cannot use the job database {settings.db}: {problem}")
     # Bound before the start, which takes back this node's jobs: a port in use stops it first.
     try:
         sockets = _listen(settings.host, settings.port)
@@ -124,8 +128,17 @@ def main(argv: list[str] | None = None) -> None:
         web.run_app(app, sock=sockets, shutdown_timeout=5, print=None)
     except sqlite3.Error as exc:
         raise SystemExit(f"pydlit: cannot use the job database {settings.db}: {exc}") from None
-    except (NodeBusy, SecretError, CredentialsError, StoreError) as exc:
+    except (NodeBusy, SecretError, CredentialsError, StoreError, OSError) as exc:
         raise SystemExit(f"pydlit: {exc}") from None
+
+
+def _db_problem(db: Path) -> str | None:
+    """What keeps the job database from being opened at all, said before anything starts."""
+    if db.is_dir():
+        return "it is a directory"
+    if not db.parent.is_dir():
+        return f"there is no directory {db.parent}"
+    return None
 
 
 def _loopback(host: str) -> bool:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from support.images import assert_same_tree, push_image, read_back
+from support.registry import free_port
 from support.service import REPO_ROOT, job_body
 
 STATUS_KEYS = {"id", "value", "started_at", "finished_at", "finished_endpoints", "skipped_clusters", "error", "targets"}
@@ -138,3 +139,27 @@ def test_a_client_command_that_fails_says_why_on_stderr_and_prints_nothing(tmp_p
                          capture_output=True, text=True, timeout=30, env={**os.environ, "PYDLIT_URL": "http://127.0.0.1:9"})
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith(f"pydlit: cannot read {missing}: no such file")
+
+
+@pytest.mark.parametrize("case", ["missing credentials file", "bad credentials file", "no such directory", "a directory"])
+def test_a_start_that_cannot_go_on_says_why_in_one_line_and_exits(tmp_path, case):
+    # A credentials file found bad once the job DB was open used to leave the process hanging,
+    # its DB thread alive and its port taken, for a supervisor to wait on for ever.
+    env = {**os.environ, "PYDLIT_PORT": str(free_port())}
+    db = tmp_path / "jobs.db"
+    if case == "missing credentials file":
+        env["PYDLIT_CREDENTIALS"] = str(tmp_path / "none.json")
+        said = f"pydlit: cannot read the credentials file {tmp_path / 'none.json'}: No such file or directory"
+    elif case == "bad credentials file":
+        (tmp_path / "bad.json").write_text('{"registries": 5}')
+        env["PYDLIT_CREDENTIALS"] = str(tmp_path / "bad.json")
+        said = f"pydlit: the credentials file {tmp_path / 'bad.json'}: 'registries' must be an object of hosts"
+    elif case == "no such directory":
+        db = tmp_path / "nowhere" / "jobs.db"
+        said = f"pydlit: cannot use the job database {db}: there is no directory {db.parent}"
+    else:
+        db = tmp_path
+        said = f"pydlit: cannot use the job database {db}: it is a directory"
+    run = subprocess.run([sys.executable, "-m", "pydlit", "--host", "127.0.0.1", "--db", str(db)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert run.returncode == 1 and run.stderr == said + "\n", run.stderr
