@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from .api import ApiError, routes
 from .credentials import CredentialStore
@@ -46,6 +48,16 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         msg = _FRAMEWORK_MESSAGES.get(exc.status, exc.reason)
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return web.json_response({"status": "error", "msg": msg}, status=exc.status, headers=allow)
+    except RequestPayloadError as exc:
+        # A body that is not what its headers say (Content-Encoding: gzip that is not gzip).
+        # Nothing more of it is read: aiohttp would try, and log the same error again.
+        request.content.feed_eof()
+        reason = exc.__cause__.message if isinstance(exc.__cause__, HttpProcessingError) else str(exc)
+        return web.json_response({"status": "error", "msg": f"the request body cannot be read: {reason}"}, status=400)
+    except ConnectionResetError:
+        # Nobody reads this answer; it only keeps a client's hang-up out of the error log.
+        log.info("%s %s: the client went away before its request was read", request.method, request.path)
+        return web.json_response({"status": "error", "msg": "connection lost"}, status=400)
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return web.json_response({"status": "error", "msg": "internal error"}, status=500)

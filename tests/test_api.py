@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import socket
 import sqlite3
 from pathlib import Path
@@ -201,6 +202,15 @@ async def test_a_body_over_1_mib_is_a_413_in_json(client, tmp_path: Path) -> Non
     answer = await resp.json()
     assert answer["status"] == "error" and "too large" in answer["msg"]
     assert job_count(tmp_path) == 0
+
+
+async def test_a_body_that_is_not_its_content_encoding_is_a_400_in_json(client, tmp_path: Path, caplog) -> None:
+    resp = await client.post("/api/distribute/image", data=json.dumps(body()),
+                             headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert resp.status == 400 and resp.content_type == "application/json"
+    assert (await resp.json())["msg"] == "the request body cannot be read: Can not decode content-encoding: gzip"
+    assert job_count(tmp_path) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 async def test_unknown_job_is_a_json_404(client) -> None:

@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import sqlite3
 import os
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from support.images import assert_same_tree, push_image, read_back
 from support.registry import free_port
-from support.service import REPO_ROOT, job_body
+from support.service import REPO_ROOT, job_body, wait_for
 
 STATUS_KEYS = {"id", "value", "started_at", "finished_at", "finished_endpoints", "skipped_clusters", "error", "targets"}
 
@@ -163,3 +165,17 @@ def test_a_start_that_cannot_go_on_says_why_in_one_line_and_exits(tmp_path, case
     run = subprocess.run([sys.executable, "-m", "pydlit", "--host", "127.0.0.1", "--db", str(db)], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=30, env=env)
     assert run.returncode == 1 and run.stderr == said + "\n", run.stderr
+
+
+def test_a_client_gone_mid_body_is_no_error(service):
+    # The real process: aiohttp's test server cancels the handler instead.
+    log = Path(service.log_path)
+    seen = log.stat().st_size
+    with socket.create_connection(("127.0.0.1", service.port)) as sock:
+        sock.sendall(b"POST /api/distribute/image HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"source\"")
+        time.sleep(0.2)
+    said = "POST /api/distribute/image: the client went away before its request was read"
+    wait_for(lambda: said in log.read_bytes()[seen:].decode(errors="replace"), timeout=10)
+    since = log.read_bytes()[seen:].decode(errors="replace")
+    assert not [line for line in since.splitlines() if " ERROR " in line or "Traceback" in line], since
