@@ -266,7 +266,7 @@ class Store:
             return
         async with self._transaction():
             await self._db.execute(
-                "UPDATE job_targets SET state = 'FAILED', error = ?, updated_at = ? "
+                "UPDATE job_targets SET state = 'FAILED', error = ?, updated_at = ?, retrying = NULL "
                 f"WHERE job_id = ? AND state IN ('PENDING', 'RUNNING') AND {self._LEASED}",
                 (target_error, now, job_id, job_id, owner),
             )

@@ -407,6 +407,16 @@ async def test_job_view_shape_and_no_secret(store: Store) -> None:
     assert "secrets" not in view
 
 
+async def test_a_job_ended_for_its_unended_targets_shows_none_of_them_still_retrying(store: Store) -> None:
+    # The source failed while both targets waited out its 503s.
+    job_id = await enqueue(store)
+    await store.claim("node/a", 30)
+    await store.retrying(job_id, "node/a", {0: "the source: HTTP 503", 1: "the source: HTTP 503"})
+    await store.finish(job_id, "node/a", "FAILED", "cannot read the source", target_error="not copied: the job failed")
+    view = await store.job_view(job_id)
+    assert [(t["state"], t["retrying"]) for t in view["targets"]] == [("FAILED", None), ("FAILED", None)]
+
+
 async def test_target_state_writes_the_byte_counts_given_with_it(store: Store) -> None:
     job_id = await enqueue(store)
     await store.claim("node/a", 30)
