@@ -142,3 +142,5 @@ def setup_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # Access lines would carry query strings (token urls among them); the job events say what matters.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # At debug, aiosqlite logs every statement with its parameters: sealed credentials among them.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)

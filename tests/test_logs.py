@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 
+import aiosqlite
 import pytest
 
 from pydlit.logs import REDACTED, current_job, job_context, redact, setup_logging
@@ -17,8 +18,8 @@ log = logging.getLogger("pydlit.test")
 @pytest.fixture
 def capture() -> Iterator[Callable[[str, str], io.StringIO]]:
     """capture(level, fmt) sets logging up into a buffer; the root logger is restored after."""
-    root, access = logging.getLogger(), logging.getLogger("aiohttp.access")
-    saved_handlers, saved_level, saved_access = root.handlers[:], root.level, access.level
+    root, access, sql = logging.getLogger(), logging.getLogger("aiohttp.access"), logging.getLogger("aiosqlite")
+    saved_handlers, saved_level, saved_access, saved_sql = root.handlers[:], root.level, access.level, sql.level
 
     def make(level: str = "INFO", fmt: str = "text") -> io.StringIO:
         buf = io.StringIO()
@@ -29,6 +30,7 @@ def capture() -> Iterator[Callable[[str, str], io.StringIO]]:
     root.handlers[:] = saved_handlers
     root.setLevel(saved_level)
     access.setLevel(saved_access)
+    sql.setLevel(saved_sql)
 
 
 def json_lines(buf: io.StringIO) -> list[dict]:
@@ -125,6 +127,16 @@ def test_level_and_aiohttp_access(capture) -> None:
     logging.getLogger("aiohttp.access").info("GET /api?token=x")
     log.debug("debug shown")
     assert "GET /api" not in buf.getvalue() and "debug shown" in buf.getvalue()
+
+
+@pytest.mark.asyncio
+async def test_debug_shows_no_sql_statement_with_its_parameters(capture, tmp_path) -> None:
+    # aiosqlite logs each statement with its parameters at debug: sealed credentials among them.
+    buf = capture("DEBUG", "text")
+    async with aiosqlite.connect(str(tmp_path / "t.db")) as db:
+        await db.execute("SELECT ?", ("sealed-876543219",))
+    log.debug("debug shown")
+    assert "876543219" not in buf.getvalue() and "debug shown" in buf.getvalue()
 
 
 def test_setup_replaces_its_handler_and_checks_the_format(capture) -> None:
