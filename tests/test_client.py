@@ -1449,3 +1449,22 @@ async def test_no_answer_is_asked_for_compressed(aiohttp_server) -> None:  # typ
         assert (await client.get_manifest("team/app", "v1")).data == MANIFEST
     assert {path for path, _ in seen} == {"/v2/", "/token", "/v2/team/app/tags/list", "/v2/team/app/manifests/v1"}
     assert {accepted for _, accepted in seen} == {"identity"}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("wrong", ["http to an https registry", "https to an http one"])
+async def test_an_endpoint_with_the_wrong_scheme_says_which_to_give_at_once(registries, wrong) -> None:  # type: ignore[no-untyped-def]
+    # A HEAD's answer read a plain-text 400 after its head, which aiohttp cannot parse: the
+    # target failed "ClientResponseError" after a retry budget's worth of tries.
+    registry = registries.tls if wrong.startswith("http to") else registries.source
+    scheme = "http" if wrong.startswith("http to") else "https"
+    async with aiohttp.ClientSession() as s:
+        client = RegistryClient(s, f"{scheme}://{registry.host}", auth=registry.request_auth, push=True)
+        for call in (client.head_manifest("team/app", "v1"), client.get_manifest("team/app", "v1"), client.start_upload("team/app")):
+            started = time.monotonic()
+            with pytest.raises(RegistryError) as caught:
+                await call
+            assert time.monotonic() - started < 2  # not retried
+            said = "speaks HTTPS at this address: give its endpoint as https://" if scheme == "http" else \
+                "does not speak TLS at this address: give its endpoint as http://"
+            assert str(caught.value).endswith(said), caught.value

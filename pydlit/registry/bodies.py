@@ -30,6 +30,9 @@ def connection_problem(exc: BaseException) -> str:
         return "the server closed the connection"
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "the answer broke off"
+    if isinstance(exc, aiohttp.ClientResponseError):  # what came back is not HTTP as it should be
+        first_line = exc.message.split("\n", 1)[0].rstrip(":")
+        return f"the answer could not be read: {first_line}"
     if isinstance(exc, OSError):  # aiohttp's ClientOSError: a reset, a broken pipe
         return f"the connection failed: {exc.strerror or exc}"
     return type(exc).__name__

@@ -166,6 +166,16 @@ def with_query(location: str, **params: str) -> URL:
     return URL(location + sep + urlencode(params, safe=":"), encoded=True)
 
 
+# What HTTPS servers answer a request sent in plain HTTP (Go's net/http, nginx).
+_HTTPS_ONLY_ANSWERS = ("HTTP request to an HTTPS server", "plain HTTP request was sent to HTTPS port")
+HTTPS_ONLY = "the registry speaks HTTPS at this address: give its endpoint as https://"
+PLAIN_ONLY = "the registry does not speak TLS at this address: give its endpoint as http://"
+
+
+def _speaks_https(url: URL, answer: str) -> bool:
+    return url.scheme == "http" and any(text in answer for text in _HTTPS_ONLY_ANSWERS)
+
+
 # The waits before pushing again a manifest refused for naming a blob unknown (see put_manifest).
 RACED_PUT_WAITS = (0.1, 0.3, 0.6)
 
@@ -334,7 +344,14 @@ class RegistryClient:
             except aiohttp.ClientConnectorCertificateError as exc:
                 raise RegistryError(self.name, step, f"TLS certificate verification failed: {exc.certificate_error}") from None
             except aiohttp.ClientSSLError as exc:
-                raise RegistryError(self.name, step, f"TLS handshake failed: {exc}") from None
+                reason = exc.os_error
+                if getattr(reason, "reason", None) == "WRONG_VERSION_NUMBER":  # a plain-HTTP answer to the handshake
+                    raise RegistryError(self.name, step, PLAIN_ONLY) from None
+                raise RegistryError(self.name, step, f"TLS handshake failed: {reason}") from None
+            except aiohttp.ClientResponseError as exc:
+                if _speaks_https(url, exc.message):  # its plain-text 400 follows a HEAD's head: not HTTP
+                    raise RegistryError(self.name, step, HTTPS_ONLY, status=exc.status or None) from None
+                raise RegistryError(self.name, step, connection_problem(exc), transient=True) from None
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 raise RegistryError(self.name, step, connection_problem(exc), transient=True) from None
             if resp.status in REDIRECTS and method in ("GET", "HEAD") and "Location" in resp.headers:
@@ -447,6 +464,8 @@ class RegistryClient:
         code, message = parse_error_body(body)
         if not message:
             message = {401: "authentication failed", 403: "access denied", 404: "not found"}.get(resp.status, resp.reason or "")
+        if resp.status == 400 and _speaks_https(resp.url, message):
+            message = HTTPS_ONLY
         if not self._trusts(resp.url):
             # A redirect's host, or a Location's not trusted: a refusal there is not the registry's.
             message = f"{message} (answered by {resp.url.origin()}, not by the registry)"
