@@ -176,6 +176,20 @@ async def test_bearer_token_is_fetched_with_service_scope_and_basic_credentials(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("realm", ["pydlit", "/token", "ftp://auth.example/token"])
+async def test_a_realm_that_is_no_web_url_fails_at_once_saying_so(fake_time: FakeTime, realm: str) -> None:
+    # An endpoint pointing at another service (pydlit's own API: realm="pydlit") used to fail
+    # "could not be reached: InvalidUrlClientError", a transient error, retried a budget long.
+    a = Authenticator(None)
+    a.challenge = Challenge("bearer", {"realm": realm})
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(AuthError) as caught:
+            await a.header_for(s, "repository:app:pull", False)
+    assert str(caught.value) == "the registry's Bearer challenge names no token server: its realm is not an http(s) URL"
+    assert not caught.value.transient
+
+
+@pytest.mark.asyncio
 async def test_anonymous_token_request_carries_no_authorization(fake_time: FakeTime) -> None:
     server = TokenServer({"token": "anon"})
     async with answering(get=server) as s:

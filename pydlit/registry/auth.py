@@ -255,6 +255,9 @@ class Authenticator:
         realm = self.challenge.params.get("realm")
         if not realm:
             raise AuthError("the registry's Bearer challenge names no realm")
+        if not _web_url(realm):
+            # Not a registry, most often: the endpoint points at some other service.
+            raise AuthError("the registry's Bearer challenge names no token server: its realm is not an http(s) URL")
         service = self.challenge.params.get("service")
         if self._oauth2:
             token = await self._fetch_oauth2(session, realm, service, scope, ssl)
@@ -327,6 +330,14 @@ class Authenticator:
         except ValueError:  # UnicodeDecodeError included
             raise AuthError(f"the token url {_host(url)} answered something that is not a token") from None
         return _token_from(body, url)
+
+
+def _web_url(text: str) -> bool:
+    try:
+        url = URL(text)
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.host)
 
 
 async def _ask(
