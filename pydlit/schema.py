@@ -12,6 +12,7 @@ import copy
 import ipaddress
 import json
 import re
+import ssl
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
-from .registry.client import repository_name, split_endpoint
+from .registry.client import repository_name, split_endpoint, trust
 from .registry.manifests import DIGEST
 
 MAX_TARGETS = 100
@@ -416,7 +417,18 @@ def validate_request(body: object) -> dict:
         target.setdefault("image", None)
         target.setdefault("ref", None)
     _check_destinations(request)
+    _check_certificates(request)
     return request
+
+
+def _check_certificates(request: dict) -> None:
+    """A ca_cert that looks like PEM but is none is refused now, not when its job runs."""
+    for path, location in _locations(request):
+        if location.get("ca_cert"):
+            try:
+                trust(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), location["ca_cert"])
+            except ValueError:
+                raise RequestError(f"{_render_path([*path, 'ca_cert'])}: must be a PEM certificate that can be loaded") from None
 
 
 def _check_destinations(request: dict) -> None:

@@ -4,13 +4,14 @@ from pathlib import Path
 
 import pytest
 from jsonschema import Draft202012Validator
+from support.certs import make_ca
 
 from pydlit.schema import REQUEST_SCHEMA, RequestError, validate_request
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "example" / "example_request.json"
 DIGEST_256 = "sha256:" + "0123456789abcdef" * 4
 DIGEST_512 = "sha512:" + "0123456789abcdef" * 8
-PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+PEM = make_ca().cert_pem
 
 
 def base() -> dict:
@@ -209,6 +210,15 @@ def test_secrets_are_never_echoed(auth, where):
     message = error_for(with_auth(auth, where))
     assert "auth" in message
     assert "876543219" not in message
+
+
+@pytest.mark.parametrize("where", ["source", "target"])
+def test_a_ca_cert_that_looks_like_pem_but_cannot_be_loaded_is_refused_now(where):
+    # It used to be taken, and its job failed when it ran, naming no location.
+    fake = "-----BEGIN CERTIFICATE-----\nMIIBnotacert876543219\n-----END CERTIFICATE-----\n"
+    body = with_source(ca_cert=fake) if where == "source" else with_target(ca_cert=fake)
+    message = error_for(body)
+    assert message == f"{'source' if where == 'source' else 'targets[0]'}.ca_cert: must be a PEM certificate that can be loaded"
 
 
 def test_ca_cert_is_not_echoed():

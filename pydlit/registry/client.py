@@ -136,11 +136,16 @@ def ssl_for(verify_tls: bool, ca_cert: str | None) -> ssl.SSLContext | bool:
         return False
     ctx = ssl.create_default_context()
     if ca_cert:
-        try:
-            ctx.load_verify_locations(cadata=ca_cert)
-        except (ssl.SSLError, ValueError):
-            raise ValueError("ca_cert is not a PEM certificate that can be loaded") from None
+        trust(ctx, ca_cert)
     return ctx
+
+
+def trust(ctx: ssl.SSLContext, ca_cert: str) -> None:
+    """Add the PEM certificate(s) to what the context trusts; ValueError when they cannot be loaded."""
+    try:
+        ctx.load_verify_locations(cadata=ca_cert)
+    except (ssl.SSLError, ValueError):
+        raise ValueError("ca_cert is not a PEM certificate that can be loaded") from None
 
 
 def broken_stream(registry: str, step: str, at: int, exc: BaseException) -> RegistryError:
