@@ -11,6 +11,7 @@ from aiohttp import web
 from .keys import STORE, WORKER
 from .metrics import render
 from .openapi import build_openapi
+from .registry.manifests import image_ref
 from .schema import RequestError, validate_request
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,10 @@ async def distribute(request: web.Request) -> web.Response:
         {"endpoint": t["endpoint"], "image": t.get("image") or src["image"], "ref": t.get("ref") or src["ref"]}
         for t in req["targets"]
     ]
-    job_id = await request.app[STORE].enqueue(public, secrets, targets, f"{src['endpoint']} {src['image']}:{src['ref']}")
+    image = image_ref(src["image"], src["ref"])
+    job_id = await request.app[STORE].enqueue(public, secrets, targets, f"{src['endpoint']} {image}")
     request.app[WORKER].notify()
-    log.info("job %s: queued, %s:%s to %d target(s)", job_id, src["image"], src["ref"], len(targets))
+    log.info("job %s: queued, %s to %d target(s)", job_id, image, len(targets))
     return web.json_response({"id": job_id, "msg": "Image sync started", "status": "success"}, status=201)
 
 

@@ -48,6 +48,16 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     return dataclasses.replace(env, host=args.host, port=args.port, db=args.db, concurrency=args.concurrency)
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
+
+
 def client_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pydlit")
     server = argparse.ArgumentParser(add_help=False)
@@ -56,7 +66,7 @@ def client_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", parents=[server], help="submit a request file (- for stdin)")
     p.add_argument("request_file")
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
-    p.add_argument("--timeout", type=float, default=3600.0, help="give up waiting after this many seconds")
+    p.add_argument("--timeout", type=_positive, default=3600.0, help="with --wait: give up waiting after this many seconds (exit 3; the job goes on)")
     p = sub.add_parser("status", parents=[server], help="show one job")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true", help="print the raw status document")

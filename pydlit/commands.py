@@ -28,6 +28,7 @@ import aiohttp
 
 from .openapi import JOB_STATES, LIST_LIMIT_MAX, TARGET_STATES
 from .registry.client import RegistryClient
+from .registry.manifests import image_ref
 from .schema import ENDPOINT_PATTERN, IMAGE_MAX_LENGTH, IMAGE_PATTERN, REF_PATTERN
 from .transfer import ImageCopy, MemoryEvents, Source, SourceError, Stopped, Target
 
@@ -274,13 +275,8 @@ def _amount(done: int, total: int | None) -> str:
     return f"{min(done, total) * 100 // total}% {_size(done)}/{_size(total)}"
 
 
-def _image_ref(image: str, ref: str) -> str:
-    # Tags cannot hold a colon; digests always do.
-    return f"{image}@{ref}" if ":" in ref else f"{image}:{ref}"
-
-
 def _target_name(target: dict[str, Any]) -> str:
-    return f"{target['endpoint']} {_image_ref(target['image'], target['ref'])}"
+    return f"{target['endpoint']} {image_ref(target['image'], target['ref'])}"
 
 
 def _state_counts(targets: list[dict[str, Any]]) -> str:
@@ -439,7 +435,7 @@ class ImageRef:
         return f"{self.scheme}://{self.host}"
 
     def __str__(self) -> str:
-        return f"{self.endpoint}/{_image_ref(self.repository, self.ref)}"
+        return f"{self.endpoint}/{image_ref(self.repository, self.ref)}"
 
 
 def parse_reference(text: str, default: ImageRef | None = None) -> ImageRef:

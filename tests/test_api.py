@@ -109,6 +109,15 @@ async def test_post_answers_201_and_commits_a_queued_job(client, tmp_path: Path)
     ]
 
 
+async def test_a_source_named_by_digest_reads_image_at_digest(client, tmp_path: Path) -> None:
+    digest = "sha256:" + "ab" * 32
+    payload = body()
+    payload["source"]["ref"] = digest
+    _, answer = await post(client, payload)
+    view = await (await client.get(f"/api/distribute/image/{answer['id']}")).json()
+    assert view["source"] == f"{SOURCE} team/app@{digest}"
+
+
 async def test_get_answers_the_status_document(client) -> None:
     _, answer = await post(client, body())
     resp = await client.get(f"/api/distribute/image/{answer['id']}")

@@ -679,3 +679,14 @@ def test_the_jobs_command_takes_a_state_in_any_case() -> None:
     from pydlit.cli import client_parser
 
     assert client_parser().parse_args(["jobs", "--state", "failed"]).state == "FAILED"
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "abc", "inf"])
+def test_submit_takes_only_a_timeout_above_zero(timeout, capsys) -> None:
+    from pydlit.cli import client_parser
+
+    assert client_parser().parse_args(["submit", "r.json", "--wait", "--timeout", "2.5"]).timeout == 2.5
+    with pytest.raises(SystemExit) as exited:
+        client_parser().parse_args(["submit", "r.json", "--wait", "--timeout", timeout])
+    assert exited.value.code == 2
+    assert f"argument --timeout: must be a number of seconds above 0, not '{timeout}'" in capsys.readouterr().err

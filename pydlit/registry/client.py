@@ -28,7 +28,7 @@ from .bodies import CONNECT_TIMEOUT_S, NO_COMPRESSION, connection_problem, read_
 from .errors import TRANSIENT_STATUSES, RegistryError, parse_error_body
 from .manifests import (
     ACCEPT, DIGEST, MAX_MANIFEST_BYTES, OCI_ARTIFACT, OCI_INDEX,
-    Manifest, ManifestError, digest_matches, index_descriptors, parse_manifest,
+    Manifest, ManifestError, digest_matches, image_ref, index_descriptors, parse_manifest,
 )
 
 log = logging.getLogger(__name__)
@@ -125,10 +125,6 @@ def repository_name(base: str, image: str) -> str:
     if (URL(base).host or "") in DOCKER_HUB_HOSTS and "/" not in image:
         return f"library/{image}"
     return image
-
-
-def _named(repo: str, ref: str) -> str:
-    return f"{repo}@{ref}" if DIGEST.fullmatch(ref) else f"{repo}:{ref}"
 
 
 def ssl_for(verify_tls: bool, ca_cert: str | None) -> ssl.SSLContext | bool:
@@ -504,7 +500,7 @@ class RegistryClient:
     # -- manifests ------------------------------------------------------------------------------
 
     async def get_manifest(self, repo: str, ref: str) -> Manifest:
-        step = f"read manifest {_named(repo, ref)}"
+        step = f"read manifest {image_ref(repo, ref)}"
 
         async def op() -> Manifest:
             resp = await self.request(
@@ -532,7 +528,7 @@ class RegistryClient:
 
     async def head_manifest(self, repo: str, ref: str) -> str | None:
         """The digest a tag or digest resolves to, or None when the registry has no such manifest."""
-        step = f"check manifest {_named(repo, ref)}"
+        step = f"check manifest {image_ref(repo, ref)}"
 
         async def op() -> str | None:
             resp = await self.request(
@@ -564,7 +560,7 @@ class RegistryClient:
 
         async def op() -> str | None:
             resp = await self.request(
-                "PUT", self.url(f"{repo}/manifests/{ref}"), step=f"push manifest {_named(repo, ref)}",
+                "PUT", self.url(f"{repo}/manifests/{ref}"), step=f"push manifest {image_ref(repo, ref)}",
                 scope=scope_for(repo, "pull,push"), expect=(200, 201),
                 headers={"Content-Type": manifest.media_type}, body=manifest.data,
             )

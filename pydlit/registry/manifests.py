@@ -32,6 +32,11 @@ NONDISTRIBUTABLE = frozenset({
 DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
 
 
+def image_ref(repo: str, ref: str) -> str:
+    """repo:tag, or repo@digest."""
+    return f"{repo}@{ref}" if DIGEST.fullmatch(ref) else f"{repo}:{ref}"
+
+
 class ManifestError(ValueError):
     """A manifest pydlit cannot copy, with the reason in words."""
 
