@@ -23,6 +23,10 @@ WAL_ATTEMPTS = 50  # 0.1 s apart: as long as busy_timeout waits for any other lo
 ENDED = ("FINISHED", "FAILED")
 
 
+# A new bytes_done, or none (NULL): never below the one it replaces.
+_NOT_BELOW = "max(coalesce(?, bytes_done), coalesce(bytes_done, 0))"
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -285,10 +289,11 @@ class Store:
         self, job_id: str, owner: str, idx: int, state: str, error: str | None,
         progress: tuple[int, int | None] | None = None,
     ) -> None:
-        """A target's new state, with its byte counts as they stand when given (one write, not two)."""
+        """A target's new state, with its byte counts as they stand when given (one write, not two).
+        A target's bytes_done never goes down (see progress)."""
         done, total = progress or (None, None)
         await self._fenced(
-            "UPDATE job_targets SET state = ?, error = ?, bytes_done = coalesce(?, bytes_done), "
+            f"UPDATE job_targets SET state = ?, error = ?, bytes_done = {_NOT_BELOW}, "
             "bytes_total = coalesce(?, bytes_total), updated_at = ?, "
             "retrying = CASE WHEN ? IN ('PENDING', 'RUNNING') THEN retrying END "
             f"WHERE job_id = ? AND idx = ? AND {self._LEASED}",
@@ -305,9 +310,13 @@ class Store:
         )
 
     async def progress(self, job_id: str, owner: str, counts: dict[int, tuple[int, int | None]]) -> None:
+        """Byte counts as a run sees them. A restarted run counts again from 0, as it finds what
+        the target holds; what a target was seen to hold stands until the new count passes it, so
+        that progress never goes back (a SIGKILL that cost a session's bytes is made up for
+        before the count moves on)."""
         now = self._now()
         await self._write(
-            f"UPDATE job_targets SET bytes_done = ?, bytes_total = ?, updated_at = ? WHERE job_id = ? AND idx = ? AND {self._LEASED}",
+            f"UPDATE job_targets SET bytes_done = {_NOT_BELOW}, bytes_total = ?, updated_at = ? WHERE job_id = ? AND idx = ? AND {self._LEASED}",
             [(done, total, now, job_id, idx, job_id, owner) for idx, (done, total) in counts.items()],
             many=True,
         )

@@ -417,6 +417,18 @@ async def test_a_job_ended_for_its_unended_targets_shows_none_of_them_still_retr
     assert [(t["state"], t["retrying"]) for t in view["targets"]] == [("FAILED", None), ("FAILED", None)]
 
 
+async def test_a_targets_progress_does_not_go_back_when_a_restarted_run_counts_again(store: Store) -> None:
+    job_id = await enqueue(store)
+    await store.claim("node/a", 30)
+    await store.progress(job_id, "node/a", {0: (150, 300)})
+    # The restarted run starts counting from nothing, as it finds what the target holds.
+    await store.target_state(job_id, "node/a", 0, "RUNNING", None, (0, 300))
+    await store.progress(job_id, "node/a", {0: (40, 300)})
+    assert (await store.job_view(job_id))["targets"][0]["bytes_done"] == 150
+    await store.progress(job_id, "node/a", {0: (200, 300)})
+    assert (await store.job_view(job_id))["targets"][0]["bytes_done"] == 200
+
+
 async def test_target_state_writes_the_byte_counts_given_with_it(store: Store) -> None:
     job_id = await enqueue(store)
     await store.claim("node/a", 30)
