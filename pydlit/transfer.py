@@ -1259,9 +1259,10 @@ class ImageCopy:
             if not await asyncio.shield(s.verified):
                 await self._abandon(s, blob)
                 return
-            await t.client.finish_upload(s.location, t.repo, blob.digest)
-            s.done = True
-            await self._blob_done(t, blob)
+            with self._carry():  # the commit too: cut, its session would be given back after it took the blob
+                await t.client.finish_upload(s.location, t.repo, blob.digest)
+                s.done = True
+                await self._blob_done(t, blob)
         except (RegistryError, SourceError, Stopped, PipeClosed, EOFError, DigestMismatch) as exc:
             # A request whose body failed reports a connection error: the reader's own is the reason.
             s.error = s.pipe.error or exc

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 
 from pydlit.registry.client import RetryPolicy
 from pydlit.registry.manifests import OCI_MANIFEST, Blob, Manifest, sha256_digest
-from pydlit.transfer import ImageCopy, MemoryEvents, Source, Stopped, Target
+from pydlit.transfer import ImageCopy, MemoryEvents, Source, Stopped, Target, Tuning
 
 pytestmark = pytest.mark.asyncio
 
@@ -231,3 +232,68 @@ async def test_a_copy_cancelled_again_while_it_stops_leaves_nothing_running() ->
 
 async def _slow_give_back(location: str, repo: str) -> None:
     await asyncio.sleep(1.0)
+
+
+BIG = bytes(range(256)) * 2048  # 512 KiB: four chunks of 128 KiB
+BIG_BLOB = Blob(sha256_digest(BIG), len(BIG))
+CHUNKED = Tuning(chunk_size=128 * 1024, piece_size=32 * 1024, whole_blob_max=16 * 1024, buffer_size=256 * 1024)
+
+
+class _Stream:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.content = data, self
+
+    async def __aenter__(self) -> _Stream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
+        for at in range(0, len(self.data), n):
+            yield self.data[at:at + n]
+
+
+class OneBigBlobSource(OneBlobSource):
+    async def get_manifest(self, repo: str, ref: str) -> Manifest:
+        return Manifest(OCI_MANIFEST, b"{}", sha256_digest(b"{}"), blobs=(BIG_BLOB,))
+
+    async def open_blob(self, repo: str, digest: str, offset: int = 0, size: int | None = None) -> tuple[_Stream, int]:
+        return _Stream(BIG[offset:]), offset
+
+
+class SlowToCommit(SlowTarget):
+    """Takes chunks at once; its commit of the whole takes `put_s`."""
+
+    def __init__(self, put_s: float) -> None:
+        super().__init__(put_s)
+        self.committing = asyncio.Event()
+        self.committed: list[str] = []
+
+    async def head_blob(self, repo: str, digest: str) -> bool:
+        return False
+
+    async def patch_chunk(self, location: str, repo: str, body: AsyncIterator[bytes], start: int, length: int) -> str:
+        async for _ in body:
+            pass
+        return f"/upload/0?at={start + length}"
+
+    async def finish_upload(self, location: str, repo: str, digest: str, body: object = b"", length: int = 0) -> None:
+        self.committing.set()
+        await asyncio.sleep(self.put_s)
+        self.committed.append(digest)
+
+
+async def test_a_stop_lets_the_commit_of_a_chunked_blob_end_and_leaves_no_session_to_give_back() -> None:
+    # Cut, the commit still took the blob at the registry, and the copy gave back its session
+    # after it: distribution answered BLOB_UPLOAD_INVALID, reported as a session it kept.
+    target, events, stop = SlowToCommit(put_s=0.3), MemoryEvents(), asyncio.Event()
+    copy = ImageCopy(Source(OneBigBlobSource(), "r", "v1"), [Target(0, target, "r", "v1")], events, stop, CHUNKED)  # type: ignore[arg-type]
+    task = asyncio.create_task(copy.run())
+    await asyncio.wait_for(target.committing.wait(), 5)
+    stop.set()
+    with pytest.raises(Stopped):
+        await asyncio.wait_for(task, 5)
+    assert target.committed == [BIG_BLOB.digest]
+    assert events.uploads == {}  # the checkpoint went with the commit
+    assert await copy.give_back(1) == {} and target.given_back == []
