@@ -247,6 +247,16 @@ class ReferrerPusher:
             await self._put_below(dt.tree)
             await self.client.put_manifest(self.repo, dt.tag, top)
 
+    async def list_itself(self, referrer: Manifest) -> None:
+        """A manifest with a subject, pushed to a registry that did not index it (no OCI-Subject
+        answer): listed in its subject's tag-schema index, as the OCI spec asks of a client."""
+        assert referrer.subject is not None
+        try:
+            await self._list_under_tag(Referrers(referrer.subject, [referrer_descriptor(referrer)], None, []))
+        except RegistryError as exc:  # the copy itself is whole: this is worth a word, not a failure
+            log.warning("%s: %s copied to %s, but not listed among the referrers of %s: %s",
+                        self.client.name, referrer.digest, self.repo, referrer.subject, exc)
+
     async def _put_below(self, tree: Tree) -> None:
         for level in push_levels(tree):
             for m in level:
@@ -268,6 +278,20 @@ class ReferrerPusher:
         else:
             index = _index([*listed, *missing])
         await self.client.put_manifest(self.repo, tag, index)
+
+
+def referrer_descriptor(m: Manifest) -> dict[str, Any]:
+    """How a referrers listing names the manifest: its artifactType (an image's config type
+    where it has none) and annotations with it."""
+    doc = json.loads(m.data)
+    found: dict[str, Any] = {"mediaType": m.media_type, "digest": m.digest, "size": len(m.data)}
+    config = doc.get("config")
+    artifact = doc.get("artifactType") or (config.get("mediaType") if isinstance(config, dict) else None)
+    if isinstance(artifact, str) and artifact:
+        found["artifactType"] = artifact
+    if isinstance(doc.get("annotations"), dict) and doc["annotations"]:
+        found["annotations"] = doc["annotations"]
+    return found
 
 
 def _listed_at_target(registry: str, where: str, current: Manifest | None) -> list[dict[str, Any]]:

@@ -509,14 +509,17 @@ class ImageCopy:
                     for level in push_levels(self.tree):
                         await _gather_all(child(m) for m in level)
                 attached = bool(self._attached_trees())
+                pusher = ReferrerPusher(t.client, t.repo, t.held)
+                indexed = None  # the subject the registry says it listed the image under
                 if attached:
                     if not t.current:
-                        await t.client.put_manifest(t.repo, top.digest, top)  # their subject, before them
-                    pusher = ReferrerPusher(t.client, t.repo, t.held)
+                        indexed = await t.client.put_manifest(t.repo, top.digest, top)  # their subject, before them
                     await pusher.push(self.referrers)
                     await pusher.push_tags(self.digest_tags, t.overwrite)
                 if not t.current and not (attached and t.ref == top.digest):
-                    await t.client.put_manifest(t.repo, t.ref, top)
+                    indexed = await t.client.put_manifest(t.repo, t.ref, top)
+                if top.subject is not None and not t.current and indexed != top.subject:
+                    await pusher.list_itself(top)  # the image is itself a referrer: a signature copied alone
         except RegistryError as exc:
             await self._fail(t, exc)
             return

@@ -333,3 +333,26 @@ def test_asking_for_referrers_of_an_image_without_any_costs_two_requests(service
     # The tag list (no sha256-<hex> index, no digest tag in it) and one referrers API probe.
     assert len(asked) == len(image.manifests) + len(image.blobs) + 2, asked
     assert sum("/referrers/" in p for p in asked) == 1 and sum(p.endswith("/tags/list") for p in asked) == 1, asked
+
+
+def test_a_signature_copied_by_itself_is_listed_among_its_subjects_referrers(service, registries, proxy_factory, repo_name):
+    # The OCI spec asks a client pushing a manifest with a subject to a registry that does not
+    # answer OCI-Subject to add it to the subject's tag-schema index; it was copied unlisted.
+    image = push_image(registries.source, repo_name, "v1", "oci", LAYERS, seed=random.getrandbits(48))
+    sig = push_referrer(registries.source, repo_name, _subject(image), SIG, b'{"sig":"alone"}',
+                        annotations={"org.opencontainers.image.created": "2026-01-01T00:00:00Z"})
+    RegistryHTTP.for_endpoint(registries.source).put_manifest(repo_name, "sig", mt.OCI_MANIFEST, sig.data)
+    _finished(_run(service, job_body(registries.source, repo_name, "v1", [registries.target_a]), referrers=False))
+    theirs = push_referrer(registries.target_a, repo_name, _subject(image), SIG, b'{"sig":"theirs"}')
+
+    _finished(_run(service, job_body(registries.source, repo_name, "sig", [registries.target_a]), referrers=False))
+
+    listed = json.loads(tag_index(registries.target_a, repo_name, image.digest))["manifests"]
+    assert listed == [theirs.descriptor, sig.descriptor]
+    _assert_referrer_at(registries.target_a, repo_name, sig)
+
+    # A target that indexes subjects itself gets no tag index.
+    api = proxy_factory(registries.target_b)
+    api.referrers_api = True
+    _finished(_run(service, job_body(registries.source, repo_name, "sig", [api]), referrers=False))
+    assert list_tags(registries.target_b, repo_name) == ["sig"]
