@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 from typing import Any
 
 from aiohttp import web
@@ -123,7 +124,9 @@ async def health(request: web.Request) -> web.Response:
     try:
         await request.app[STORE].check_writable()
     except Exception as exc:
-        raise ApiError(503, f"the job database is not writable: {type(exc).__name__}") from None
+        # SQLite's own words ("database is locked", "disk I/O error") name no secret.
+        reason = str(exc) if isinstance(exc, sqlite3.Error) else type(exc).__name__
+        raise ApiError(503, f"the job database is not writable: {reason}") from None
     return web.json_response({"status": "ok"})
 
 

@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         # Another SIGTERM or SIGINT meanwhile (an impatient supervisor, a Ctrl-C after `docker
         # stop`) would end the stop at once: chunks cut mid-way, and the job DB closed under the
         # jobs' last writes. It is only noted; SIGKILL still ends the process.
+        log.info("stopping: no new job is claimed")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, log.warning, "already stopping: the chunks on their way end first (at most %g s)",

@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 
 from pydlit.app import create_app
+from pydlit.keys import STORE
 from pydlit.registry.client import RetryPolicy
 from pydlit.secretbox import SecretBox, load_key
 from pydlit.settings import Settings
@@ -252,6 +253,16 @@ async def test_healthz(client) -> None:
     resp = await client.get("/healthz")
     assert resp.status == 200
     assert await resp.json() == {"status": "ok"}
+
+
+async def test_healthz_says_why_the_database_takes_no_write(client, monkeypatch) -> None:
+    async def locked() -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(client.app[STORE], "check_writable", locked)
+    resp = await client.get("/healthz")
+    assert resp.status == 503
+    assert (await resp.json())["msg"] == "the job database is not writable: database is locked"
 
 
 # -- credentials -----------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ def test_sigterm_exits_zero_and_a_restart_keeps_every_job(service_factory, regis
         for i in range(4)
     ]
     assert svc.stop() == 0
+    assert "stopping: no new job is claimed" in Path(svc.log_path).read_text()  # a stop is never silent
 
     svc.start()
     for i, job_id in enumerate(ids):
