@@ -49,11 +49,14 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return web.json_response({"status": "error", "msg": msg}, status=exc.status, headers=allow)
     except RequestPayloadError as exc:
-        # A body that is not what its headers say (Content-Encoding: gzip that is not gzip).
-        # Nothing more of it is read: aiohttp would try, and log the same error again.
-        request.content.feed_eof()
+        # A body that is not what its headers say (Content-Encoding: gzip that is not gzip). The
+        # connection ends with the answer, as its parser can read nothing more; and the rest of
+        # the body is not read first (aiohttp would, and log the same error again).
         reason = exc.__cause__.message if isinstance(exc.__cause__, HttpProcessingError) else str(exc)
-        return web.json_response({"status": "error", "msg": f"the request body cannot be read: {reason}"}, status=400)
+        request.content.feed_eof()
+        resp = web.json_response({"status": "error", "msg": f"the request body cannot be read: {reason}"}, status=400)
+        resp.force_close()
+        return resp
     except ConnectionResetError:
         # Nobody reads this answer; it only keeps a client's hang-up out of the error log.
         log.info("%s %s: the client went away before its request was read", request.method, request.path)

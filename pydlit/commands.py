@@ -36,7 +36,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the job or copy ran and failed
 EXIT_USAGE = 2  # bad input, or the service could not be asked
 EXIT_TIMEOUT = 3  # gave up waiting; the job goes on
-EXIT_INTERRUPTED = 130  # `copy` stopped by Ctrl-C or SIGTERM: the shell's 128 + SIGINT
 
 POLL_INTERVAL_S = 0.5
 WAIT_TIMEOUT_S = 3600.0
@@ -531,7 +530,7 @@ async def copy(
     """Copy the image `src` to every reference in `targets` with the service's engine, here.
 
     Exit 0 when every target finished or was skipped, 1 when the source could not be read or a
-    target failed, 2 for a bad reference, 130 when interrupted (Ctrl-C, SIGTERM).
+    target failed, 2 for a bad reference, 128 + the signal when interrupted (130: Ctrl-C; 143: SIGTERM).
     """
     try:
         source_ref = parse_reference(src)
@@ -549,11 +548,11 @@ async def copy(
                 raise
             printer.close()
             print("pydlit: quit at once: upload sessions on their way are left to the registries' purge", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return interrupts.exit_code
     printer.update(view)
     printer.close()
     code = _outcome(view, out)
-    return EXIT_INTERRUPTED if view["error"] == INTERRUPTED else code
+    return interrupts.exit_code if view["error"] == INTERRUPTED else code
 
 
 class _Interrupts:
@@ -561,28 +560,40 @@ class _Interrupts:
     registries can delete the sessions (distribution can neither resume nor delete one whose
     chunk was cut); a second, or the grace running out, quits at once."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self) -> None:
         self.stop = asyncio.Event()
         self.forced = False
+        self.signum = 0  # the first signal's
         self._task = asyncio.current_task()
         self._loop = asyncio.get_running_loop()
         self._deadline: asyncio.TimerHandle | None = None
+        self._before: dict[int, Any] = {}
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # as a shell reports a process the signal ended
 
     def __enter__(self) -> _Interrupts:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._loop.add_signal_handler(sig, self._interrupted)
+        for sig in self.SIGNALS:
+            self._before[sig] = signal.getsignal(sig)  # asyncio.run's own Ctrl-C handling, for one
+            self._loop.add_signal_handler(sig, self._interrupted, sig)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
             self._loop.remove_signal_handler(sig)
+            if self._before[sig] is not None:
+                signal.signal(sig, self._before[sig])
         if self._deadline is not None:
             self._deadline.cancel()
 
-    def _interrupted(self) -> None:
+    def _interrupted(self, sig: int) -> None:
         if self.stop.is_set():
             self._force()
             return
+        self.signum = sig
         self.stop.set()
         print("pydlit: interrupted: ending the chunks on their way, then giving the upload sessions back"
               " (again to quit at once)", file=sys.stderr)

@@ -265,8 +265,8 @@ def _truncate(text: str) -> str:
     return f"{text[:_PREVIEW_LIMIT]}... ({len(text)} characters)"
 
 
-# What comes before an '@' at a string's start (after a scheme): a URL's user and password.
-_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*://)?)[^/?#\s]*@")
+# An endpoint's user and password: all up to its last '@' (after a scheme), whatever they hold.
+_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*://)?)[\s\S]*@")
 
 
 def _preview(value: Any) -> str:
@@ -276,7 +276,6 @@ def _preview(value: Any) -> str:
     if isinstance(value, list):
         return "an array"
     if isinstance(value, str):
-        value = _USERINFO.sub(r"\1***@", value)
         if len(value) <= _PREVIEW_LIMIT:
             return repr(value)
         return f"{value[:_PREVIEW_LIMIT]!r}... ({len(value)} characters)"
@@ -338,6 +337,8 @@ def _problem(error: ValidationError) -> tuple[str, bool]:
 
 
 def _message(path: Sequence[str | int], problem: str, show: bool, instance: Any) -> str:
+    if path and path[-1] == "endpoint" and isinstance(instance, str):
+        instance = _USERINFO.sub(r"\1***@", instance)
     if show and _UNECHOED_KEYS.isdisjoint(path):
         problem = f"{problem}, got {_preview(instance)}"
     return f"{_render_path(path)}: {problem}"

@@ -23,8 +23,10 @@ WAL_ATTEMPTS = 50  # 0.1 s apart: as long as busy_timeout waits for any other lo
 ENDED = ("FINISHED", "FAILED")
 
 
-# A new bytes_done, or none (NULL): never below the one it replaces.
-_NOT_BELOW = "max(coalesce(?, bytes_done), coalesce(bytes_done, 0))"
+# A running target's new bytes_done (or none: NULL) for the same total, never below the one it
+# replaces (see Store.progress); as given for an ended target, or another total.
+_NOT_BELOW = ("CASE WHEN ? IN ('PENDING', 'RUNNING') AND coalesce(?, bytes_total) IS bytes_total "
+              "THEN max(coalesce(?, bytes_done), coalesce(bytes_done, 0)) ELSE coalesce(?, bytes_done) END")
 
 
 def utcnow() -> datetime:
@@ -290,14 +292,14 @@ class Store:
         progress: tuple[int, int | None] | None = None,
     ) -> None:
         """A target's new state, with its byte counts as they stand when given (one write, not two).
-        A target's bytes_done never goes down (see progress)."""
+        A running target's bytes_done does not go down (see progress)."""
         done, total = progress or (None, None)
         await self._fenced(
             f"UPDATE job_targets SET state = ?, error = ?, bytes_done = {_NOT_BELOW}, "
             "bytes_total = coalesce(?, bytes_total), updated_at = ?, "
             "retrying = CASE WHEN ? IN ('PENDING', 'RUNNING') THEN retrying END "
             f"WHERE job_id = ? AND idx = ? AND {self._LEASED}",
-            (state, error, done, total, self._now(), state, job_id, idx, job_id, owner),
+            (state, error, state, total, done, done, total, self._now(), state, job_id, idx, job_id, owner),
         )
 
     async def retrying(self, job_id: str, owner: str, notes: dict[int, str | None]) -> None:
@@ -312,12 +314,13 @@ class Store:
     async def progress(self, job_id: str, owner: str, counts: dict[int, tuple[int, int | None]]) -> None:
         """Byte counts as a run sees them. A restarted run counts again from 0, as it finds what
         the target holds; what a target was seen to hold stands until the new count passes it, so
-        that progress never goes back (a SIGKILL that cost a session's bytes is made up for
-        before the count moves on)."""
+        that progress does not go back (a SIGKILL that cost a session's bytes is made up for
+        before the count moves on). An image of another size (its tag moved between attempts)
+        counts afresh, and a target's end says what it holds."""
         now = self._now()
         await self._write(
             f"UPDATE job_targets SET bytes_done = {_NOT_BELOW}, bytes_total = ?, updated_at = ? WHERE job_id = ? AND idx = ? AND {self._LEASED}",
-            [(done, total, now, job_id, idx, job_id, owner) for idx, (done, total) in counts.items()],
+            [("RUNNING", total, done, done, total, now, job_id, idx, job_id, owner) for idx, (done, total) in counts.items()],
             many=True,
         )
 
@@ -396,7 +399,7 @@ class Store:
                     (now, job_id),
                 )
                 await self._db.execute(
-                    "UPDATE job_targets SET state = 'FAILED', error = 'cancelled', updated_at = ? "
+                    "UPDATE job_targets SET state = 'FAILED', error = 'cancelled', updated_at = ?, retrying = NULL "
                     "WHERE job_id = ? AND state IN ('PENDING', 'RUNNING')",
                     (now, job_id),
                 )

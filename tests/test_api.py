@@ -219,6 +219,8 @@ async def test_a_body_that_is_not_its_content_encoding_is_a_400_in_json(client, 
                              headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
     assert resp.status == 400 and resp.content_type == "application/json"
     assert (await resp.json())["msg"] == "the request body cannot be read: Can not decode content-encoding: gzip"
+    assert resp.headers["Connection"] == "close"  # its parser reads nothing more: a kept connection would hang
+    assert (await client.get("/healthz")).status == 200
     assert job_count(tmp_path) == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 

@@ -601,24 +601,25 @@ def _copy_process(src: str, target: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _interrupt_mid_chunk(proc: subprocess.Popen[str], target, times: int) -> tuple[str, str, float]:
+def _interrupt_mid_chunk(proc: subprocess.Popen[str], target, times: int, sig: int = signal.SIGINT) -> tuple[str, str, float]:
     wait_for(lambda: target.blob_upload_bytes() >= 4 * MiB or proc.poll() is not None, timeout=30)
     assert proc.poll() is None, proc.communicate()
     t0 = time.monotonic()
     for _ in range(times):
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         time.sleep(0.3)
     out, err = proc.communicate(timeout=30)
     return out, err, time.monotonic() - t0
 
 
-def test_ctrl_c_ends_a_copys_chunks_then_gives_the_sessions_back(registries, repo_name, proxy_factory) -> None:
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_ends_a_copys_chunks_then_gives_the_sessions_back(registries, repo_name, proxy_factory, sig, code) -> None:
     push_image(registries.source, repo_name, "v1", "schema2", layer_sizes=[40 * MiB, 40 * MiB], seed=47)
     target = proxy_factory(registries.target_a)
     target.rate_limit(16 * MiB, download=False)
     proc = _copy_process(f"{registries.source.host}/{repo_name}:v1", f"{target.host}/{repo_name}:v1")
-    out, err, took = _interrupt_mid_chunk(proc, target, times=1)
-    assert proc.returncode == 130, (out, err)
+    out, err, took = _interrupt_mid_chunk(proc, target, times=1, sig=sig)
+    assert proc.returncode == code, (out, err)
     assert out.splitlines()[-1] == "FAILED: interrupted"
     assert "pydlit: interrupted: ending the chunks on their way" in err and "Traceback" not in err
     assert took < 10
@@ -636,6 +637,17 @@ def test_a_second_ctrl_c_quits_a_copy_at_once(registries, repo_name, proxy_facto
     assert proc.returncode == 130, (out, err)
     assert "pydlit: quit at once" in err and "Traceback" not in err
     assert took < 5
+
+
+def test_a_copy_gives_ctrl_c_back_to_asyncio_run_as_it_found_it(registries, repo_name) -> None:
+    async def main() -> tuple[object, object]:
+        before = signal.getsignal(signal.SIGINT)
+        await copy(f"{registries.source.host}/{repo_name}:nope", [registries.target_a.host], overwrite=False,
+                   verify_tls=False, out=io.StringIO())
+        return before, signal.getsignal(signal.SIGINT)
+
+    before, after = asyncio.run(main())
+    assert after == before and after is not signal.default_int_handler
 
 
 def test_copy_refuses_bad_references_before_any_request(capsys) -> None:

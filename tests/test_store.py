@@ -429,6 +429,28 @@ async def test_a_targets_progress_does_not_go_back_when_a_restarted_run_counts_a
     assert (await store.job_view(job_id))["targets"][0]["bytes_done"] == 200
 
 
+async def test_a_later_attempt_at_an_image_of_another_size_or_a_targets_end_counts_afresh(store: Store) -> None:
+    job_id = await enqueue(store)
+    await store.claim("node/a", 30)
+    await store.progress(job_id, "node/a", {0: (250, 300), 1: (250, 300)})
+    # Requeued, the job finds the tag moved to an image of 100 bytes; and target 1 skipped.
+    await store.target_state(job_id, "node/a", 0, "RUNNING", None, (0, 100))
+    await store.target_state(job_id, "node/a", 1, "SKIPPED", "app:v1 already exists", (0, None))
+    await store.progress(job_id, "node/a", {0: (40, 100)})
+    assert [(t["bytes_done"], t["bytes_total"]) for t in (await store.job_view(job_id))["targets"]] == [(40, 100), (0, 300)]
+    await store.target_state(job_id, "node/a", 0, "FINISHED", None, (100, 100))
+    assert (await store.job_view(job_id))["targets"][0]["bytes_done"] == 100
+
+
+async def test_a_queued_job_cancelled_after_a_requeue_shows_no_target_retrying(store: Store) -> None:
+    job_id = await enqueue(store)
+    await store.claim("node/a", 30)
+    await store.retrying(job_id, "node/a", {0: "target: HTTP 503", 1: "target: HTTP 503"})
+    await store.release(job_id, "node/a")
+    assert await store.request_cancel(job_id) == "QUEUED"
+    assert [(t["state"], t["retrying"]) for t in (await store.job_view(job_id))["targets"]] == [("FAILED", None)] * 2
+
+
 async def test_target_state_writes_the_byte_counts_given_with_it(store: Store) -> None:
     job_id = await enqueue(store)
     await store.claim("node/a", 30)

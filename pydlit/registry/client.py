@@ -578,8 +578,6 @@ class RegistryClient:
                         "; that layer is left to its URLs, which this registry does not accept: allow them in its "
                         "configuration (distribution: validation.manifests.urls.allow)"
                     )
-                elif manifest.media_type == OCI_ARTIFACT and exc.status in (400, 415):
-                    exc.message += f"; the registry may not take {OCI_ARTIFACT}, a type withdrawn before OCI 1.1"
                 elif unknown and exc.status == 400 and (wait := next(waits, None)) is not None:
                     # A manifest is pushed once all it names is in place. Distribution truncates
                     # a blob's or child's link before it writes it again, so while anyone else
@@ -588,6 +586,8 @@ class RegistryClient:
                     log.info("retrying in %.1fs after: %s", wait, exc)
                     await asyncio.sleep(wait)
                     continue
+                elif manifest.media_type == OCI_ARTIFACT and exc.status in (400, 415) and not unknown:
+                    exc.message += f"; the registry may not take {OCI_ARTIFACT}, a type withdrawn before OCI 1.1"
                 raise
 
     async def list_referrers(self, repo: str, digest: str, limit: int) -> list[dict[str, Any]] | None:
