@@ -16,6 +16,7 @@ import hashlib
 from collections.abc import AsyncIterator
 
 import pytest
+from support.answers import StreamedBlob
 
 from pydlit.registry.client import RetryPolicy
 from pydlit.registry.errors import RegistryError
@@ -40,24 +41,6 @@ ALL_DATA = {BLOB.digest: DATA, **{b.digest: d for b, d in (*MORE.items(), *SMALL
 TUNING = Tuning(chunk_size=1024 * KiB, piece_size=8 * KiB, whole_blob_max=16 * KiB, buffer_size=32 * KiB, detach_after_s=0.3)
 
 
-class _Answer:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.content = self
-        self.pace = 0.0  # seconds between pieces
-
-    async def __aenter__(self) -> _Answer:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-    async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
-        for at in range(0, len(self.data), n):
-            await asyncio.sleep(self.pace)
-            yield self.data[at:at + n]
-
-
 class StandInSource:
     name = key = "source.test"
     policy = RetryPolicy()
@@ -67,10 +50,10 @@ class StandInSource:
         self.reads_from: list[int] = []
         self.reads_of: list[str] = []
 
-    async def open_blob(self, repo: str, digest: str, offset: int = 0, size: int | None = None) -> tuple[_Answer, int]:
+    async def open_blob(self, repo: str, digest: str, offset: int = 0, size: int | None = None) -> tuple[StreamedBlob, int]:
         self.reads_from.append(offset)
         self.reads_of.append(digest)
-        return _Answer(ALL_DATA[digest][offset:]), offset
+        return StreamedBlob(ALL_DATA[digest][offset:]), offset
 
     async def read_blob(self, repo: str, digest: str, size: int) -> bytes:
         self.reads_of.append(digest)
@@ -377,7 +360,7 @@ class PacedSource(StandInSource):
         self.name = self.key = self.account = name
         self.pace = pace
 
-    async def open_blob(self, repo: str, digest: str, offset: int = 0, size: int | None = None) -> tuple[_Answer, int]:
+    async def open_blob(self, repo: str, digest: str, offset: int = 0, size: int | None = None) -> tuple[StreamedBlob, int]:
         answer, at = await super().open_blob(repo, digest, offset, size)
         answer.pace = self.pace
         return answer, at

@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
+from support.answers import StreamedBlob
 
 from pydlit.registry.client import RetryPolicy
 from pydlit.registry.manifests import OCI_MANIFEST, Blob, Manifest, sha256_digest
@@ -239,27 +240,12 @@ BIG_BLOB = Blob(sha256_digest(BIG), len(BIG))
 CHUNKED = Tuning(chunk_size=128 * 1024, piece_size=32 * 1024, whole_blob_max=16 * 1024, buffer_size=256 * 1024)
 
 
-class _Stream:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.content = data, self
-
-    async def __aenter__(self) -> _Stream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-    async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
-        for at in range(0, len(self.data), n):
-            yield self.data[at:at + n]
-
-
 class OneBigBlobSource(OneBlobSource):
     async def get_manifest(self, repo: str, ref: str) -> Manifest:
         return Manifest(OCI_MANIFEST, b"{}", sha256_digest(b"{}"), blobs=(BIG_BLOB,))
 
-    async def open_blob(self, repo: str, digest: str, offset: int = 0, size: int | None = None) -> tuple[_Stream, int]:
-        return _Stream(BIG[offset:]), offset
+    async def open_blob(self, repo: str, digest: str, offset: int = 0, size: int | None = None) -> tuple[StreamedBlob, int]:
+        return StreamedBlob(BIG[offset:]), offset
 
 
 class SlowToCommit(SlowTarget):
