@@ -247,12 +247,17 @@ class ReferrerPusher:
             await self._put_below(dt.tree)
             await self.client.put_manifest(self.repo, dt.tag, top)
 
-    async def list_itself(self, referrer: Manifest) -> None:
-        """A manifest with a subject, pushed to a registry that did not index it (no OCI-Subject
-        answer): listed in its subject's tag-schema index, as the OCI spec asks of a client."""
-        assert referrer.subject is not None
+    async def list_itself(self, referrer: Manifest, pushed: bool) -> None:
+        """A manifest with a subject, `pushed` to a registry that did not index it (no OCI-Subject
+        answer): listed in its subject's tag-schema index, as the OCI spec asks of a client. One
+        the tag already held may have been pushed by a run that ended before it listed it: there
+        the registry's referrers API, if it has one, stands for the index."""
+        subject = referrer.subject
+        assert subject is not None
         try:
-            await self._list_under_tag(Referrers(referrer.subject, [referrer_descriptor(referrer)], None, []))
+            if not pushed and await self.client.list_referrers(self.repo, subject, MAX_REFERRERS) is not None:
+                return
+            await self._list_under_tag(Referrers(subject, [referrer_descriptor(referrer)], None, []))
         except RegistryError as exc:  # the copy itself is whole: this is worth a word, not a failure
             log.warning("%s: %s copied to %s, but not listed among the referrers of %s: %s",
                         self.client.name, referrer.digest, self.repo, referrer.subject, exc)

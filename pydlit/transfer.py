@@ -451,7 +451,8 @@ class ImageCopy:
             for b in self.tree.blobs:
                 if b.digest in copied:
                     self.events.blob_progress(t.idx, b.digest, b.size)
-            if not self._attached_trees():
+            # One with a subject goes on to be listed under it, should an earlier run have ended first.
+            if not self._attached_trees() and self.tree.top.subject is None:
                 await self.events.target_state(t.idx, "FINISHED")
                 return False
             t.current = True
@@ -518,8 +519,8 @@ class ImageCopy:
                     await pusher.push_tags(self.digest_tags, t.overwrite)
                 if not t.current and not (attached and t.ref == top.digest):
                     indexed = await t.client.put_manifest(t.repo, t.ref, top)
-                if top.subject is not None and not t.current and indexed != top.subject:
-                    await pusher.list_itself(top)  # the image is itself a referrer: a signature copied alone
+                if top.subject is not None and indexed != top.subject:
+                    await pusher.list_itself(top, pushed=not t.current)  # the image is itself a referrer: a signature copied alone
         except RegistryError as exc:
             await self._fail(t, exc)
             return

@@ -351,6 +351,12 @@ def test_a_signature_copied_by_itself_is_listed_among_its_subjects_referrers(ser
     assert listed == [theirs.descriptor, sig.descriptor]
     _assert_referrer_at(registries.target_a, repo_name, sig)
 
+    # A run that pushed it and ended before it listed it: the next finds the tag current, and lists it.
+    client = RegistryHTTP.for_endpoint(registries.target_a)
+    client.request("DELETE", f"/v2/{repo_name}/manifests/{sha256_digest(tag_index(registries.target_a, repo_name, image.digest))}", expect=(202,))
+    _finished(_run(service, job_body(registries.source, repo_name, "sig", [registries.target_a]), referrers=False))
+    assert json.loads(tag_index(registries.target_a, repo_name, image.digest))["manifests"] == [sig.descriptor]
+
     # A target that indexes subjects itself gets no tag index.
     api = proxy_factory(registries.target_b)
     api.referrers_api = True
