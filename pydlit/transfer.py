@@ -966,12 +966,23 @@ class ImageCopy:
         try:
             saved = (s.location, s.offset) if s.location else self.events.saved_upload(t.idx, blob.digest)
             if saved and chunked:
-                held = await t.client.upload_offset(saved[0], t.repo, expected=saved[1])
-                if held is not None and held <= blob.size:
-                    s.location, s.offset = saved[0], held
-                    self.events.blob_progress(t.idx, blob.digest, held)
-                    return
-                log.info("upload session for %s at %s is gone; starting that blob over", blob.digest[:19], t.client.name)
+                try:
+                    held = await t.client.upload_offset(saved[0], t.repo, expected=saved[1])
+                except RegistryError as exc:
+                    if exc.code != "BLOB_UPLOAD_INVALID":
+                        raise
+                    # A chunk of it was cut (a SIGKILL): the registry keeps its bytes until its
+                    # purge. Asked to drop it all the same (another registry may), it is named
+                    # with the sessions kept when the job ends.
+                    log.info("upload session for %s at %s holds a cut chunk and cannot go on; starting that blob over",
+                             blob.digest[:19], t.client.name)
+                    await self._cancel(t, saved[0])
+                else:
+                    if held is not None and held <= blob.size:
+                        s.location, s.offset = saved[0], held
+                        self.events.blob_progress(t.idx, blob.digest, held)
+                        return
+                    log.info("upload session for %s at %s is gone; starting that blob over", blob.digest[:19], t.client.name)
             elif saved:
                 # One PUT carries the blob: a session of an earlier try is given back, not resumed.
                 await self._cancel(t, saved[0])

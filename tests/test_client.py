@@ -755,6 +755,9 @@ async def test_a_session_whose_chunk_was_cut_is_reported_kept_when_given_back(tm
                 if registry.session_bytes("team/app"):
                     break
                 await asyncio.sleep(0.05)
+            with pytest.raises(RegistryError) as refused:  # asked where it stands, on a restart
+                await client.upload_offset(cut, "team/app", expected=0)
+            assert refused.value.code == "BLOB_UPLOAD_INVALID"
             kept = await client.cancel_upload(cut, "team/app")
             whole = await client.start_upload("team/app")
             assert await client.cancel_upload(whole, "team/app") is None

@@ -13,6 +13,7 @@ import pytest
 from support.answers import StreamedBlob
 
 from pydlit.registry.client import RetryPolicy
+from pydlit.registry.errors import RegistryError
 from pydlit.registry.manifests import OCI_MANIFEST, Blob, Manifest, sha256_digest
 from pydlit.transfer import ImageCopy, MemoryEvents, Source, Stopped, Target, Tuning
 
@@ -283,3 +284,29 @@ async def test_a_stop_lets_the_commit_of_a_chunked_blob_end_and_leaves_no_sessio
     assert target.committed == [BIG_BLOB.digest]
     assert events.uploads == {}  # the checkpoint went with the commit
     assert await copy.give_back(1) == {} and target.given_back == []
+
+
+class CutSessionTarget(SlowToCommit):
+    """Its checkpointed session holds a cut chunk (a SIGKILL): distribution will neither go on
+    with it nor delete it."""
+
+    async def upload_offset(self, location: str, repo: str, expected: int | None = None) -> int | None:
+        assert location == "/upload/cut"
+        raise RegistryError(self.name, f"resume upload to {repo}", "blob upload invalid", status=404, code="BLOB_UPLOAD_INVALID")
+
+    async def cancel_upload(self, location: str, repo: str) -> RegistryError | None:
+        self.given_back.append(location)
+        return RegistryError(self.name, f"cancel upload to {repo}", "blob upload invalid", status=404, code="BLOB_UPLOAD_INVALID")
+
+
+async def test_a_checkpointed_session_with_a_cut_chunk_starts_over_and_is_named_as_kept() -> None:
+    # It was taken for "gone", silently: the registry held its bytes until its purge, unsaid.
+    target = CutSessionTarget(put_s=0)
+    events = MemoryEvents({(0, BIG_BLOB.digest): ("/upload/cut", 256 * 1024)})
+    copy = ImageCopy(Source(OneBigBlobSource(), "r", "v1"), [Target(0, target, "r", "v1")], events, asyncio.Event(), CHUNKED,  # type: ignore[arg-type]
+                     first_attempt=False)
+    await asyncio.wait_for(copy.run(), 5)
+    assert target.committed == [BIG_BLOB.digest] and events.states[0] == "FINISHED"
+    assert target.given_back == ["/upload/cut"]
+    kept = await copy.give_back(1)
+    assert list(kept) == [0] and len(kept[0]) == 1 and "BLOB_UPLOAD_INVALID" in kept[0][0]

@@ -830,7 +830,9 @@ class RegistryClient:
         await self._call(op)
 
     async def upload_offset(self, location: str, repo: str, expected: int | None = None) -> int | None:
-        """How many bytes an upload session holds, or None when the session is gone.
+        """How many bytes an upload session holds, or None when the session is gone. One the
+        registry still holds but refuses to go on with (distribution's BLOB_UPLOAD_INVALID: a
+        chunk of it was cut) is a RegistryError with that code.
 
         `expected`: the offset checkpointed for the session. Quay's upload status names one byte
         more than the session holds (`bytes=0-<count>`, an exclusive end there while its PATCH
@@ -850,9 +852,12 @@ class RegistryClient:
                 if exc.status == 401 and not self._trusts(url):
                     return None
                 raise
+            if resp.status != 204:
+                refused = await self._error(resp, f"resume upload to {repo}")
+                if refused.code == "BLOB_UPLOAD_INVALID":
+                    raise refused
+                return None
             async with resp:
-                if resp.status != 204:
-                    return None
                 held = _range_end(resp.headers.get("Range"))
             return expected if expected is not None and held == expected + 1 else held
 
