@@ -249,6 +249,8 @@ class ImageCopy:
             halt.cancel()
             work.cancel()
             await _join([work, halt])
+            for t in self.targets:  # never reached (a stop, a failure): nobody waits for them
+                self._end_leads(t)
         if work.cancelled():
             raise Stopped()
         work.result()
@@ -300,6 +302,7 @@ class ImageCopy:
                 self._unloaded.set()
 
     async def _run(self) -> None:
+        self._lead_resumed()
         # The targets' tags are looked up while the source tree is read: one round trip less.
         heads = [asyncio.create_task(self._head_tag(t)) for t in self.targets]
         src = self.source
@@ -315,6 +318,9 @@ class ImageCopy:
                 self.blobs = await self._held_at_source(list({b.digest: b for b in found}.values()))
             except RegistryError as exc:
                 raise SourceError(str(exc)) from None
+            needed = {b.digest for b in self.blobs}
+            for idx, digest in [k for k in self._leads if k[1] not in needed]:  # the tag moved meanwhile
+                self._end_lead(self.targets[idx], digest, False)
             total = sum(b.size for b in self.blobs)
             for t in self.targets:
                 self.events.set_total(t.idx, total)
@@ -324,6 +330,9 @@ class ImageCopy:
             done, pending = await asyncio.wait(checks, timeout=self.tuning.preflight_wait_s)
             # In the request's order: the first target on a registry is the one its others link from.
             ready = sorted((checks[task] for task in done if task.result()), key=lambda t: t.idx)
+            for task in done:
+                if not task.result():  # finished, skipped or failed: it sends nothing
+                    self._end_leads(checks[task])
             groups = [self._copy_to(ready)] if ready else []
             groups += [self._copy_late(task, checks[task]) for task in pending]
             await _gather_all(groups)
@@ -353,6 +362,8 @@ class ImageCopy:
     async def _copy_late(self, check: asyncio.Task[bool], target: Target) -> None:
         if await check:
             await self._copy_to([target])
+        else:
+            self._end_leads(target)
 
     async def _copy_to(self, targets: list[Target]) -> None:
         """Every blob to every target; each target's manifests as soon as it holds all its blobs,
@@ -403,8 +414,7 @@ class ImageCopy:
     async def _fail(self, target: Target, error: BaseException) -> None:
         if not target.failed:
             target.failed = True
-            for _, digest in [k for k in self._leads if k[0] == target.idx]:
-                self._end_lead(target, digest, False)
+            self._end_leads(target)
             if target.idx in self._complete:
                 self._complete[target.idx].set()
             async with self._settled:
@@ -613,7 +623,8 @@ class ImageCopy:
                 following[t] = up
         leading = [t for t in targets if t not in following]
         for t in leading:
-            self._leads[(t.idx, blob.digest)] = self.uploads.lead(t.client.key, blob.digest, t.repo, src, t.client.account)
+            if (t.idx, blob.digest) not in self._leads:  # a session to resume leads from the start (see _lead_resumed)
+                self._leads[(t.idx, blob.digest)] = self.uploads.lead(t.client.key, blob.digest, t.repo, src, t.client.account)
         try:
             if not following:
                 return await self._send(blob, leading, shared_done, alone)
@@ -628,6 +639,19 @@ class ImageCopy:
             # an error it will not retry.
             for t in leading:
                 self._end_lead(t, blob.digest, False)
+
+    def _lead_resumed(self) -> None:
+        """Announce the uploads this run resumes before it reads anything: a job that starts with
+        it (both requeued by a stop) then waits for them instead of sending those blobs afresh."""
+        src = self.source.client.key
+        for idx, digest in self.events.uploads:
+            t = self.targets[idx]
+            self._leads[(idx, digest)] = self.uploads.lead(t.client.key, digest, t.repo, src, t.client.account)
+
+    def _end_leads(self, t: Target) -> None:
+        """t sends none of the blobs it led: the jobs waiting for them are told."""
+        for _, digest in [k for k in self._leads if k[0] == t.idx]:
+            self._end_lead(t, digest, False)
 
     def _end_lead(self, t: Target, digest: str, landed: bool) -> None:
         """Tell the jobs waiting for t's upload of the blob whether it is there now."""

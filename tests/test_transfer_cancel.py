@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from support.answers import StreamedBlob
 
+from pydlit.inflight import InFlight
 from pydlit.registry.client import RetryPolicy
 from pydlit.registry.errors import RegistryError
 from pydlit.registry.manifests import OCI_MANIFEST, Blob, Manifest, sha256_digest
@@ -310,3 +311,48 @@ async def test_a_checkpointed_session_with_a_cut_chunk_starts_over_and_is_named_
     assert target.given_back == ["/upload/cut"]
     kept = await copy.give_back(1)
     assert list(kept) == [0] and len(kept[0]) == 1 and "BLOB_UPLOAD_INVALID" in kept[0][0]
+
+
+class SlowToList(OneBigBlobSource):
+    async def get_manifest(self, repo: str, ref: str) -> Manifest:
+        await asyncio.sleep(0.2)
+        return await super().get_manifest(repo, ref)
+
+
+class HoldingTarget(SlowToCommit):
+    """Holds a checkpointed session's bytes, and mounts from another repository on request."""
+
+    def __init__(self) -> None:
+        super().__init__(put_s=0)
+        self.patched = 0
+        self.mounted: list[str] = []
+
+    async def repository_known(self, repo: str) -> bool:
+        return True
+
+    async def upload_offset(self, location: str, repo: str, expected: int | None = None) -> int | None:
+        return expected
+
+    async def patch_chunk(self, location: str, repo: str, body: AsyncIterator[bytes], start: int, length: int) -> str:
+        self.patched += length
+        return await super().patch_chunk(location, repo, body, start, length)
+
+    async def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
+        self.mounted.append(from_repo)
+        return True
+
+
+async def test_a_job_started_beside_one_resuming_an_upload_waits_for_it_instead_of_sending_the_blob() -> None:
+    # Two jobs a stop requeued, claimed together: the one with no session used to lead the blob
+    # while the other's source read was under way, and the registry got it twice.
+    uploads, held = InFlight(), 256 * 1024
+    resumer, fresh = HoldingTarget(), HoldingTarget()
+    resuming = ImageCopy(Source(SlowToList(), "r", "v1"), [Target(0, resumer, "r1", "v1")],  # type: ignore[arg-type]
+                         MemoryEvents({(0, BIG_BLOB.digest): ("/upload/old", held)}), asyncio.Event(), CHUNKED,
+                         first_attempt=False, uploads=uploads)
+    starting = ImageCopy(Source(OneBigBlobSource(), "r", "v1"), [Target(0, fresh, "r2", "v1")],  # type: ignore[arg-type]
+                         MemoryEvents(), asyncio.Event(), CHUNKED, uploads=uploads)
+    await asyncio.wait_for(asyncio.gather(resuming.run(), starting.run()), 5)
+    assert (resumer.patched, resumer.committed) == (BIG_BLOB.size - held, [BIG_BLOB.digest])
+    assert (fresh.patched, fresh.committed, fresh.mounted) == (0, [], ["r1"])
+    assert uploads._live == {}
