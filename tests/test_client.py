@@ -320,6 +320,23 @@ async def test_a_manifest_refused_for_an_unknown_blob_is_pushed_again_a_moment_l
 
 
 @pytest.mark.asyncio
+async def test_an_artifact_manifest_refused_for_an_unknown_blob_is_pushed_again_too(sleeps: list[float]) -> None:
+    # Its own hint (a registry may not take the withdrawn type) is for other refusals.
+    from pydlit.registry.manifests import OCI_ARTIFACT, parse_manifest
+
+    data = json.dumps({"mediaType": OCI_ARTIFACT, "artifactType": "application/x.sig", "blobs": []}).encode()
+    url = f"{BASE}/v2/team/app/manifests/v2"
+    with aioresponses() as m:
+        m.get(PING, status=200, repeat=True)
+        m.put(url, status=400, body=BLOB_UNKNOWN_400)
+        m.put(url, status=201)
+        async with aiohttp.ClientSession() as s:
+            await make_client(s).put_manifest("team/app", "v2", parse_manifest(data, OCI_ARTIFACT))
+        assert len(calls(m, "PUT", url)) == 2
+    assert sleeps == [0.1]
+
+
+@pytest.mark.asyncio
 async def test_a_manifest_whose_blob_stays_unknown_fails_after_three_quick_tries_more(sleeps: list[float]) -> None:
     from pydlit.registry.manifests import parse_manifest
 
