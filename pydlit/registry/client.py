@@ -839,11 +839,12 @@ class RegistryClient:
         answers are inclusive): a claim of exactly `expected` + 1 is taken for `expected`.
         """
         url = URL(location, encoded=True)
+        step = f"resume upload to {repo}"
 
         async def op() -> int | None:
             try:
                 resp = await self.request(
-                    "GET", url, step=f"resume upload to {repo}", scope=scope_for(repo, "pull,push"), expect=(204, 404, 400),
+                    "GET", url, step=step, scope=scope_for(repo, "pull,push"), expect=(204, 404, 400),
                 )
             except RegistryError as exc:
                 # A checkpointed session on a host this client does not trust (one that would take
@@ -853,7 +854,7 @@ class RegistryClient:
                     return None
                 raise
             if resp.status != 204:
-                refused = await self._error(resp, f"resume upload to {repo}")
+                refused = await self._error(resp, step)
                 if refused.code == "BLOB_UPLOAD_INVALID":
                     raise refused
                 return None
